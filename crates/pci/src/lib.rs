@@ -1,0 +1,1 @@
+//! pci (under construction).
