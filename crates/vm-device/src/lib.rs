@@ -7,6 +7,12 @@
 
 pub mod bus;
 pub mod interrupt;
+pub mod shutdown;
 
-pub use bus::{Bus, BusDevice, BusError, BusRange};
+pub use bus::{Bus, BusDevice, BusError, BusRange, SharedDevice};
 pub use interrupt::{InterruptError, IoEventRegistrar, LegacyIrq, MsiRoute, MsiRouter};
+pub use shutdown::{ShutdownKind, ShutdownSignal};
+
+/// Guest memory as every Ferrite component sees it. The atomic bitmap records pages written by
+/// the VMM itself (device DMA), which live migration and diff snapshots add to KVM's dirty log.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
