@@ -1,0 +1,45 @@
+//! The interface every disk image format implements.
+
+use vm_memory::bitmap::{AtomicBitmap, BS};
+use vm_memory::VolatileSlice;
+
+use crate::Result;
+
+/// Bytes per sector, the unit of virtio-blk addressing.
+pub const SECTOR_SIZE: u64 = 512;
+/// log2 of [`SECTOR_SIZE`].
+pub const SECTOR_SHIFT: u32 = 9;
+
+/// A piece of guest memory as handed out by `vm_device::GuestMemoryMmap` (its dirty bitmap
+/// travels with it so DMA writes are recorded for migration).
+pub type GuestSlice<'a> = VolatileSlice<'a, BS<'a, AtomicBitmap>>;
+
+/// A disk image a block device can read and write. Offsets and lengths are in bytes and are
+/// checked against [`DiskBackend::size`] by every implementation.
+pub trait DiskBackend: Send + Sync {
+    /// Usable size in bytes (a multiple of [`SECTOR_SIZE`]).
+    fn size(&self) -> u64;
+    /// Usable size in 512-byte sectors (virtio-blk capacity).
+    fn sectors(&self) -> u64 {
+        self.size() >> SECTOR_SHIFT
+    }
+    /// Whether write-type operations are refused.
+    fn is_read_only(&self) -> bool;
+    /// A stable identifier of the image (for virtio-blk GET_ID when the user gave none).
+    fn serial(&self) -> String;
+    /// Fill `buf` from the disk at `offset`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Write `buf` to the disk at `offset`.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()>;
+    /// Read from the disk straight into guest memory (no bounce buffer); marks it dirty.
+    fn read_to_guest(&self, offset: u64, dst: &GuestSlice<'_>) -> Result<()>;
+    /// Write guest memory straight to the disk.
+    fn write_from_guest(&self, offset: u64, src: &GuestSlice<'_>) -> Result<()>;
+    /// Make every completed write durable.
+    fn flush(&self) -> Result<()>;
+    /// Tell the backend the range is no longer needed (may free space; contents then read as
+    /// zeroes on a raw file). `NotSupported` when the filesystem cannot.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Make the range read as zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+}

@@ -1,0 +1,206 @@
+//! virtio-blk (virtio 1.2 §5.2) over a [`DiskBackend`], served by a worker thread.
+
+mod handler;
+mod metrics;
+pub mod request;
+
+use std::sync::Arc;
+
+use disk::{DiskBackend, SECTOR_SHIFT};
+use virtio_bindings::virtio_blk::*;
+
+pub use metrics::{BlockMetrics, BlockMetricsSnapshot};
+
+use crate::device::{ActivateContext, VirtioDevice, VirtioDeviceState};
+use crate::features::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1};
+use crate::worker::Worker;
+use crate::{device_type, Result, VirtioError};
+use handler::BlockHandler;
+use request::Limits;
+
+/// Size of the single request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most sectors one DISCARD / WRITE_ZEROES segment may cover (2 GiB).
+const MAX_DWZ_SECTORS: u32 = (1 << 31) >> SECTOR_SHIFT;
+/// Segments per DISCARD / WRITE_ZEROES request.
+const MAX_DWZ_SEG: u32 = 1;
+/// Bytes in the configuration structure we expose (up to write_zeroes_may_unmap + padding).
+const CONFIG_LEN: usize = 60;
+
+/// A virtio block device.
+pub struct Block {
+    disk: Arc<dyn DiskBackend>,
+    serial: Vec<u8>,
+    avail_features: u64,
+    config: [u8; CONFIG_LEN],
+    queue_sizes: [u16; 1],
+    limits: Limits,
+    metrics: Arc<BlockMetrics>,
+    worker: Option<Worker>,
+}
+
+impl Block {
+    /// A block device on `disk`. `id` is the GET_ID serial (truncated to 20 bytes); without
+    /// one, the disk's own serial (derived from the image file) is used.
+    pub fn new(disk: impl DiskBackend + 'static, id: Option<&str>) -> Result<Self> {
+        Self::with_backend(Arc::new(disk), id)
+    }
+
+    /// Like [`Block::new`] for an already shared backend.
+    pub fn with_backend(disk: Arc<dyn DiskBackend>, id: Option<&str>) -> Result<Self> {
+        let mut serial = id
+            .map(str::to_string)
+            .unwrap_or_else(|| disk.serial())
+            .into_bytes();
+        serial.truncate(VIRTIO_BLK_ID_BYTES as usize);
+        let read_only = disk.is_read_only();
+        let mut features = 1u64 << VIRTIO_F_VERSION_1
+            | 1u64 << VIRTIO_F_RING_EVENT_IDX
+            | 1u64 << VIRTIO_F_RING_INDIRECT_DESC
+            | 1u64 << VIRTIO_BLK_F_BLK_SIZE
+            | 1u64 << VIRTIO_BLK_F_SEG_MAX
+            | 1u64 << VIRTIO_BLK_F_FLUSH;
+        if read_only {
+            features |= 1u64 << VIRTIO_BLK_F_RO;
+        } else {
+            features |= 1u64 << VIRTIO_BLK_F_DISCARD | 1u64 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        let limits = Limits {
+            seg_max: u32::from(QUEUE_SIZE) - 2,
+            max_discard_sectors: MAX_DWZ_SECTORS,
+            max_discard_seg: MAX_DWZ_SEG,
+            max_write_zeroes_sectors: MAX_DWZ_SECTORS,
+            max_write_zeroes_seg: MAX_DWZ_SEG,
+        };
+        let mut config = [0u8; CONFIG_LEN];
+        let mut put = |off: usize, b: &[u8]| config[off..off + b.len()].copy_from_slice(b);
+        put(0, &(disk.size() >> SECTOR_SHIFT).to_le_bytes()); // capacity
+        put(12, &limits.seg_max.to_le_bytes()); // seg_max
+        put(20, &512u32.to_le_bytes()); // blk_size
+        put(36, &limits.max_discard_sectors.to_le_bytes());
+        put(40, &limits.max_discard_seg.to_le_bytes());
+        put(44, &1u32.to_le_bytes()); // discard_sector_alignment
+        put(48, &limits.max_write_zeroes_sectors.to_le_bytes());
+        put(52, &limits.max_write_zeroes_seg.to_le_bytes());
+        put(56, &[1]); // write_zeroes_may_unmap
+        if disk.size() == 0 {
+            return Err(VirtioError::InvalidState("disk is smaller than one sector"));
+        }
+        Ok(Self {
+            disk,
+            serial,
+            avail_features: features,
+            config,
+            queue_sizes: [QUEUE_SIZE],
+            limits,
+            metrics: Arc::new(BlockMetrics::default()),
+            worker: None,
+        })
+    }
+
+    /// The live counters (shared with the worker thread).
+    pub fn metrics(&self) -> Arc<BlockMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk.size() >> SECTOR_SHIFT
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| self.config.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        // Nothing is writable without VIRTIO_BLK_F_CONFIG_WCE, which is not offered.
+        tracing::debug!("virtio-blk: ignored config write at {offset:#x}");
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<()> {
+        if self.worker.is_some() {
+            return Err(VirtioError::InvalidState("already active"));
+        }
+        let queue = ctx
+            .queues
+            .first()
+            .cloned()
+            .ok_or(VirtioError::InvalidState("no queue"))?;
+        {
+            let q = queue.lock().unwrap_or_else(|e| e.into_inner());
+            if !virtio_queue::QueueT::ready(&*q) {
+                return Err(VirtioError::InvalidQueue {
+                    index: 0,
+                    reason: "not enabled".into(),
+                });
+            }
+        }
+        let handler = BlockHandler {
+            mem: ctx.mem,
+            queue,
+            disk: self.disk.clone(),
+            serial: self.serial.clone(),
+            acked_features: ctx.acked_features,
+            limits: self.limits,
+            metrics: self.metrics.clone(),
+            interrupt: ctx.interrupt,
+            needs_reset: ctx.needs_reset,
+            broken: false,
+        };
+        let events = ctx.queue_events.into_iter().take(1).collect();
+        self.worker = Some(Worker::spawn("virtio-blk", events, handler)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+    }
+
+    fn pause(&mut self) -> Result<()> {
+        match &self.worker {
+            Some(w) => w.pause(),
+            None => Ok(()),
+        }
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> VirtioDeviceState {
+        VirtioDeviceState {
+            device_type: device_type::BLOCK,
+            avail_features: self.avail_features,
+            config: self.config.to_vec(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
