@@ -1,1 +1,36 @@
-//! vmm (under construction).
+//! The per-VM monitor: KVM VM and vCPUs, guest memory, exit handling and device wiring.
+//!
+//! Entry point: [`builder::run`] with a [`config::VmConfig`], a [`console::Console`] and a
+//! [`stop::StopHandle`]:
+//!
+//! ```no_run
+//! use vmm::{builder, config::VmConfig, console::Console};
+//! let config = VmConfig { kernel: "vmlinux".into(), ..VmConfig::default() };
+//! let console = Console::new(Box::new(std::io::stdout())).unwrap();
+//! let stop = vmm::StopHandle::new().unwrap();
+//! let report = builder::run(&config, &console, &stop).unwrap();
+//! println!("{:?}", report.outcome);
+//! ```
+
+pub mod boot;
+pub mod builder;
+pub mod config;
+pub mod console;
+pub mod dump;
+pub mod error;
+pub mod gsi;
+pub mod ioevent;
+pub mod kick;
+pub mod memory;
+pub mod platform;
+pub mod repair;
+pub mod stats;
+pub mod stop;
+pub mod vcpu;
+pub mod vm;
+
+pub use builder::{run, Outcome, RunReport};
+pub use config::{ConfigError, DiskConfig, RepairMode, VmConfig};
+pub use console::{Console, ConsoleInput};
+pub use error::VmmError;
+pub use stop::StopHandle;

@@ -1,0 +1,201 @@
+//! Command-line syntax of `ferrite`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use vmm::config::{parse_cpu_features, parse_memory_size, DiskConfig, RepairMode};
+
+/// Exit statuses, printed in `--help`.
+pub mod exit {
+    /// The guest powered off.
+    pub const POWER_OFF: i32 = 0;
+    /// The VM failed (triple fault, KVM error, unrepairable emulation failure) or the host
+    /// failed while running it.
+    pub const VM_FAILED: i32 = 1;
+    /// Bad command line or configuration (missing/unusable file, bad size, too many vCPUs).
+    pub const USAGE: i32 = 2;
+    /// The guest rebooted and `--no-reboot` was given.
+    pub const REBOOT: i32 = 3;
+    /// Stopped from the host: console escape Ctrl-A x, SIGINT, SIGTERM or SIGHUP.
+    pub const STOPPED: i32 = 4;
+}
+
+/// The exit-status table, shared by the top-level and `run` help.
+macro_rules! exit_status_help {
+    () => {
+        "\
+Exit status:
+  0  the guest powered off
+  1  the VM failed (triple fault, KVM internal error, unrepairable emulation failure, host
+     error while running); the reason, the vCPU registers and the bytes at RIP go to stderr
+  2  bad command line or configuration (the problem is printed as one line)
+  3  the guest rebooted and --no-reboot was given
+  4  stopped from the host: Ctrl-A x on the console, SIGINT, SIGTERM, SIGHUP or SIGQUIT"
+    };
+}
+
+const EXIT_STATUS_HELP: &str = exit_status_help!();
+
+const RUN_HELP: &str = concat!(
+    "\
+Console: guest serial output goes to stdout, stdin goes to the guest. When stdin is a
+terminal it is put in raw mode (restored on every exit); Ctrl-A x quits, Ctrl-A Ctrl-A
+sends a literal Ctrl-A, Ctrl-A h shows help. End of input on a non-terminal stdin leaves
+the VM running.
+
+Memory sizes: a plain number is MiB (--memory 1024 = 1 GiB); suffixes K, M, G, T are
+binary units (any case, optional B or iB). At least 128M.
+
+Reboot: a guest reboot restarts the VM in the same process (same configuration, disks
+stay locked), unless --no-reboot is given.
+
+Emulating hosts: on KVM without hardware virtualization (kvm_pvm) guest kernel code is
+emulated and some instructions fail to emulate; --repair-emulation auto (the default)
+finishes them in Ferrite there. Debug logs: FERRITE_LOG=debug.
+
+",
+    exit_status_help!()
+);
+
+/// Ferrite: a lightweight KVM virtual machine monitor.
+#[derive(Debug, Parser)]
+#[command(name = "ferrite", version, after_help = EXIT_STATUS_HELP)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a VM and connect its serial console to this terminal.
+    #[command(after_help = RUN_HELP)]
+    Run(RunArgs),
+}
+
+/// Where guest serial output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleArg {
+    /// This process's stdout (and stdin as input).
+    Stdio,
+    /// Appended to a file; no input.
+    File(PathBuf),
+    /// Discarded; no input.
+    None,
+}
+
+fn parse_console(s: &str) -> Result<ConsoleArg, String> {
+    match s {
+        "stdio" => Ok(ConsoleArg::Stdio),
+        "none" => Ok(ConsoleArg::None),
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(ConsoleArg::File(PathBuf::from(p))),
+            _ => Err("use stdio, file:PATH or none".to_string()),
+        },
+    }
+}
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    parse_memory_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    DiskConfig::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_features(s: &str) -> Result<arch::cpuid::FeatureMask, String> {
+    parse_cpu_features(s).map_err(|e| e.to_string())
+}
+
+/// `ferrite run` options.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Kernel image: vmlinux with a PVH note, or bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", default_value = "")]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u32,
+    /// Guest RAM: 512M, 2G, or a plain number of MiB.
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory)]
+    pub memory: u64,
+    /// A virtio-blk disk (raw image); repeat for more. Options: readonly, id=SERIAL.
+    #[arg(long = "disk", value_name = "PATH[,readonly][,id=SERIAL]", value_parser = parse_disk)]
+    pub disks: Vec<DiskConfig>,
+    /// Exit with status 3 when the guest reboots instead of restarting it.
+    #[arg(long)]
+    pub no_reboot: bool,
+    /// Finish instructions the host's KVM cannot emulate (auto: only on kvm_pvm hosts).
+    #[arg(long, value_name = "on|off|auto", default_value = "auto")]
+    pub repair_emulation: RepairMode,
+    /// CPU features to hide from the guest, e.g. -avx512f,-x2apic.
+    #[arg(long, value_name = "-NAME,...", value_parser = parse_features, allow_hyphen_values = true)]
+    pub cpu_features: Option<arch::cpuid::FeatureMask>,
+    /// Serial console: stdio, file:PATH or none.
+    #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio", value_parser = parse_console)]
+    pub console: ConsoleArg,
+    /// Print exit and repair counters on stderr when the VM stops.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_cli_run_parses_all_flags() {
+        let cli = Cli::try_parse_from([
+            "ferrite",
+            "run",
+            "--kernel",
+            "k",
+            "--cpus",
+            "4",
+            "--memory",
+            "2G",
+            "--disk",
+            "a.img",
+            "--disk",
+            "b.img,readonly",
+            "--no-reboot",
+            "--repair-emulation",
+            "off",
+            "--cpu-features",
+            "-avx2",
+            "--console",
+            "file:/tmp/x",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command;
+        assert_eq!(args.cpus, 4);
+        assert_eq!(args.memory, 2 << 30);
+        assert_eq!(args.disks.len(), 2);
+        assert!(args.disks[1].readonly);
+        assert!(args.no_reboot);
+        assert_eq!(args.repair_emulation, RepairMode::Off);
+        assert!(args.cpu_features.is_some());
+        assert_eq!(args.console, ConsoleArg::File("/tmp/x".into()));
+    }
+
+    #[test]
+    fn test_cli_bad_memory_is_error() {
+        assert!(
+            Cli::try_parse_from(["ferrite", "run", "--kernel", "k", "--memory", "12X"]).is_err()
+        );
+    }
+
+    #[test]
+    fn test_cli_bad_console_is_error() {
+        assert!(
+            Cli::try_parse_from(["ferrite", "run", "--kernel", "k", "--console", "tcp"]).is_err()
+        );
+    }
+}

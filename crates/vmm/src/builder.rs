@@ -1,0 +1,278 @@
+//! Assembling a VM from a [`VmConfig`], running it until it stops, and rebuilding it after a
+//! guest reset.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arch::cpuid::CpuidConfig;
+use arch::e820::MemoryLayout;
+use devices::LegacyDevices;
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::VmFd;
+use pci::PciRoot;
+use virtio::VirtioPciDevice;
+use vm_device::{Bus, GuestMemoryMmap, IoEventRegistrar, ShutdownKind, ShutdownSignal};
+
+use crate::boot;
+use crate::config::{RepairMode, VmConfig};
+use crate::console::Console;
+use crate::dump::FailureReport;
+use crate::error::VmmError;
+use crate::gsi::GsiRouter;
+use crate::ioevent::KvmIoEvents;
+use crate::memory;
+use crate::platform::{self, OpenDisk};
+use crate::repair::RepairStats;
+use crate::stop::StopHandle;
+use crate::vcpu::{RunControl, Vcpu, VcpuContext, VcpuHandle};
+use crate::vm::Hypervisor;
+use crate::{kick, stats::ExitCounters};
+
+/// How long teardown keeps kicking a vCPU thread before giving up on joining it.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How a VM run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest reset and `no_reboot` was set.
+    Reset,
+    /// The host asked the VM to stop ([`StopHandle::request_stop`]).
+    Stopped,
+    /// The VM failed: triple fault, KVM error, unrepairable emulation failure.
+    Failed(Box<FailureReport>),
+}
+
+/// The end of a `ferrite run`: the outcome plus statistics.
+#[derive(Debug)]
+pub struct RunReport {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Guest resets that were turned into in-process restarts.
+    pub reboots: u32,
+    /// Exit counters of the last VM instance, per vCPU: (vcpu, [(counter, value)]).
+    pub exits: Vec<(u32, Vec<(&'static str, u64)>)>,
+    /// Instruction repairs per kind over the whole run.
+    pub repairs: Vec<(&'static str, u64)>,
+    /// Whether the repair hook was enabled.
+    pub repair_enabled: bool,
+}
+
+/// Run the VM described by `config` until it powers off, fails, is stopped, or (with
+/// `no_reboot`) resets. Guest resets otherwise rebuild the VM in this process.
+pub fn run(config: &VmConfig, console: &Console, stop: &StopHandle) -> Result<RunReport, VmmError> {
+    let hv = Hypervisor::open()?;
+    config.validate(Some(hv.max_vcpus()))?;
+    kick::install_handler().map_err(|e| VmmError::Signal(e.to_string()))?;
+    let repair_enabled = match config.repair {
+        RepairMode::On => true,
+        RepairMode::Off => false,
+        RepairMode::Auto => Hypervisor::needs_repair(),
+    };
+    let repairs = repair_enabled.then(|| Arc::new(RepairStats::default()));
+    // Disks are opened (and locked) once and shared by every VM instance across reboots.
+    let disks = platform::open_disks(config)?;
+    let mut reboots = 0;
+    loop {
+        let vm = BuiltVm::build(
+            &hv,
+            config,
+            console,
+            &disks,
+            repairs.clone(),
+            repair_enabled,
+        )?;
+        let outcome = vm.wait(stop);
+        let exits = vm.exit_counters();
+        vm.teardown(console);
+        let finish = |outcome| RunReport {
+            outcome,
+            reboots,
+            exits: exits.clone(),
+            repairs: repairs.as_ref().map(|r| r.snapshot()).unwrap_or_default(),
+            repair_enabled,
+        };
+        match outcome {
+            Outcome::Reset if !config.no_reboot && !stop.requested() => {
+                reboots += 1;
+                tracing::info!(reboots, "guest reset: rebuilding the VM");
+            }
+            other => {
+                console.flush(Duration::from_secs(1));
+                return Ok(finish(other));
+            }
+        }
+    }
+}
+
+/// One built and running VM instance.
+struct BuiltVm {
+    _vm: Arc<VmFd>,
+    _memory: GuestMemoryMmap,
+    _router: Arc<GsiRouter>,
+    _devices: LegacyDevices,
+    _pci: PciRoot,
+    virtio_devices: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    control: Arc<RunControl>,
+    shutdown: ShutdownSignal,
+    vcpus: Vec<VcpuHandle>,
+    counters: Vec<(u32, Arc<ExitCounters>)>,
+}
+
+impl BuiltVm {
+    fn build(
+        hv: &Hypervisor,
+        config: &VmConfig,
+        console: &Console,
+        disks: &[OpenDisk],
+        repairs: Option<Arc<RepairStats>>,
+        repair_enabled: bool,
+    ) -> Result<Self, VmmError> {
+        let layout = MemoryLayout::new(config.memory_bytes, Some(arch::e820::host_phys_bits()))
+            .map_err(|e| VmmError::Layout(e.to_string()))?;
+        let mem = memory::create_guest_memory(&layout.ram_ranges())?;
+        let vm = hv.create_vm()?;
+        memory::register_guest_memory(&vm, &mem)?;
+
+        let kernel = boot::load_guest(config, &layout, &mem)?;
+
+        // Interrupts and devices.
+        let router = Arc::new(GsiRouter::new(vm.clone())?);
+        let shutdown = ShutdownSignal::new().map_err(VmmError::Io)?;
+        let pio = Bus::new();
+        let mmio = Bus::new();
+        let devices = platform::legacy_devices(config, console, &router, &shutdown)?;
+        let pci = platform::attach_pci(&pio, &mmio, &layout, &devices)?;
+        devices
+            .insert_into(&pio)
+            .map_err(|e| VmmError::Device(e.to_string()))?;
+        let ioevents: Arc<dyn IoEventRegistrar> = Arc::new(KvmIoEvents::new(vm.clone()));
+        let virtio_devices = platform::attach_disks(disks, &pci, &mem, &router, &ioevents)?;
+        console
+            .input()
+            .attach(devices.serial.clone())
+            .map_err(VmmError::Io)?;
+
+        // vCPUs.
+        let control = Arc::new(RunControl::new().map_err(VmmError::Io)?);
+        let ctx = Arc::new(VcpuContext {
+            pio,
+            mmio,
+            memory: mem.clone(),
+            shutdown: shutdown.clone(),
+            control: control.clone(),
+            repair: repairs,
+        });
+        let supported = hv
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmmError::vcpu(0, "KVM_GET_SUPPORTED_CPUID", e))?;
+        let cpuid_config = CpuidConfig {
+            vcpu_count: config.vcpus,
+            // `vmcall` hangs vCPUs on emulating hosts whatever the repair mode.
+            hide_pv_hypercalls: repair_enabled || Hypervisor::needs_repair(),
+            feature_mask: config.cpu_features.clone(),
+        };
+        let mut fds = Vec::with_capacity(config.vcpus as usize);
+        for id in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(|e| VmmError::vcpu(id, "KVM_CREATE_VCPU", e))?;
+            boot::configure_vcpu(&fd, id, &supported, &cpuid_config, &kernel)?;
+            fds.push(fd);
+        }
+        let mut vcpus = Vec::with_capacity(fds.len());
+        let mut counters = Vec::with_capacity(fds.len());
+        let mut built = BuiltVm {
+            _vm: vm,
+            _memory: mem,
+            _router: router,
+            _devices: devices,
+            _pci: pci,
+            virtio_devices,
+            control,
+            shutdown,
+            vcpus: Vec::new(),
+            counters: Vec::new(),
+        };
+        for (id, fd) in fds.into_iter().enumerate() {
+            match Vcpu::new(id as u32, fd, ctx.clone()).spawn() {
+                Ok(handle) => {
+                    counters.push((handle.id, handle.counters.clone()));
+                    vcpus.push(handle);
+                }
+                Err(e) => {
+                    built.vcpus = vcpus;
+                    built.teardown(console);
+                    return Err(VmmError::Io(e));
+                }
+            }
+        }
+        built.vcpus = vcpus;
+        built.counters = counters;
+        Ok(built)
+    }
+
+    /// Block until the guest powers off/resets, a vCPU fails, or the host asks to stop.
+    fn wait(&self, stop: &StopHandle) -> Outcome {
+        let fds = [
+            self.shutdown.event().as_raw_fd(),
+            self.control.failure_event().as_raw_fd(),
+            stop.event().as_raw_fd(),
+        ];
+        loop {
+            if let Some(report) = self.control.take_failure() {
+                return Outcome::Failed(Box::new(report));
+            }
+            match self.shutdown.requested() {
+                Some(ShutdownKind::PowerOff) => return Outcome::PowerOff,
+                Some(ShutdownKind::Reset) => return Outcome::Reset,
+                None => {}
+            }
+            if stop.requested() {
+                return Outcome::Stopped;
+            }
+            let mut pfds: Vec<libc::pollfd> = fds
+                .iter()
+                .map(|&fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            // SAFETY: `pfds` is a valid array of pollfds for the duration of the call.
+            unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 1000) };
+        }
+    }
+
+    fn exit_counters(&self) -> Vec<(u32, Vec<(&'static str, u64)>)> {
+        self.counters
+            .iter()
+            .map(|(id, c)| (*id, c.snapshot()))
+            .collect()
+    }
+
+    /// Stop every vCPU thread (kicking it out of KVM_RUN) and detach the console.
+    fn teardown(mut self, console: &Console) {
+        console.input().detach();
+        self.control.request_exit();
+        let start = Instant::now();
+        for handle in self.vcpus.drain(..) {
+            while !handle.thread.is_finished() && start.elapsed() < VCPU_STOP_TIMEOUT {
+                handle.kick();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if handle.thread.is_finished() {
+                let _ = handle.thread.join();
+            } else {
+                tracing::warn!(vcpu = handle.id, "vCPU thread did not stop; leaving it");
+            }
+        }
+        // Stop device workers so nothing touches guest memory or the disks any more.
+        for dev in self.virtio_devices.drain(..) {
+            dev.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The devices of a Ferrite VM: legacy PC devices, PCI bus 0 with its configuration-space
+//! decoders, and one virtio-blk function per disk.
+
+use std::sync::{Arc, Mutex};
+
+use arch::e820::MemoryLayout;
+use arch::layout::{irqs, ports, PCI_ECAM_SIZE, PCI_ECAM_START};
+use devices::{LegacyDevices, LegacyIrqs};
+use disk::{DiskBackend, RawDisk};
+use pci::{PciConfigIo, PciConfigMmio, PciRoot};
+use virtio::{Block, VirtioPciDevice};
+use vm_device::{Bus, GuestMemoryMmap, IoEventRegistrar, SharedDevice, ShutdownSignal};
+
+use crate::config::VmConfig;
+use crate::console::Console;
+use crate::error::VmmError;
+use crate::gsi::GsiRouter;
+
+/// Build the legacy devices (COM1 to the console, i8042, CMOS, ACPI PM, reset register) with
+/// their interrupt lines.
+pub fn legacy_devices(
+    config: &VmConfig,
+    console: &Console,
+    router: &GsiRouter,
+    shutdown: &ShutdownSignal,
+) -> Result<LegacyDevices, VmmError> {
+    let legacy_irqs = LegacyIrqs {
+        keyboard: router.legacy_irq(irqs::KEYBOARD)?,
+        com1: router.legacy_irq(irqs::COM1)?,
+        acpi_sci: router.legacy_irq(irqs::ACPI_SCI)?,
+    };
+    let devices = LegacyDevices::new(
+        config.memory_bytes,
+        console.uart_output(),
+        legacy_irqs,
+        shutdown.clone(),
+    )
+    .map_err(|e| VmmError::Device(e.to_string()))?;
+    devices
+        .attach_rtc_irq(router.legacy_irq(irqs::RTC)?)
+        .map_err(|e| VmmError::Device(e.to_string()))?;
+    Ok(devices)
+}
+
+/// One virtio-blk PCI function per disk, plugged into `pci`.
+pub fn attach_disks(
+    disks: &[OpenDisk],
+    pci: &PciRoot,
+    mem: &GuestMemoryMmap,
+    router: &Arc<GsiRouter>,
+    ioevents: &Arc<dyn IoEventRegistrar>,
+) -> Result<Vec<Arc<Mutex<VirtioPciDevice>>>, VmmError> {
+    let mut virtio_devices = Vec::with_capacity(disks.len());
+    for disk in disks {
+        let block = Block::with_backend(disk.backend.clone(), disk.id.as_deref()).map_err(|e| {
+            VmmError::Disk {
+                path: disk.path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        let dev = VirtioPciDevice::new(
+            Box::new(block),
+            mem.clone(),
+            router.clone(),
+            ioevents.clone(),
+        )
+        .map_err(|e| VmmError::Device(format!("virtio-blk {}: {e}", disk.path.display())))?;
+        let dev = Arc::new(Mutex::new(dev));
+        pci.add_device(dev.clone())
+            .map_err(|e| VmmError::Device(format!("PCI: {e}")))?;
+        virtio_devices.push(dev);
+    }
+    Ok(virtio_devices)
+}
+
+/// A disk opened and locked for the whole run.
+pub struct OpenDisk {
+    /// Image path (for messages).
+    pub path: std::path::PathBuf,
+    /// virtio-blk serial.
+    pub id: Option<String>,
+    /// The opened, locked image.
+    pub backend: Arc<dyn DiskBackend>,
+}
+
+/// Open and lock every disk of `config` (once per run; VM rebuilds share them).
+pub fn open_disks(config: &VmConfig) -> Result<Vec<OpenDisk>, VmmError> {
+    config
+        .disks
+        .iter()
+        .map(|d| {
+            let raw = RawDisk::open(&d.path, d.readonly).map_err(|e| VmmError::Disk {
+                path: d.path.clone(),
+                reason: match e {
+                    disk::DiskError::Locked { .. } => {
+                        "it is locked by another VM or process: stop that one, or pass ,readonly to both"
+                            .to_string()
+                    }
+                    other => other.to_string(),
+                },
+            })?;
+            Ok(OpenDisk {
+                path: d.path.clone(),
+                id: d.id.clone(),
+                backend: Arc::new(raw),
+            })
+        })
+        .collect()
+}
+
+/// Create PCI bus 0 with its CF8/CFC (forwarding 0xcf9 to the ACPI reset register) and ECAM
+/// decoders.
+pub fn attach_pci(
+    pio: &Bus,
+    mmio: &Bus,
+    layout: &MemoryLayout,
+    devices: &LegacyDevices,
+) -> Result<PciRoot, VmmError> {
+    let root = PciRoot::new(mmio.clone());
+    root.add_mmio_window(layout.pci_mmio64_start(), layout.pci_mmio64_size());
+    let reset: SharedDevice = devices.acpi_reset.clone();
+    let cf8 = PciConfigIo::new(root.clone()).with_port_cf9(reset);
+    let dev_err = |e: vm_device::BusError| VmmError::Device(format!("PCI: {e}"));
+    pio.insert(
+        Arc::new(Mutex::new(cf8)),
+        u64::from(ports::PCI_CONFIG_ADDRESS),
+        8,
+    )
+    .map_err(dev_err)?;
+    mmio.insert(
+        Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
+        PCI_ECAM_START,
+        PCI_ECAM_SIZE,
+    )
+    .map_err(dev_err)?;
+    Ok(root)
+}

@@ -1,0 +1,613 @@
+//! vCPU threads: the `KVM_RUN` loop, exit dispatch to the buses, failure capture, and the
+//! exit/pause protocol the VM uses to stop them.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use kvm_bindings::{
+    KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_device::{Bus, GuestMemoryMmap, ShutdownKind, ShutdownSignal};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::dump::FailureReport;
+use crate::kick;
+use crate::repair::decode::DecodeError;
+use crate::repair::{self, Injection, RepairError, RepairStats};
+use crate::stats::{ExitCounters, ExitKind};
+
+/// Start/stop/pause coordination between the VM and its vCPU threads.
+pub struct RunControl {
+    exit: AtomicBool,
+    /// Mirror of `paused.requested` so the run loop checks it without taking the lock.
+    pause: AtomicBool,
+    paused: Mutex<PauseState>,
+    cond: Condvar,
+    failure: Mutex<Option<FailureReport>>,
+    /// Written when a vCPU records a failure (the VM's main loop polls it).
+    failure_evt: EventFd,
+}
+
+#[derive(Default)]
+struct PauseState {
+    requested: bool,
+    parked: usize,
+    /// vCPU loops that have returned (they will never park).
+    exited: usize,
+}
+
+impl RunControl {
+    /// A control block for a running VM.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            exit: AtomicBool::new(false),
+            pause: AtomicBool::new(false),
+            paused: Mutex::new(PauseState::default()),
+            cond: Condvar::new(),
+            failure: Mutex::new(None),
+            failure_evt: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Ask every vCPU loop to return (callers then kick the threads).
+    pub fn request_exit(&self) {
+        self.exit.store(true, Ordering::SeqCst);
+        self.cond.notify_all();
+    }
+
+    /// Whether the vCPUs were told to exit.
+    pub fn exit_requested(&self) -> bool {
+        self.exit.load(Ordering::SeqCst)
+    }
+
+    fn lock_pause(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.paused.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ask the vCPUs to park (callers then kick them and [`RunControl::wait_parked`]).
+    pub fn request_pause(&self) {
+        self.lock_pause().requested = true;
+        self.pause.store(true, Ordering::SeqCst);
+    }
+
+    /// Block until all `n` vCPUs are parked or gone (or the VM is exiting).
+    pub fn wait_parked(&self, n: usize) {
+        let mut st = self.lock_pause();
+        while st.parked + st.exited < n && !self.exit_requested() {
+            st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Let parked vCPUs run again.
+    pub fn resume(&self) {
+        let mut st = self.lock_pause();
+        st.requested = false;
+        self.pause.store(false, Ordering::SeqCst);
+        drop(st);
+        self.cond.notify_all();
+    }
+
+    fn pause_requested(&self) -> bool {
+        self.pause.load(Ordering::SeqCst)
+    }
+
+    fn loop_exited(&self) {
+        self.lock_pause().exited += 1;
+        self.cond.notify_all();
+    }
+
+    fn park(&self) {
+        let mut st = self.lock_pause();
+        st.parked += 1;
+        self.cond.notify_all();
+        while st.requested && !self.exit_requested() {
+            st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.parked -= 1;
+    }
+
+    /// Record a failure (the first one wins) and wake the main loop.
+    pub fn fail(&self, report: FailureReport) {
+        let mut slot = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(report);
+            let _ = self.failure_evt.write(1);
+        }
+    }
+
+    /// The recorded failure, if any.
+    pub fn take_failure(&self) -> Option<FailureReport> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Readable once a failure was recorded.
+    pub fn failure_event(&self) -> &EventFd {
+        &self.failure_evt
+    }
+}
+
+/// What every vCPU of one VM shares.
+pub struct VcpuContext {
+    /// Port I/O bus.
+    pub pio: Bus,
+    /// MMIO bus.
+    pub mmio: Bus,
+    /// Guest RAM (for repairs and failure dumps).
+    pub memory: GuestMemoryMmap,
+    /// Where power-off and reset requests go.
+    pub shutdown: ShutdownSignal,
+    /// Exit/pause/failure coordination.
+    pub control: Arc<RunControl>,
+    /// Repair counters; `None` disables the repair hook.
+    pub repair: Option<Arc<RepairStats>>,
+}
+
+/// One vCPU, ready to run on its own thread.
+pub struct Vcpu {
+    id: u32,
+    fd: VcpuFd,
+    ctx: Arc<VcpuContext>,
+    counters: Arc<ExitCounters>,
+}
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    /// vCPU index.
+    pub id: u32,
+    /// The thread (joined when the VM stops).
+    pub thread: JoinHandle<()>,
+    /// Its exit counters.
+    pub counters: Arc<ExitCounters>,
+}
+
+impl VcpuHandle {
+    /// Interrupt `KVM_RUN` on this vCPU's thread.
+    pub fn kick(&self) {
+        use std::os::unix::thread::JoinHandleExt;
+        if !self.thread.is_finished() {
+            kick::kick(self.thread.as_pthread_t());
+        }
+    }
+}
+
+/// What the run loop does after one exit.
+enum Next {
+    Continue,
+    PortIo,
+    Stop,
+    InternalError,
+    Fail(String),
+}
+
+impl Vcpu {
+    /// Wrap a configured vCPU.
+    pub fn new(id: u32, fd: VcpuFd, ctx: Arc<VcpuContext>) -> Self {
+        Self {
+            id,
+            fd,
+            ctx,
+            counters: Arc::new(ExitCounters::default()),
+        }
+    }
+
+    /// Start the run loop on a new thread named `vcpu<N>`.
+    pub fn spawn(self) -> std::io::Result<VcpuHandle> {
+        let id = self.id;
+        let counters = self.counters.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .stack_size(1 << 20)
+            .spawn(move || self.run())?;
+        Ok(VcpuHandle {
+            id,
+            thread,
+            counters,
+        })
+    }
+
+    fn run(mut self) {
+        let ie = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
+        kick::set_immediate_exit_ptr(ie);
+        let ctl = self.ctx.control.clone();
+        loop {
+            if ctl.exit_requested() {
+                break;
+            }
+            if ctl.pause_requested() {
+                self.fd.set_kvm_immediate_exit(0);
+                ctl.park();
+                continue;
+            }
+            match self.run_once() {
+                Next::Continue => {}
+                Next::Stop => break,
+                Next::PortIo => self.handle_port_io(),
+                Next::InternalError => {
+                    if !self.handle_internal_error() {
+                        break;
+                    }
+                }
+                Next::Fail(reason) => {
+                    self.fail(reason, None);
+                    break;
+                }
+            }
+        }
+        kick::set_immediate_exit_ptr(std::ptr::null_mut());
+        ctl.loop_exited();
+    }
+
+    fn run_once(&mut self) -> Next {
+        let ctx = &self.ctx;
+        let counters = &self.counters;
+        match self.fd.run() {
+            Ok(exit) => match exit {
+                // kvm-ioctls hands over count*size bytes without the access size; string
+                // I/O (`rep outsb`) must reach devices one access at a time, so port I/O is
+                // decoded from the raw kvm_run below.
+                VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => Next::PortIo,
+                VcpuExit::MmioRead(addr, data) => {
+                    counters.inc(ExitKind::MmioRead);
+                    if !ctx.mmio.read(addr, data) {
+                        counters.inc(ExitKind::UnclaimedMmio);
+                        data.fill(0xff);
+                    }
+                    Next::Continue
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    counters.inc(ExitKind::MmioWrite);
+                    if !ctx.mmio.write(addr, data) {
+                        counters.inc(ExitKind::UnclaimedMmio);
+                    }
+                    Next::Continue
+                }
+                VcpuExit::Hlt => {
+                    // With the in-kernel LAPIC, HLT never reaches userspace; if it does, the
+                    // next KVM_RUN simply halts again in the kernel.
+                    counters.inc(ExitKind::Hlt);
+                    Next::Continue
+                }
+                // A triple fault is a VM failure, not a reset: Ferrite guests have ACPI and
+                // i8042 reset paths, so a triple fault almost always means a crash (often a
+                // broken boot), and restarting would hide it in a reboot loop. The failure
+                // report carries the registers and the bytes at RIP.
+                VcpuExit::Shutdown => {
+                    counters.inc(ExitKind::Shutdown);
+                    Next::Fail("triple fault (KVM_EXIT_SHUTDOWN)".into())
+                }
+                VcpuExit::SystemEvent(kind, _) => {
+                    counters.inc(ExitKind::SystemEvent);
+                    match kind {
+                        KVM_SYSTEM_EVENT_SHUTDOWN => {
+                            ctx.shutdown.request(ShutdownKind::PowerOff);
+                            Next::Stop
+                        }
+                        KVM_SYSTEM_EVENT_RESET => {
+                            ctx.shutdown.request(ShutdownKind::Reset);
+                            Next::Stop
+                        }
+                        KVM_SYSTEM_EVENT_CRASH => Next::Fail("guest crash system event".into()),
+                        other => Next::Fail(format!("unexpected system event {other}")),
+                    }
+                }
+                VcpuExit::FailEntry(reason, cpu) => {
+                    counters.inc(ExitKind::FailEntry);
+                    Next::Fail(format!(
+                        "KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x}, host cpu {cpu})"
+                    ))
+                }
+                VcpuExit::InternalError => {
+                    counters.inc(ExitKind::InternalError);
+                    Next::InternalError
+                }
+                VcpuExit::Intr => {
+                    counters.inc(ExitKind::Interrupted);
+                    self.fd.set_kvm_immediate_exit(0);
+                    Next::Continue
+                }
+                VcpuExit::IrqWindowOpen | VcpuExit::Debug(_) | VcpuExit::IoapicEoi(_) => {
+                    counters.inc(ExitKind::Other);
+                    Next::Continue
+                }
+                other => {
+                    counters.inc(ExitKind::Other);
+                    Next::Fail(format!("unexpected exit {other:?}"))
+                }
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                counters.inc(ExitKind::Interrupted);
+                self.fd.set_kvm_immediate_exit(0);
+                Next::Continue
+            }
+            Err(e) => Next::Fail(format!("KVM_RUN failed: {e}")),
+        }
+    }
+
+    /// Dispatch a `KVM_EXIT_IO` to the port-I/O bus, one `size`-byte access per repetition.
+    fn handle_port_io(&mut self) {
+        let ctx = self.ctx.clone();
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_IO (kvm-ioctls decoded it), so `io` is the union
+        // member KVM filled.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(io.size);
+        let total = size * io.count as usize;
+        let Ok(offset) = usize::try_from(io.data_offset) else {
+            return;
+        };
+        if size == 0 || total == 0 || total > 4096 || offset < std::mem::size_of_val(run) {
+            return;
+        }
+        let base = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
+        // SAFETY: KVM places the I/O data at `data_offset` inside the kvm_run mapping (the page
+        // after the struct, KVM_PIO_PAGE_OFFSET) and at most one page of it; the mapping lives
+        // as long as `self.fd` and nothing else aliases the bytes while this vCPU is out of
+        // KVM_RUN.
+        let data = unsafe { std::slice::from_raw_parts_mut(base.add(offset), total) };
+        let port = u64::from(io.port);
+        let is_in = u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_IN;
+        for access in data.chunks_mut(size) {
+            if is_in {
+                self.counters.inc(ExitKind::IoIn);
+                if !ctx.pio.read(port, access) {
+                    self.counters.inc(ExitKind::UnclaimedPio);
+                    access.fill(0xff);
+                }
+            } else {
+                self.counters.inc(ExitKind::IoOut);
+                if !ctx.pio.write(port, access) {
+                    self.counters.inc(ExitKind::UnclaimedPio);
+                }
+            }
+        }
+    }
+
+    /// Decode `run->internal` / `run->emulation_failure` and repair when possible. Returns
+    /// false after recording a failure.
+    fn handle_internal_error(&mut self) -> bool {
+        match self.try_repair() {
+            Ok(()) => true,
+            Err((reason, insn)) => {
+                self.fail(reason, insn);
+                false
+            }
+        }
+    }
+
+    fn try_repair(&mut self) -> Result<(), (String, Option<Vec<u8>>)> {
+        let (suberror, insn_from_kvm, data) = {
+            let run = self.fd.get_kvm_run();
+            // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the `internal` member of
+            // the union is the one KVM filled; `emulation_failure` shares its prefix and is
+            // only read when suberror says KVM wrote it.
+            let internal = unsafe { run.__bindgen_anon_1.internal };
+            let mut insn = None;
+            if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
+                // SAFETY: as above; suberror 1 means the emulation_failure layout.
+                let ef = unsafe { run.__bindgen_anon_1.emulation_failure };
+                // SAFETY: the anonymous union has a single member.
+                let bytes = unsafe { ef.__bindgen_anon_1.__bindgen_anon_1 };
+                let has_bytes =
+                    ef.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0;
+                let size = usize::from(bytes.insn_size);
+                if has_bytes && ef.ndata >= 3 && size > 0 && size <= repair::decode::MAX_INSN_LEN {
+                    insn = Some(bytes.insn_bytes[..size].to_vec());
+                }
+            }
+            let n = (internal.ndata as usize).min(internal.data.len());
+            (internal.suberror, insn, internal.data[..n].to_vec())
+        };
+        let describe = || {
+            let name = match suberror {
+                1 => "emulation failure",
+                2 => "simultaneous exceptions",
+                3 => "event delivery failure",
+                4 => "unexpected exit reason",
+                _ => "unknown",
+            };
+            let extra: Vec<String> = data.iter().map(|d| format!("{d:#x}")).collect();
+            format!(
+                "KVM internal error, suberror {suberror} ({name}), data [{}]",
+                extra.join(", ")
+            )
+        };
+        if suberror != KVM_INTERNAL_ERROR_EMULATION {
+            return Err((describe(), insn_from_kvm));
+        }
+        let Some(stats) = self.ctx.repair.clone() else {
+            let reason = format!("{} (instruction repair is off)", describe());
+            return Err((reason, insn_from_kvm));
+        };
+        let vcpu_err = |what: &str, e: kvm_ioctls::Error| (format!("{what}: {e}"), None);
+        let mut regs = self
+            .fd
+            .get_regs()
+            .map_err(|e| vcpu_err("KVM_GET_REGS", e))?;
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|e| vcpu_err("KVM_GET_SREGS", e))?;
+        let mut insn = insn_from_kvm
+            .clone()
+            .unwrap_or_else(|| repair::fetch_insn(&self.ctx.memory, &regs, &sregs));
+        let original_regs = regs;
+        let mut result = repair::repair(&insn, &mut regs, &sregs, &self.ctx.memory, &self.fd);
+        if insn_from_kvm.is_some()
+            && matches!(result, Err(RepairError::Decode(DecodeError::Truncated)))
+        {
+            // KVM may hand over fewer bytes than the instruction has: read them from memory.
+            insn = repair::fetch_insn(&self.ctx.memory, &original_regs, &sregs);
+            regs = original_regs;
+            result = repair::repair(&insn, &mut regs, &sregs, &self.ctx.memory, &self.fd);
+        }
+        match result {
+            Ok(done) => {
+                self.fd
+                    .set_regs(&regs)
+                    .map_err(|e| vcpu_err("KVM_SET_REGS", e))?;
+                if let Some(inj) = done.inject {
+                    self.inject(inj, &sregs)
+                        .map_err(|r| (r, Some(insn.clone())))?;
+                }
+                stats.record(done.kind);
+                tracing::debug!(
+                    vcpu = self.id,
+                    kind = done.kind.name(),
+                    "repaired instruction"
+                );
+                Ok(())
+            }
+            Err(e) => Err((format!("unrepairable emulation failure: {e}"), Some(insn))),
+        }
+    }
+
+    fn inject(&self, inj: Injection, sregs: &kvm_bindings::kvm_sregs) -> Result<(), String> {
+        let mut ev = self
+            .fd
+            .get_vcpu_events()
+            .map_err(|e| format!("KVM_GET_VCPU_EVENTS: {e}"))?;
+        match inj {
+            Injection::Exception { vector, error_code } => {
+                ev.exception.injected = 1;
+                ev.exception.pending = 0;
+                ev.exception.nr = vector;
+                ev.exception.has_error_code = u8::from(error_code.is_some());
+                ev.exception.error_code = error_code.unwrap_or(0);
+            }
+            Injection::SoftInterrupt { vector } => {
+                ev.interrupt.injected = 1;
+                ev.interrupt.nr = vector;
+                ev.interrupt.soft = 1;
+            }
+            Injection::PageFault {
+                address,
+                error_code,
+            } => {
+                let mut s = *sregs;
+                s.cr2 = address;
+                self.fd
+                    .set_sregs(&s)
+                    .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+                ev.exception.injected = 1;
+                ev.exception.pending = 0;
+                ev.exception.nr = 14;
+                ev.exception.has_error_code = 1;
+                ev.exception.error_code = error_code;
+            }
+        }
+        // Leave NMI, SIPI, shadow and SMM state as they are.
+        ev.flags = 0;
+        self.fd
+            .set_vcpu_events(&ev)
+            .map_err(|e| format!("KVM_SET_VCPU_EVENTS: {e}"))
+    }
+
+    fn fail(&mut self, reason: String, insn: Option<Vec<u8>>) {
+        if self.ctx.control.failure_recorded() {
+            return;
+        }
+        let regs = self.fd.get_regs().ok();
+        let sregs = self.fd.get_sregs().ok();
+        let insn = match (insn, &regs, &sregs) {
+            (Some(b), _, _) => b,
+            (None, Some(r), Some(s)) => repair::fetch_insn(&self.ctx.memory, r, s),
+            _ => Vec::new(),
+        };
+        self.ctx.control.fail(FailureReport {
+            vcpu: self.id,
+            reason,
+            regs,
+            sregs,
+            insn,
+        });
+    }
+}
+
+impl RunControl {
+    fn failure_recorded(&self) -> bool {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spin_threads(ctl: &Arc<RunControl>, n: usize) -> Vec<std::thread::JoinHandle<()>> {
+        (0..n)
+            .map(|_| {
+                let ctl = ctl.clone();
+                std::thread::spawn(move || {
+                    while !ctl.exit_requested() {
+                        if ctl.pause_requested() {
+                            ctl.park();
+                        }
+                        std::thread::yield_now();
+                    }
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn test_run_control_pause_parks_all_then_resume_and_exit_release_them() {
+        let ctl = Arc::new(RunControl::new().unwrap());
+        let threads = spin_threads(&ctl, 2);
+
+        ctl.request_pause();
+        ctl.wait_parked(2);
+        let parked = ctl.lock_pause().parked;
+        ctl.resume();
+        ctl.request_exit();
+        for t in threads {
+            t.join().unwrap();
+        }
+
+        assert_eq!(parked, 2);
+        assert_eq!(ctl.lock_pause().parked, 0);
+    }
+
+    #[test]
+    fn test_run_control_wait_parked_counts_exited_loops() {
+        let ctl = Arc::new(RunControl::new().unwrap());
+        let threads = spin_threads(&ctl, 1);
+        ctl.loop_exited();
+
+        ctl.request_pause();
+        ctl.wait_parked(2);
+        ctl.request_exit();
+        for t in threads {
+            t.join().unwrap();
+        }
+
+        assert_eq!(ctl.lock_pause().exited, 1);
+    }
+
+    #[test]
+    fn test_run_control_first_failure_wins_and_signals_event() {
+        let ctl = RunControl::new().unwrap();
+        let report = |reason: &str| FailureReport {
+            vcpu: 0,
+            reason: reason.into(),
+            regs: None,
+            sregs: None,
+            insn: Vec::new(),
+        };
+
+        ctl.fail(report("first"));
+        ctl.fail(report("second"));
+
+        assert_eq!(ctl.failure_event().read().unwrap(), 1);
+        assert_eq!(ctl.take_failure().unwrap().reason, "first");
+        assert!(ctl.take_failure().is_none());
+    }
+}

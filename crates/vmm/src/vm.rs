@@ -1,0 +1,105 @@
+//! The KVM VM: capability checks, in-kernel interrupt controllers and the PIT.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+
+/// KVM API version every supported kernel reports.
+const KVM_API_VERSION: i32 = 12;
+/// Three pages for the VMX real-mode TSS, just below the BIOS area at the top of 4 GiB.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// One page for the VMX real-mode identity map, right below the TSS.
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// Capabilities Ferrite cannot run without, with the name printed when one is missing.
+const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::PitState2, "KVM_CAP_PIT_STATE2"),
+    (Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING"),
+    (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    (Cap::VcpuEvents, "KVM_CAP_VCPU_EVENTS"),
+    (Cap::Xcrs, "KVM_CAP_XCRS"),
+];
+
+/// Errors creating the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("Cannot open /dev/kvm ({0}): load the kvm module and check permissions")]
+    OpenKvm(kvm_ioctls::Error),
+    /// Unexpected `KVM_GET_API_VERSION`.
+    #[error("Unsupported KVM API version {0} (need {KVM_API_VERSION})")]
+    ApiVersion(i32),
+    /// A required capability is missing.
+    #[error("Host KVM lacks {0}, which Ferrite needs")]
+    MissingCap(&'static str),
+    /// A VM-level ioctl failed.
+    #[error("KVM {op} failed: {source}")]
+    Ioctl {
+        /// What was being done.
+        op: &'static str,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Ioctl { op, source }
+}
+
+/// An open KVM system handle with its capabilities checked.
+pub struct Hypervisor {
+    /// `/dev/kvm`.
+    pub kvm: Kvm,
+}
+
+impl Hypervisor {
+    /// Open `/dev/kvm` and check the API version and every capability Ferrite needs.
+    pub fn open() -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let version = kvm.get_api_version();
+        if version != KVM_API_VERSION {
+            return Err(VmError::ApiVersion(version));
+        }
+        for (cap, name) in REQUIRED_CAPS {
+            if !kvm.check_extension(*cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        Ok(Self { kvm })
+    }
+
+    /// The most vCPUs one VM may have on this host (`KVM_CAP_MAX_VCPUS`).
+    pub fn max_vcpus(&self) -> u32 {
+        self.kvm.get_max_vcpus() as u32
+    }
+
+    /// Whether this host's KVM emulates guest kernel code and needs instruction repair
+    /// (the `kvm_pvm` module).
+    pub fn needs_repair() -> bool {
+        std::path::Path::new("/sys/module/kvm_pvm").exists()
+    }
+
+    /// Create a VM with its in-kernel IOAPIC/PIC/LAPICs and PIT.
+    pub fn create_vm(&self) -> Result<Arc<VmFd>, VmError> {
+        let vm = self.kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+        Ok(Arc::new(vm))
+    }
+}
