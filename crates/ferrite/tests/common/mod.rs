@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod pattern;
 pub mod stream;
 
 /// Fail the test (never skip) when `/dev/kvm` is unusable.
@@ -18,7 +19,10 @@ pub fn require_kvm() {
         .write(true)
         .open("/dev/kvm")
         .is_ok();
-    assert!(ok, "/dev/kvm is missing or not accessible: these tests boot real guests and need KVM");
+    assert!(
+        ok,
+        "/dev/kvm is missing or not accessible: these tests boot real guests and need KVM"
+    );
 }
 
 /// The repository root.

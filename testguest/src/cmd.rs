@@ -1,0 +1,639 @@
+//! The machine state gathered at boot and the command language (see docs/testguest.md).
+
+use core::sync::atomic::Ordering;
+
+use crate::abi::{
+    IRQ_SLOT_COM1, IRQ_SLOT_MSIX, IRQ_SLOT_OTHER, IRQ_SLOT_SPURIOUS, IRQ_SLOT_TIMER, MSIX_VECTORS,
+};
+use crate::acpi::{find_rsdp, Acpi};
+use crate::kernel::IRQ_COUNTS;
+use crate::pattern::{check_sector, fill_sector, fnv1a64, FNV_OFFSET, SECTOR_SIZE};
+use crate::pci::{BarKind, Pci};
+use crate::platform::{self, IrqSetup, TscInfo};
+use crate::println;
+use crate::pvh::BootInfo;
+use crate::sys::{self, mmio, phys_ok};
+use crate::virtio_blk::{data_buf, Disk, CHUNK_SECTORS, MAX_DISKS};
+
+/// Everything the commands report on, discovered once at boot.
+pub struct Machine {
+    /// PVH start info.
+    pub boot: BootInfo,
+    /// ACPI tables, if an RSDP was found.
+    pub acpi: Option<Acpi>,
+    /// Interrupt set-up result.
+    pub irq: IrqSetup,
+    /// TSC frequency.
+    pub tsc: TscInfo,
+    /// Processors the MADT lists as enabled.
+    pub cpus_madt: u32,
+    /// Processors running (BSP + APs that checked in).
+    pub cpus_started: u32,
+    /// PCI functions.
+    pub pci: Pci,
+    /// virtio-blk disks, in PCI order.
+    pub disks: [Option<Disk>; MAX_DISKS],
+    /// Number of entries of `disks`.
+    pub ndisks: usize,
+}
+
+/// First byte of the RAM `mem-fill`/`mem-check` use (above the image and its .bss).
+const MEM_PATTERN_BASE: u64 = 16 << 20;
+
+/// Command names, for `help`.
+const COMMANDS: &str =
+    "help,echo,cpus,mem,mem-fill,mem-check,pci,acpi,time,count,count-forever,irqs,poweroff,reboot,\
+blk,blk-id,blk-write,blk-check,blk-sum,blk-flush,blk-discard,blk-zeroes";
+
+impl Machine {
+    /// Discovers the platform: ACPI, interrupts, TSC, CPUs, PCI, virtio-blk disks.
+    pub fn init(boot: BootInfo) -> Machine {
+        let acpi = find_rsdp(boot.rsdp).map(Acpi::parse);
+        let irq = platform::setup_interrupts(acpi.as_ref());
+        let tsc = platform::tsc_frequency(acpi.as_ref());
+        let (cpus_madt, cpus_started) = match acpi.as_ref().and_then(|a| a.madt.as_ref()) {
+            Some(m) => (m.cpus, platform::start_aps(m, irq.bsp_apic_id, tsc.hz)),
+            None => (0, 1),
+        };
+        let pci = Pci::scan(acpi.as_ref().and_then(|a| a.mcfg));
+        let mut m = Machine {
+            boot,
+            acpi,
+            irq,
+            tsc,
+            cpus_madt,
+            cpus_started,
+            pci,
+            disks: [const { None }; MAX_DISKS],
+            ndisks: 0,
+        };
+        for i in 0..m.pci.count {
+            let f = m.pci.funcs[i];
+            // 0x1042: modern virtio-blk; 0x1001: transitional (driven through its modern caps).
+            let blk = f.vendor == 0x1af4 && (f.device == 0x1042 || f.device == 0x1001);
+            if !blk || m.ndisks >= MAX_DISKS {
+                continue;
+            }
+            let cfg = m.pci.cfg(&f);
+            match Disk::init(&cfg, &f, m.ndisks, m.tsc.hz) {
+                Ok(d) => {
+                    m.disks[m.ndisks] = Some(d);
+                    m.ndisks += 1;
+                }
+                Err(e) => println!(
+                    "virtio-blk {:02x}:{:02x}.{} init failed: {}",
+                    f.bus, f.dev, f.func, e
+                ),
+            }
+        }
+        m
+    }
+
+    /// Sum of RAM entries and the highest RAM end.
+    pub fn ram(&self) -> (u64, u64, usize) {
+        let mut sum = 0u64;
+        let mut top = 0u64;
+        let mut n = 0;
+        for e in self.boot.ram() {
+            sum = sum.saturating_add(e.size);
+            top = top.max(e.addr.saturating_add(e.size));
+            n += 1;
+        }
+        (sum, top, n)
+    }
+
+    /// Prints the boot summary lines.
+    pub fn banner(&self) {
+        let (ram, _, _) = self.ram();
+        let acpi_rev = self.acpi.as_ref().map(|a| a.revision as i32).unwrap_or(-1);
+        println!(
+            "boot start_info={:#x} memmap={:#x}/{} pvh_version={} modules={} cmdline_len={} ram_bytes={} acpi_rev={} cpus_madt={} cpus_started={} pci_functions={} disks={} tsc_hz={} tsc_source={} identity_map_gib={} com1_irq={}",
+            self.boot.info_addr,
+            self.boot.memmap_raw.0,
+            self.boot.memmap_raw.1,
+            self.boot.version,
+            self.boot.nr_modules,
+            self.boot.cmdline_len,
+            ram,
+            acpi_rev,
+            self.cpus_madt,
+            self.cpus_started,
+            self.pci.count,
+            self.ndisks,
+            self.tsc.hz,
+            self.tsc.source,
+            sys::identity_limit() >> 30,
+            self.irq.com1_irq as u8,
+        );
+    }
+
+    /// Runs one command line; always prints exactly one OK/ERR line (plus detail lines
+    /// for `pci` and `blk`).
+    pub fn run(&mut self, line: &str) {
+        let line = line.trim();
+        let mut words = line.split_ascii_whitespace();
+        let Some(cmd) = words.next() else { return };
+        if !cmd.bytes().all(|b| b.is_ascii_graphic()) {
+            println!("ERR ? bad-command-name");
+            return;
+        }
+        if cmd == "echo" {
+            println!("OK echo {}", line[4..].trim());
+            return;
+        }
+        let mut args = [""; 8];
+        let mut nargs = 0;
+        for w in words {
+            if nargs == args.len() {
+                println!("ERR {} too-many-arguments", cmd);
+                return;
+            }
+            args[nargs] = w;
+            nargs += 1;
+        }
+        let args = &args[..nargs];
+        match cmd {
+            "help" => println!("OK help commands={}", COMMANDS),
+            "cpus" => println!(
+                "OK cpus madt={} started={}",
+                self.cpus_madt, self.cpus_started
+            ),
+            "mem" => self.cmd_mem(),
+            "pci" => self.cmd_pci(),
+            "time" => self.cmd_time(),
+            "count" => self.cmd_count(args),
+            "count-forever" => self.cmd_count_forever(args),
+            "mem-fill" | "mem-check" => self.cmd_mem_pattern(cmd, args),
+            "irqs" => cmd_irqs(),
+            "acpi" => self.cmd_acpi(),
+            "poweroff" => {
+                println!("OK poweroff");
+                platform::poweroff(self.acpi.as_ref(), self.tsc.hz);
+                println!("ERR poweroff still-running");
+            }
+            "reboot" => {
+                println!("OK reboot");
+                platform::reboot(self.acpi.as_ref(), self.tsc.hz);
+                println!("ERR reboot still-running");
+            }
+            "blk" => self.cmd_blk(),
+            "blk-id" | "blk-write" | "blk-check" | "blk-sum" | "blk-flush" | "blk-discard"
+            | "blk-zeroes" => self.cmd_blk_op(cmd, args),
+            _ => println!("ERR {} unknown-command", cmd),
+        }
+    }
+
+    fn cmd_acpi(&self) {
+        let Some(a) = self.acpi.as_ref() else {
+            println!("ERR acpi no-rsdp");
+            return;
+        };
+        let mut line = crate::console::Line::new();
+        use core::fmt::Write as _;
+        let _ = write!(
+            line,
+            "OK acpi rsdp={:#x} revision={} tables=",
+            a.rsdp, a.revision
+        );
+        for (i, s) in a.sigs[..a.nsigs].iter().enumerate() {
+            let name = core::str::from_utf8(s).unwrap_or("????");
+            let _ = write!(line, "{}{}", if i == 0 { "" } else { "," }, name);
+        }
+        if let Some(m) = a.mcfg {
+            let _ = write!(
+                line,
+                " ecam={:#x} buses={}-{}",
+                m.base, m.start_bus, m.end_bus
+            );
+        }
+        if let Some(f) = a.fadt {
+            let _ = write!(
+                line,
+                " pm1a_cnt={:#x} s5_typ={}",
+                f.pm1a_cnt,
+                f.s5_typ.map(|v| v as i32).unwrap_or(-1)
+            );
+        }
+        let _ = line.write_str("\n");
+        line.flush();
+    }
+
+    fn cmd_mem(&self) {
+        let (sum, top, n) = self.ram();
+        if n == 0 {
+            println!("ERR mem no-memory-map");
+            return;
+        }
+        let probe = top.saturating_sub(8) & !7;
+        if probe == 0 || !phys_ok(probe, 8) {
+            println!("ERR mem top-not-mapped top={:#x}", top);
+            return;
+        }
+        let old = mmio::r64(probe);
+        let pattern = 0x5a5a_a5a5_0123_4567u64 ^ probe;
+        mmio::w64(probe, pattern);
+        let ok = mmio::r64(probe) == pattern;
+        mmio::w64(probe, old);
+        if ok {
+            println!(
+                "OK mem ram_bytes={} ram_mib={} regions={} top={:#x} probe=ok",
+                sum,
+                sum >> 20,
+                n,
+                top
+            );
+        } else {
+            println!("ERR mem probe-mismatch top={:#x}", top);
+        }
+    }
+
+    /// `mem-fill SEED [MIB]` / `mem-check SEED [MIB]`: a pattern over guest RAM starting at
+    /// `MEM_PATTERN_BASE` (u64 at physical address `a` = splitmix64(seed ^ a)).
+    fn cmd_mem_pattern(&self, cmd: &str, args: &[&str]) {
+        let (seed, mib) = match args {
+            [seed] => (parse_u64(seed), Some(16)),
+            [seed, mib] => (parse_u64(seed), parse_u64(mib)),
+            _ => {
+                println!("ERR {} usage: {} SEED [MIB]", cmd, cmd);
+                return;
+            }
+        };
+        let (Some(seed), Some(mib)) = (seed, mib) else {
+            println!("ERR {} bad-number", cmd);
+            return;
+        };
+        let len = mib.saturating_mul(1 << 20);
+        let end = MEM_PATTERN_BASE.saturating_add(len);
+        let inside = self
+            .boot
+            .ram()
+            .any(|e| e.addr <= MEM_PATTERN_BASE && e.addr.saturating_add(e.size) >= end);
+        if mib == 0 || !inside || !phys_ok(MEM_PATTERN_BASE, len) {
+            println!(
+                "ERR {} not-ram start={:#x} mib={}",
+                cmd, MEM_PATTERN_BASE, mib
+            );
+            return;
+        }
+        let t0 = sys::rdtsc();
+        let words = len / 8;
+        let base = MEM_PATTERN_BASE as *mut u64;
+        if cmd == "mem-fill" {
+            for i in 0..words {
+                let a = MEM_PATTERN_BASE + i * 8;
+                // SAFETY: the range is RAM inside the identity map (checked above) and not
+                // used by this program (it ends below MEM_PATTERN_BASE).
+                unsafe {
+                    base.add(i as usize)
+                        .write_volatile(crate::pattern::splitmix64(seed ^ a))
+                };
+            }
+            let cycles = sys::rdtsc().wrapping_sub(t0);
+            println!(
+                "OK mem-fill start={:#x} mib={} seed={} cycles={}",
+                MEM_PATTERN_BASE, mib, seed, cycles
+            );
+            return;
+        }
+        let mut bad = 0u64;
+        let mut first = 0u64;
+        for i in 0..words {
+            let a = MEM_PATTERN_BASE + i * 8;
+            // SAFETY: as above.
+            let v = unsafe { base.add(i as usize).read_volatile() };
+            if v != crate::pattern::splitmix64(seed ^ a) {
+                if bad == 0 {
+                    first = a;
+                }
+                bad += 1;
+            }
+        }
+        if bad == 0 {
+            println!(
+                "OK mem-check start={:#x} mib={} seed={} result=match",
+                MEM_PATTERN_BASE, mib, seed
+            );
+        } else {
+            println!(
+                "ERR mem-check mismatch first_bad={:#x} bad_words={} mib={} seed={}",
+                first, bad, mib, seed
+            );
+        }
+    }
+
+    fn cmd_pci(&self) {
+        for f in &self.pci.funcs[..self.pci.count] {
+            let mut line = crate::console::Line::new();
+            use core::fmt::Write as _;
+            let _ = write!(
+                line,
+                "pci {:02x}:{:02x}.{} {:04x}:{:04x} class={:06x} hdr={}",
+                f.bus, f.dev, f.func, f.vendor, f.device, f.class, f.header
+            );
+            for (i, b) in f.bars.iter().enumerate() {
+                let kind = match b.kind {
+                    BarKind::None => continue,
+                    BarKind::Io => "io",
+                    BarKind::Mem32 => "mem32",
+                    BarKind::Mem64 => "mem64",
+                };
+                let _ = write!(line, " bar{}={}:{:#x}+{:#x}", i, kind, b.addr, b.size);
+                if b.prefetch {
+                    let _ = write!(line, ",pf");
+                }
+                if b.assigned {
+                    let _ = write!(line, ",assigned");
+                }
+            }
+            let _ = line.write_str("\n");
+            line.flush();
+        }
+        let access = match self.pci.access {
+            crate::pci::CfgAccess::Ecam(m) => m.base,
+            crate::pci::CfgAccess::Legacy => 0,
+        };
+        println!(
+            "OK pci count={} ecam={:#x} dropped={}",
+            self.pci.count, access, self.pci.dropped
+        );
+    }
+
+    fn cmd_time(&self) {
+        let raw = sys::rtc();
+        let tsc = sys::rdtsc();
+        let b = |i: u32| ((raw >> (i * 8)) & 0xff) as u8;
+        let status_b = b(6);
+        let bcd = status_b & 0x04 == 0;
+        let conv = |v: u8| if bcd { (v >> 4) * 10 + (v & 0xf) } else { v };
+        let sec = conv(b(0));
+        let min = conv(b(1));
+        let hour_raw = b(2);
+        let mut hour = conv(hour_raw & 0x7f);
+        if status_b & 0x02 == 0 && hour_raw & 0x80 != 0 {
+            hour = (hour % 12) + 12; // 12-hour mode, PM
+        }
+        let day = conv(b(3));
+        let month = conv(b(4));
+        let year = conv(b(5)) as u32;
+        let century = conv(b(7)) as u32;
+        let full_year = if (19..=21).contains(&century) {
+            century * 100 + year
+        } else {
+            2000 + year
+        };
+        println!(
+            "OK time rtc={:04}-{:02}-{:02}T{:02}:{:02}:{:02} tsc={} tsc_hz={}",
+            full_year, month, day, hour, min, sec, tsc, self.tsc.hz
+        );
+    }
+
+    fn cmd_count(&self, args: &[&str]) {
+        let [n] = args else {
+            println!("ERR count usage: count N");
+            return;
+        };
+        let Some(n) = parse_u64(n) else {
+            println!("ERR count bad-number");
+            return;
+        };
+        let t0 = sys::rdtsc();
+        let mut v = 0u64;
+        for _ in 0..n {
+            v = core::hint::black_box(v + 1);
+        }
+        let cycles = sys::rdtsc().wrapping_sub(t0);
+        println!("OK count n={} value={} cycles={}", n, v, cycles);
+    }
+
+    fn cmd_count_forever(&self, args: &[&str]) {
+        let ms = match args {
+            [] => 1000,
+            [ms] => match parse_u64(ms) {
+                Some(v) if (1..=3_600_000).contains(&v) => v,
+                _ => {
+                    println!("ERR count-forever bad-number");
+                    return;
+                }
+            },
+            _ => {
+                println!("ERR count-forever usage: count-forever [MS]");
+                return;
+            }
+        };
+        println!("OK count-forever interval_ms={}", ms);
+        let period = (self.tsc.hz / 1000).saturating_mul(ms).max(1);
+        let mut next = sys::rdtsc().wrapping_add(period);
+        let mut v = 0u64;
+        let mut ticks = 0u64;
+        loop {
+            v = core::hint::black_box(v + 1);
+            if v & 0xffff == 0 {
+                let now = sys::rdtsc();
+                if (now.wrapping_sub(next) as i64) >= 0 {
+                    ticks += 1;
+                    println!("tick n={} value={} tsc={}", ticks, v, now);
+                    next = next.wrapping_add(period);
+                }
+            }
+        }
+    }
+
+    fn cmd_blk(&self) {
+        for (i, d) in self.disks[..self.ndisks].iter().enumerate() {
+            if let Some(d) = d {
+                println!(
+                    "blk {} bdf={:02x}:{:02x}.{} capacity={} ro={} blk_size={} seg_max={} features={:#x} offered={:#x} msix_vector={} msix_irqs={}",
+                    i,
+                    d.bdf.0,
+                    d.bdf.1,
+                    d.bdf.2,
+                    d.capacity,
+                    d.ro() as u8,
+                    d.blk_size,
+                    d.seg_max,
+                    d.features,
+                    d.offered,
+                    d.msix_vector.map(|v| v as i32).unwrap_or(-1),
+                    d.msix_vector
+                        .map(|v| IRQ_COUNTS[IRQ_SLOT_MSIX + (v as u64 - crate::abi::VEC_MSIX_FIRST) as usize]
+                            .load(Ordering::Relaxed))
+                        .unwrap_or(0)
+                );
+            }
+        }
+        println!("OK blk count={}", self.ndisks);
+    }
+
+    fn cmd_blk_op(&mut self, cmd: &str, args: &[&str]) {
+        let want = match cmd {
+            "blk-id" | "blk-flush" => 1,
+            "blk-sum" | "blk-discard" | "blk-zeroes" => 3,
+            _ => 4,
+        };
+        if args.len() != want {
+            let usage = match cmd {
+                "blk-id" | "blk-flush" => "D",
+                "blk-sum" | "blk-discard" | "blk-zeroes" => "D SECTOR COUNT",
+                _ => "D SECTOR COUNT SEED",
+            };
+            println!("ERR {} usage: {} {}", cmd, cmd, usage);
+            return;
+        }
+        let mut nums = [0u64; 4];
+        for (i, a) in args.iter().enumerate() {
+            match parse_u64(a) {
+                Some(v) => nums[i] = v,
+                None => {
+                    println!("ERR {} bad-number={}", cmd, a);
+                    return;
+                }
+            }
+        }
+        let idx = nums[0];
+        let Some(disk) = self.disks.get_mut(idx as usize).and_then(|d| d.as_mut()) else {
+            println!("ERR {} no-such-disk={}", cmd, idx);
+            return;
+        };
+        let (sector, count, seed) = (nums[1], nums[2], nums[3]);
+        match cmd {
+            "blk-id" => {
+                let mut id = [0u8; 20];
+                match disk.get_id(&mut id) {
+                    Ok(n) => {
+                        let mut text = [b'_'; 20];
+                        for (t, &c) in text.iter_mut().zip(&id[..n]) {
+                            if c.is_ascii_graphic() {
+                                *t = c;
+                            }
+                        }
+                        let s = core::str::from_utf8(&text[..n]).unwrap_or("");
+                        println!("OK blk-id {} id={} len={}", idx, s, n);
+                    }
+                    Err(e) => println!("ERR blk-id {}", e),
+                }
+            }
+            "blk-flush" => match disk.flush() {
+                Ok(()) => println!("OK blk-flush {}", idx),
+                Err(e) => println!("ERR blk-flush {}", e),
+            },
+            "blk-discard" | "blk-zeroes" => match disk.discard_or_zero(cmd == "blk-zeroes", sector, count) {
+                Ok(reqs) => println!("OK {} {} sector={} count={} requests={}", cmd, idx, sector, count, reqs),
+                Err(e) => println!("ERR {} {}", cmd, e),
+            },
+            "blk-write" => match blk_write(disk, sector, count, seed) {
+                Ok(()) => println!("OK blk-write {} sector={} count={} seed={}", idx, sector, count, seed),
+                Err((at, e)) => println!("ERR blk-write {} sector={}", e, at),
+            },
+            "blk-check" => match blk_read_each(disk, sector, count, |s, buf| check_sector(seed, s, buf)) {
+                Ok((0, _)) => println!("OK blk-check {} sector={} count={} seed={} result=match", idx, sector, count, seed),
+                Ok((bad, first)) => println!(
+                    "ERR blk-check mismatch first_bad_sector={} bad_sectors={} sector={} count={} seed={}",
+                    first, bad, sector, count, seed
+                ),
+                Err((at, e)) => println!("ERR blk-check {} sector={}", e, at),
+            },
+            _ => {
+                let mut hash = FNV_OFFSET;
+                match blk_read_each(disk, sector, count, |_, buf| {
+                    hash = fnv1a64(hash, buf);
+                    true
+                }) {
+                    Ok(_) => println!("OK blk-sum {} sector={} count={} fnv1a64={:016x}", idx, sector, count, hash),
+                    Err((at, e)) => println!("ERR blk-sum {} sector={}", e, at),
+                }
+            }
+        }
+    }
+}
+
+type OpResult<T> = Result<T, (u64, crate::virtio_blk::BlkError)>;
+
+fn blk_write(disk: &mut Disk, sector: u64, count: u64, seed: u64) -> OpResult<()> {
+    if sector
+        .checked_add(count)
+        .is_none_or(|end| end > disk.capacity)
+    {
+        return Err((sector, crate::virtio_blk::BlkError::Range));
+    }
+    let mut done = 0;
+    while done < count {
+        let n = (count - done).min(CHUNK_SECTORS);
+        let buf = data_buf();
+        for k in 0..n {
+            let off = (k as usize) * SECTOR_SIZE;
+            fill_sector(seed, sector + done + k, &mut buf[off..off + SECTOR_SIZE]);
+        }
+        disk.write_chunk(sector + done, n)
+            .map_err(|e| (sector + done, e))?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Reads a range chunk by chunk, calling `f(sector, bytes)` per sector; returns
+/// (number of sectors where `f` returned false, first such sector).
+fn blk_read_each(
+    disk: &mut Disk,
+    sector: u64,
+    count: u64,
+    mut f: impl FnMut(u64, &[u8]) -> bool,
+) -> OpResult<(u64, u64)> {
+    if sector
+        .checked_add(count)
+        .is_none_or(|end| end > disk.capacity)
+    {
+        return Err((sector, crate::virtio_blk::BlkError::Range));
+    }
+    let mut done = 0;
+    let mut bad = 0;
+    let mut first_bad = 0;
+    while done < count {
+        let n = (count - done).min(CHUNK_SECTORS);
+        disk.read_chunk(sector + done, n)
+            .map_err(|e| (sector + done, e))?;
+        let buf = data_buf();
+        for k in 0..n {
+            let off = (k as usize) * SECTOR_SIZE;
+            if !f(sector + done + k, &buf[off..off + SECTOR_SIZE]) {
+                if bad == 0 {
+                    first_bad = sector + done + k;
+                }
+                bad += 1;
+            }
+        }
+        done += n;
+    }
+    Ok((bad, first_bad))
+}
+
+fn cmd_irqs() {
+    let c = |i: usize| IRQ_COUNTS[i].load(Ordering::Relaxed);
+    let msix: u64 = (0..MSIX_VECTORS as usize)
+        .map(|i| c(IRQ_SLOT_MSIX + i))
+        .sum();
+    println!(
+        "OK irqs timer={} com1={} spurious={} other={} msix={}",
+        c(IRQ_SLOT_TIMER),
+        c(IRQ_SLOT_COM1),
+        c(IRQ_SLOT_SPURIOUS),
+        c(IRQ_SLOT_OTHER),
+        msix
+    );
+}
+
+/// Parses a decimal or `0x` hexadecimal u64 (no overflow, no sign).
+pub fn parse_u64(s: &str) -> Option<u64> {
+    let (digits, radix) = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => (h, 16),
+        None => (s, 10),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for c in digits.chars() {
+        let d = c.to_digit(radix)? as u64;
+        v = v.checked_mul(radix as u64)?.checked_add(d)?;
+    }
+    Some(v)
+}
