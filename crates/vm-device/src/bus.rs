@@ -100,7 +100,9 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr) {
             Some((dev, offset)) => {
-                dev.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data);
+                dev.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read(offset, data);
                 true
             }
             None => false,
@@ -111,7 +113,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr) {
             Some((dev, offset)) => {
-                dev.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
+                dev.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write(offset, data);
                 true
             }
             None => false,
@@ -136,7 +140,8 @@ mod tests {
     #[test]
     fn test_bus_dispatch_offset_is_relative_to_range_base() {
         let bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x100, 0x10).unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x100, 0x10)
+            .unwrap();
         let mut data = [0u8; 1];
         assert!(bus.read(0x105, &mut data));
         assert_eq!(data[0], 15);
@@ -146,16 +151,27 @@ mod tests {
     #[test]
     fn test_bus_insert_overlapping_range_is_refused() {
         let bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Echo(0))), 0x100, 0x10).unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(0))), 0x100, 0x10)
+            .unwrap();
         let err = bus.insert(Arc::new(Mutex::new(Echo(0))), 0x108, 0x10);
-        assert_eq!(err, Err(BusError::Overlap { base: 0x108, len: 0x10 }));
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x110, 0x10).is_ok());
+        assert_eq!(
+            err,
+            Err(BusError::Overlap {
+                base: 0x108,
+                len: 0x10
+            })
+        );
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(0))), 0x110, 0x10)
+            .is_ok());
     }
 
     #[test]
     fn test_bus_insert_wrapping_range_is_refused() {
         let bus = Bus::new();
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), u64::MAX, 2).is_err());
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(0))), u64::MAX, 2)
+            .is_err());
         assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0, 0).is_err());
     }
 }
