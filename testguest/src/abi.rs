@@ -22,6 +22,12 @@ pub const SVC_IRQ_ENABLE: u64 = 7;
 pub const SVC_TRIPLE_FAULT: u64 = 8;
 /// Park this CPU forever (`cli; hlt`).
 pub const SVC_HALT: u64 = 9;
+/// Write the byte `rsi` to port `rdi` `rdx` times (1..=`BENCH_MAX_N`) in one CPL0 loop
+/// (`out dx, al; dec; jnz`). Returns the TSC cycles the loop took (read at CPL0).
+pub const SVC_PIO_OUT_REPEAT: u64 = 10;
+
+/// Largest N the `bench-pio`/`bench-mmio` commands (and `SVC_PIO_OUT_REPEAT`) accept.
+pub const BENCH_MAX_N: u64 = 10_000_000;
 
 /// Result of a rejected service call.
 pub const SVC_ERROR: u64 = u64::MAX;

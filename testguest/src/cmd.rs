@@ -3,7 +3,8 @@
 use core::sync::atomic::Ordering;
 
 use crate::abi::{
-    IRQ_SLOT_COM1, IRQ_SLOT_MSIX, IRQ_SLOT_OTHER, IRQ_SLOT_SPURIOUS, IRQ_SLOT_TIMER, MSIX_VECTORS,
+    BENCH_MAX_N, IRQ_SLOT_COM1, IRQ_SLOT_MSIX, IRQ_SLOT_OTHER, IRQ_SLOT_SPURIOUS, IRQ_SLOT_TIMER,
+    MSIX_VECTORS,
 };
 use crate::acpi::{find_rsdp, Acpi};
 use crate::kernel::IRQ_COUNTS;
@@ -40,10 +41,18 @@ pub struct Machine {
 /// First byte of the RAM `mem-fill`/`mem-check` use (above the image and its .bss).
 const MEM_PATTERN_BASE: u64 = 16 << 20;
 
+/// Port `bench-pio` writes: the POST-code port, which VMMs handle (a real exit each).
+const BENCH_PIO_PORT: u16 = 0x80;
+/// Byte `bench-pio` writes.
+const BENCH_PIO_VALUE: u8 = 0xbe;
+/// Address `bench-mmio` writes: the start of Ferrite's platform MMIO area, which no device
+/// claims (Ferrite counts and drops such writes; QEMU q35/microvm ignore them too).
+const BENCH_MMIO_ADDR: u64 = 0xf000_0000;
+
 /// Command names, for `help`.
 const COMMANDS: &str =
     "help,echo,cpus,mem,mem-fill,mem-check,pci,acpi,time,count,count-forever,irqs,poweroff,reboot,\
-blk,blk-id,blk-write,blk-check,blk-sum,blk-flush,blk-discard,blk-zeroes";
+blk,blk-id,blk-write,blk-check,blk-sum,blk-flush,blk-discard,blk-zeroes,bench-pio,bench-mmio";
 
 impl Machine {
     /// Discovers the platform: ACPI, interrupts, TSC, CPUs, PCI, virtio-blk disks.
@@ -165,6 +174,7 @@ impl Machine {
             "count-forever" => self.cmd_count_forever(args),
             "mem-fill" | "mem-check" => self.cmd_mem_pattern(cmd, args),
             "irqs" => cmd_irqs(),
+            "bench-pio" | "bench-mmio" => self.cmd_bench(cmd, args),
             "acpi" => self.cmd_acpi(),
             "poweroff" => {
                 println!("OK poweroff");
@@ -403,6 +413,46 @@ impl Machine {
         }
         let cycles = sys::rdtsc().wrapping_sub(t0);
         println!("OK count n={} value={} cycles={}", n, v, cycles);
+    }
+
+    /// `bench-pio N` / `bench-mmio N`: N exit-causing writes, timed by the guest's TSC.
+    /// `bench-pio`: one service call whose CPL0 loop does N `out 0x80, al` (CPL3 cannot do
+    /// port I/O), cycles read at CPL0 around the loop. `bench-mmio`: N volatile 4-byte writes
+    /// from CPL3 to `BENCH_MMIO_ADDR`, cycles read at CPL3 around the loop.
+    fn cmd_bench(&self, cmd: &str, args: &[&str]) {
+        let [n] = args else {
+            println!("ERR {} usage: {} N", cmd, cmd);
+            return;
+        };
+        let Some(n) = parse_u64(n) else {
+            println!("ERR {} bad-number", cmd);
+            return;
+        };
+        if !(1..=BENCH_MAX_N).contains(&n) {
+            println!("ERR {} out-of-range n={} max={}", cmd, n, BENCH_MAX_N);
+            return;
+        }
+        let cycles = if cmd == "bench-pio" {
+            match sys::pio_out_repeat(BENCH_PIO_PORT, BENCH_PIO_VALUE, n) {
+                Some(c) => c,
+                None => {
+                    println!("ERR {} service-refused n={}", cmd, n);
+                    return;
+                }
+            }
+        } else {
+            if !phys_ok(BENCH_MMIO_ADDR, 4) {
+                println!("ERR {} not-mapped addr={:#x}", cmd, BENCH_MMIO_ADDR);
+                return;
+            }
+            let t0 = sys::rdtsc();
+            for i in 0..n {
+                mmio::w32(BENCH_MMIO_ADDR, i as u32);
+            }
+            sys::rdtsc().wrapping_sub(t0)
+        };
+        let ns = (cycles as u128 * 1_000_000_000 / self.tsc.hz.max(1) as u128) as u64;
+        println!("OK {} n={} tsc={} ns={}", cmd, n, cycles, ns);
     }
 
     fn cmd_count_forever(&self, args: &[&str]) {

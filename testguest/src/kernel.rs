@@ -125,6 +125,37 @@ fn inl(port: u16) -> u32 {
     v
 }
 
+/// TSC at CPL0 (`rdtsc` is plain and emulated fine; no `rdtscp`).
+fn rdtsc() -> u64 {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: rdtsc has no memory effects.
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    ((hi as u64) << 32) | lo as u64
+}
+
+/// Writes `value` to byte port `port` `count` (>= 1) times in one tight loop of plain
+/// instructions (`out`, `dec`, `jnz`: no string I/O, no `loop`) and returns the TSC cycles
+/// the loop took. Each `out` is one VM exit; this is what `bench-pio` measures.
+fn pio_out_repeat(port: u16, value: u8, count: u64) -> u64 {
+    let t0 = rdtsc();
+    // SAFETY: port I/O at CPL0 on a port the caller chose; no memory is touched. `count` is
+    // at least 1 (checked by the dispatcher), so the loop ends after `count` writes.
+    unsafe {
+        asm!(
+            "2:",
+            "out dx, al",
+            "dec {n}",
+            "jnz 2b",
+            n = inout(reg) count => _,
+            in("dx") port,
+            in("al") value,
+            options(nomem, nostack),
+        )
+    }
+    rdtsc().wrapping_sub(t0)
+}
+
 const COM1: u16 = 0x3f8;
 
 fn serial_putc(b: u8) {
@@ -339,6 +370,13 @@ fn service(f: &mut TrapFrame) {
             SVC_ERROR
         }
         SVC_HALT => halt_forever(),
+        SVC_PIO_OUT_REPEAT => {
+            if (1..=BENCH_MAX_N).contains(&c) {
+                pio_out_repeat(a as u16, b as u8, c)
+            } else {
+                SVC_ERROR
+            }
+        }
         _ => SVC_ERROR,
     };
 }

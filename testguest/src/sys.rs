@@ -48,6 +48,13 @@ pub fn pio_out(port: u16, value: u64, width: u64) {
     svc(SVC_PIO_OUT, port as u64, value, width);
 }
 
+/// Writes `value` to byte port `port` `count` times in one CPL0 loop (one service call);
+/// returns the TSC cycles the loop took, or `None` if `count` is 0 or above `BENCH_MAX_N`.
+pub fn pio_out_repeat(port: u16, value: u8, count: u64) -> Option<u64> {
+    let r = svc(SVC_PIO_OUT_REPEAT, port as u64, value as u64, count);
+    (r != SVC_ERROR).then_some(r)
+}
+
 /// Raw CMOS RTC registers (see `SVC_RTC`).
 pub fn rtc() -> u64 {
     svc(SVC_RTC, 0, 0, 0)

@@ -437,3 +437,74 @@ fn test_testguest_reboot_restarts_guest_with_all_cpus() {
         "APs must start again after the reset"
     );
 }
+
+/// Checks one `OK bench-pio|bench-mmio n=N tsc=CYCLES ns=NANOS` answer: exactly these keys,
+/// `n` as asked, all numbers parse. No timing thresholds.
+fn assert_bench_answer(line: &str, cmd: &str, n: u64) {
+    let words: Vec<&str> = line.split_ascii_whitespace().collect();
+    assert_eq!(words.len(), 5, "answer shape: {line}");
+    assert_eq!(&words[..2], &["OK", cmd], "{line}");
+    let keys: Vec<&str> = words[2..]
+        .iter()
+        .map(|w| w.split_once('=').map_or("", |(k, _)| k))
+        .collect();
+    assert_eq!(keys, ["n", "tsc", "ns"], "{line}");
+    assert_eq!(num(line, "n"), n, "{line}");
+    num(line, "tsc");
+    num(line, "ns");
+}
+
+#[test]
+fn test_testguest_bench_pio_and_mmio_answer_with_requested_count() {
+    // Arrange
+    let run = GuestRun::new(&["bench-pio 1000", "bench-mmio 1000", "poweroff"]);
+
+    // Act
+    let guest = run.run();
+
+    // Assert
+    guest.assert_powered_off();
+    assert_bench_answer(guest.ok("bench-pio", 0), "bench-pio", 1000);
+    assert_bench_answer(guest.ok("bench-mmio", 0), "bench-mmio", 1000);
+}
+
+#[test]
+fn test_testguest_bench_bad_counts_answer_err() {
+    // Arrange
+    let run = GuestRun::new(&[
+        "bench-pio 0",
+        "bench-pio 10000001",
+        "bench-mmio 12x",
+        "bench-mmio",
+        "bench-pio 1 2",
+        "poweroff",
+    ]);
+
+    // Act
+    let guest = run.run();
+
+    // Assert
+    guest.assert_powered_off();
+    assert!(guest.err("bench-pio", 0).contains("out-of-range"));
+    assert!(guest.err("bench-pio", 1).contains("out-of-range"));
+    assert!(guest.err("bench-mmio", 0).contains("bad-number"));
+    assert!(guest.err("bench-mmio", 1).contains("usage"));
+    assert!(guest.err("bench-pio", 2).contains("usage"));
+}
+
+#[test]
+fn test_testguest_bench_pio_without_instruction_repair_runs_cpl0_loop() {
+    // Arrange: the CPL0 `out`/`dec`/`jnz` loop and its `rdtsc` must need no repair.
+    let run = GuestRun {
+        extra: &["--repair-emulation", "off"],
+        ..GuestRun::new(&["bench-pio 100", "bench-mmio 100", "poweroff"])
+    };
+
+    // Act
+    let guest = run.run();
+
+    // Assert
+    guest.assert_powered_off();
+    assert_bench_answer(guest.ok("bench-pio", 0), "bench-pio", 100);
+    assert_bench_answer(guest.ok("bench-mmio", 0), "bench-mmio", 100);
+}
