@@ -130,6 +130,24 @@ pub struct AcpiConfig {
     pub pci_mmio64: MmioWindow,
 }
 
+impl AcpiConfig {
+    /// The usual configuration for `vcpu_count` vCPUs and the memory map `layout`: the fixed
+    /// 32-bit PCI window and the 64-bit window `layout` places above RAM.
+    pub fn new(vcpu_count: u32, layout: &crate::e820::MemoryLayout) -> Self {
+        Self {
+            vcpu_count,
+            pci_mmio32: MmioWindow {
+                start: crate::layout::PCI_MMIO32_START,
+                size: crate::layout::PCI_MMIO32_SIZE,
+            },
+            pci_mmio64: MmioWindow {
+                start: layout.pci_mmio64_start(),
+                size: layout.pci_mmio64_size(),
+            },
+        }
+    }
+}
+
 /// The tables as one blob to be copied to [`ACPI_TABLES_START`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcpiTables {
@@ -393,22 +411,10 @@ fn dsdt(config: &AcpiConfig) -> Result<Vec<u8>> {
 mod tests {
     use super::*;
     use crate::e820::MemoryLayout;
-    use crate::layout::{PCI_MMIO32_SIZE, PCI_MMIO32_START};
     use vm_memory::GuestMemoryMmap;
 
     fn config(vcpus: u32) -> AcpiConfig {
-        let layout = MemoryLayout::new(1 << 30, None).unwrap();
-        AcpiConfig {
-            vcpu_count: vcpus,
-            pci_mmio32: MmioWindow {
-                start: PCI_MMIO32_START,
-                size: PCI_MMIO32_SIZE,
-            },
-            pci_mmio64: MmioWindow {
-                start: layout.pci_mmio64_start(),
-                size: layout.pci_mmio64_size(),
-            },
-        }
+        AcpiConfig::new(vcpus, &MemoryLayout::new(1 << 30, None).unwrap())
     }
 
     /// Parsed view of the blob for assertions.

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use vmm::config::{parse_cpu_features, parse_memory_size, DiskConfig, RepairMode};
+use vmm::error::chain_to_line;
 
 /// Exit statuses, printed in `--help`.
 pub mod exit {
@@ -97,15 +98,15 @@ fn parse_console(s: &str) -> Result<ConsoleArg, String> {
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {
-    parse_memory_size(s).map_err(|e| e.to_string())
+    parse_memory_size(s).map_err(|e| chain_to_line(&e))
 }
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
-    DiskConfig::parse(s).map_err(|e| e.to_string())
+    DiskConfig::parse(s).map_err(|e| chain_to_line(&e))
 }
 
 fn parse_features(s: &str) -> Result<arch::cpuid::FeatureMask, String> {
-    parse_cpu_features(s).map_err(|e| e.to_string())
+    parse_cpu_features(s).map_err(|e| chain_to_line(&e))
 }
 
 /// `ferrite run` options.

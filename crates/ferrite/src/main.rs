@@ -9,6 +9,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
+use vmm::error::chain_to_line;
 use vmm::{Console, Outcome, RunReport, StopHandle, VmConfig};
 
 use cli::{exit, Cli, Command, ConsoleArg, RunArgs};
@@ -93,7 +94,7 @@ fn run(args: RunArgs) -> i32 {
     let config = config_from(&args);
     // Check what needs no KVM first, so bad input fails before anything is set up.
     if let Err(e) = config.validate(None) {
-        eprintln!("ferrite: {e}");
+        eprintln!("ferrite: {}", chain_to_line(&e));
         return exit::USAGE;
     }
     let stop = match StopHandle::new() {
@@ -153,7 +154,7 @@ fn run(args: RunArgs) -> i32 {
             code
         }
         Err(e) => {
-            eprintln!("ferrite: {e}");
+            eprintln!("ferrite: {}", chain_to_line(&e));
             if e.is_user_error() {
                 exit::USAGE
             } else {

@@ -13,12 +13,8 @@ fn tempdir(tag: &str) -> PathBuf {
     dir
 }
 
-/// A file that exists but is no kernel.
-fn junk_file(dir: &std::path::Path) -> PathBuf {
-    let path = dir.join("junk.bin");
-    std::fs::write(&path, b"this is not a kernel image at all, just some text").expect("write");
-    path
-}
+/// The bytes of a file that exists but is no kernel.
+const JUNK: &[u8] = b"this is not a kernel image at all, just some text";
 
 /// Assert a usage failure: status 2, exactly one line on stderr containing `needle`.
 fn assert_one_line_error(out: &common::RunOutput, needle: &str) {
@@ -38,6 +34,22 @@ fn run(args: &[&str]) -> common::RunOutput {
     common::run_ferrite(args, TIMEOUT)
 }
 
+/// `ferrite run --kernel FILE EXTRA...` where FILE (in a fresh directory named after `tag`)
+/// holds `kernel_bytes`.
+fn run_with_kernel_bytes(tag: &str, kernel_bytes: &[u8], extra: &[&str]) -> common::RunOutput {
+    let dir = tempdir(tag);
+    let kernel = dir.join("kernel.bin");
+    std::fs::write(&kernel, kernel_bytes).expect("write kernel");
+    let mut args = vec!["run", "--kernel", kernel.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// `ferrite run` with a file that exists but is no kernel, plus `extra` flags.
+fn run_with_junk_kernel(tag: &str, extra: &[&str]) -> common::RunOutput {
+    run_with_kernel_bytes(tag, JUNK, extra)
+}
+
 #[test]
 fn test_missing_kernel_file_is_one_line_error() {
     let out = run(&["run", "--kernel", "/nonexistent/vmlinux"]);
@@ -46,10 +58,20 @@ fn test_missing_kernel_file_is_one_line_error() {
 
 #[test]
 fn test_kernel_that_is_not_a_kernel_is_one_line_error() {
-    let dir = tempdir("notkernel");
-    let junk = junk_file(&dir);
-    let out = run(&["run", "--kernel", junk.to_str().unwrap()]);
+    let out = run_with_junk_kernel("notkernel", &[]);
     assert_one_line_error(&out, "not a kernel");
+}
+
+#[test]
+fn test_truncated_elf_kernel_error_names_the_loader_cause() {
+    // An ELF64 identification and nothing else: too short for an ELF header.
+    let out = run_with_kernel_bytes("truncelf", b"\x7fELF\x02\x01\x01", &[]);
+
+    assert_one_line_error(&out, "Invalid ELF kernel");
+    assert!(
+        out.stderr.contains("Unable to read elf header"),
+        "the loader's cause is missing: {out:?}"
+    );
 }
 
 #[test]
@@ -61,41 +83,31 @@ fn test_kernel_that_is_a_directory_is_one_line_error() {
 
 #[test]
 fn test_memory_zero_is_one_line_error() {
-    let dir = tempdir("mem0");
-    let junk = junk_file(&dir);
-    let out = run(&["run", "--kernel", junk.to_str().unwrap(), "--memory", "0"]);
+    let out = run_with_junk_kernel("mem0", &["--memory", "0"]);
     assert_one_line_error(&out, "must not be zero");
 }
 
 #[test]
 fn test_memory_with_bad_suffix_is_one_line_error() {
-    let dir = tempdir("mem12x");
-    let junk = junk_file(&dir);
-    let out = run(&["run", "--kernel", junk.to_str().unwrap(), "--memory", "12X"]);
+    let out = run_with_junk_kernel("mem12x", &["--memory", "12X"]);
     assert_one_line_error(&out, "invalid memory size");
 }
 
 #[test]
 fn test_memory_below_minimum_is_one_line_error() {
-    let dir = tempdir("memsmall");
-    let junk = junk_file(&dir);
-    let out = run(&["run", "--kernel", junk.to_str().unwrap(), "--memory", "64M"]);
+    let out = run_with_junk_kernel("memsmall", &["--memory", "64M"]);
     assert_one_line_error(&out, "too small");
 }
 
 #[test]
 fn test_zero_cpus_is_one_line_error() {
-    let dir = tempdir("cpus0");
-    let junk = junk_file(&dir);
-    let out = run(&["run", "--kernel", junk.to_str().unwrap(), "--cpus", "0"]);
+    let out = run_with_junk_kernel("cpus0", &["--cpus", "0"]);
     assert_one_line_error(&out, "at least one vcpu");
 }
 
 #[test]
 fn test_too_many_cpus_names_the_limit() {
-    let dir = tempdir("cpusmany");
-    let junk = junk_file(&dir);
-    let out = run(&["run", "--kernel", junk.to_str().unwrap(), "--cpus", "5000"]);
+    let out = run_with_junk_kernel("cpusmany", &["--cpus", "5000"]);
     assert_one_line_error(&out, "at most");
     assert!(out.stderr.contains("--cpus"), "{out:?}");
 }
@@ -108,29 +120,13 @@ fn test_non_numeric_cpus_is_one_line_error() {
 
 #[test]
 fn test_missing_disk_is_one_line_error() {
-    let dir = tempdir("nodisk");
-    let junk = junk_file(&dir);
-    let out = run(&[
-        "run",
-        "--kernel",
-        junk.to_str().unwrap(),
-        "--disk",
-        "/nonexistent/disk.img",
-    ]);
+    let out = run_with_junk_kernel("nodisk", &["--disk", "/nonexistent/disk.img"]);
     assert_one_line_error(&out, "does not exist");
 }
 
 #[test]
 fn test_bad_disk_option_is_one_line_error() {
-    let dir = tempdir("diskopt");
-    let junk = junk_file(&dir);
-    let out = run(&[
-        "run",
-        "--kernel",
-        junk.to_str().unwrap(),
-        "--disk",
-        "x.img,fast",
-    ]);
+    let out = run_with_junk_kernel("diskopt", &["--disk", "x.img,fast"]);
     assert_one_line_error(&out, "unknown --disk option");
 }
 
@@ -169,7 +165,8 @@ fn test_help_lists_exit_statuses() {
 #[test]
 fn test_disk_locked_by_another_process_is_one_line_error() {
     let dir = tempdir("locked");
-    let kernel = junk_file(&dir);
+    let kernel = dir.join("junk.bin");
+    std::fs::write(&kernel, JUNK).expect("write kernel");
     let disk_path = dir.join("disk.img");
     std::fs::write(&disk_path, vec![0u8; 1 << 20]).expect("write disk");
     let file = std::fs::OpenOptions::new()

@@ -8,7 +8,7 @@ mod common;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const LOAD_ADDR: u64 = 0x10_0000;
@@ -90,26 +90,77 @@ fn spin() -> Vec<u8> {
     vec![0xeb, 0xfe]
 }
 
-fn write_guest(dir: &Path, name: &str, code: &[u8]) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, pvh_elf(code)).expect("write guest");
-    path
+/// 32-bit code: print `text` on COM1, then power off.
+fn print_then_power_off(text: &[u8]) -> Vec<u8> {
+    let mut code = print(text);
+    code.extend(power_off());
+    code
 }
 
-fn tempdir(tag: &str) -> PathBuf {
+/// Write `code` as a PVH guest into a fresh directory named after `tag`. Returns the
+/// directory (for other test files) and the kernel path.
+fn write_guest(tag: &str, code: &[u8]) -> (PathBuf, String) {
     let dir = std::env::temp_dir().join(format!("ferrite-cli-boot-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tempdir");
-    dir
+    let path = dir.join("guest");
+    std::fs::write(&path, pvh_elf(code)).expect("write guest");
+    let kernel = path.to_str().expect("utf-8 path").to_string();
+    (dir, kernel)
+}
+
+/// `ferrite run --kernel KERNEL EXTRA...` to completion (with the common watchdog).
+fn run_guest(kernel: &str, extra: &[&str]) -> common::RunOutput {
+    let mut args = vec!["run", "--kernel", kernel];
+    args.extend_from_slice(extra);
+    common::run_ferrite(&args, TIMEOUT)
+}
+
+/// Start `ferrite run --kernel KERNEL EXTRA...` with piped stdout/stderr, for tests that talk
+/// to the guest while it runs.
+fn spawn_guest(kernel: &str, extra: &[&str], stdin: Stdio) -> Child {
+    common::require_kvm();
+    Command::new(common::ferrite_bin())
+        .args(["run", "--kernel", kernel])
+        .args(extra)
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn")
+}
+
+/// Wait for `child` to exit; returns its exit code and everything it wrote to stderr.
+fn wait_with_stderr(mut child: Child) -> (Option<i32>, String) {
+    let status = child.wait().expect("wait");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    (status.code(), stderr)
+}
+
+/// Read `stdout` until `needle` has appeared `count` times in `seen`.
+fn read_until_count(stdout: &mut impl Read, seen: &mut String, needle: &str, count: usize) {
+    let mut buf = [0u8; 64];
+    while seen.matches(needle).count() < count {
+        let n = stdout.read(&mut buf).expect("read stdout");
+        assert!(n > 0, "ferrite exited early; output so far: {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
+fn host_emulates_kernel_code() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
 }
 
 #[test]
 fn test_run_pvh_guest_prints_and_powers_off_with_status_0() {
-    let dir = tempdir("poweroff");
-    let mut code = print(b"OK\n");
-    code.extend(power_off());
-    let kernel = write_guest(&dir, "guest", &code);
+    let (_, kernel) = write_guest("poweroff", &print_then_power_off(b"OK\n"));
 
-    let out = common::run_ferrite(&["run", "--kernel", kernel.to_str().unwrap()], TIMEOUT);
+    let out = run_guest(&kernel, &[]);
 
     assert!(!out.timed_out, "timed out: {out:?}");
     assert_eq!(out.code, Some(0), "{out:?}");
@@ -118,23 +169,9 @@ fn test_run_pvh_guest_prints_and_powers_off_with_status_0() {
 
 #[test]
 fn test_run_with_4_cpus_and_2g_powers_off() {
-    let dir = tempdir("smp");
-    let mut code = print(b"SMP\n");
-    code.extend(power_off());
-    let kernel = write_guest(&dir, "guest", &code);
+    let (_, kernel) = write_guest("smp", &print_then_power_off(b"SMP\n"));
 
-    let out = common::run_ferrite(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--cpus",
-            "4",
-            "--memory",
-            "2G",
-        ],
-        TIMEOUT,
-    );
+    let out = run_guest(&kernel, &["--cpus", "4", "--memory", "2G"]);
 
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains("SMP"), "{out:?}");
@@ -142,16 +179,12 @@ fn test_run_with_4_cpus_and_2g_powers_off() {
 
 #[test]
 fn test_run_guest_reset_with_no_reboot_exits_3() {
-    let dir = tempdir("reset");
     let mut code = print(b"R\n");
     // i8042 pulse reset: mov al, 0xfe; out 0x64, al; then spin.
     code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]);
-    let kernel = write_guest(&dir, "guest", &code);
+    let (_, kernel) = write_guest("reset", &code);
 
-    let out = common::run_ferrite(
-        &["run", "--kernel", kernel.to_str().unwrap(), "--no-reboot"],
-        TIMEOUT,
-    );
+    let out = run_guest(&kernel, &["--no-reboot"]);
 
     assert_eq!(out.code, Some(3), "{out:?}");
     assert!(out.stderr.contains("rebooted"), "{out:?}");
@@ -159,11 +192,10 @@ fn test_run_guest_reset_with_no_reboot_exits_3() {
 
 #[test]
 fn test_run_triple_fault_exits_1_with_register_dump() {
-    let dir = tempdir("triple");
     // ud2 with an empty IDT: #UD → #DF → triple fault.
-    let kernel = write_guest(&dir, "guest", &[0x0f, 0x0b]);
+    let (_, kernel) = write_guest("triple", &[0x0f, 0x0b]);
 
-    let out = common::run_ferrite(&["run", "--kernel", kernel.to_str().unwrap()], TIMEOUT);
+    let out = run_guest(&kernel, &[]);
 
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains("triple fault"), "{out:?}");
@@ -174,40 +206,19 @@ fn test_run_triple_fault_exits_1_with_register_dump() {
 
 #[test]
 fn test_run_sigterm_stops_vm_with_status_4() {
-    common::require_kvm();
-    let dir = tempdir("sigterm");
     let mut code = print(b"READY\n");
     code.extend(spin());
-    let kernel = write_guest(&dir, "guest", &code);
-    let mut child = Command::new(common::ferrite_bin())
-        .args(["run", "--kernel", kernel.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let (_, kernel) = write_guest("sigterm", &code);
+    let mut child = spawn_guest(&kernel, &[], Stdio::null());
     // Wait for the guest to be running.
     let mut stdout = child.stdout.take().expect("stdout");
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 64];
-    while !String::from_utf8_lossy(&seen).contains("READY") {
-        let n = stdout.read(&mut buf).expect("read stdout");
-        assert!(n > 0, "ferrite exited before the guest was ready");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_until_count(&mut stdout, &mut String::new(), "READY", 1);
 
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().expect("wait");
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("read stderr");
+    let (code, stderr) = wait_with_stderr(child);
 
-    assert_eq!(status.code(), Some(4), "stderr: {stderr}");
+    assert_eq!(code, Some(4), "stderr: {stderr}");
     assert!(stderr.contains("SIGTERM"), "stderr: {stderr}");
 }
 
@@ -227,16 +238,8 @@ fn echo_until_q() -> Vec<u8> {
 
 #[test]
 fn test_run_stdin_bytes_reach_guest_and_eof_keeps_vm_running() {
-    common::require_kvm();
-    let dir = tempdir("stdin");
-    let kernel = write_guest(&dir, "guest", &echo_until_q());
-    let mut child = Command::new(common::ferrite_bin())
-        .args(["run", "--kernel", kernel.to_str().unwrap()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let (_, kernel) = write_guest("stdin", &echo_until_q());
+    let mut child = spawn_guest(&kernel, &[], Stdio::piped());
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().expect("stdin");
@@ -291,19 +294,11 @@ fn idt_guest(trigger: &[u8], vector: u8) -> Vec<u8> {
     c
 }
 
-fn host_emulates_kernel_code() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
-}
-
 #[test]
 fn test_run_int3_in_guest_kernel_reaches_its_handler() {
-    let dir = tempdir("int3");
-    let kernel = write_guest(&dir, "guest", &idt_guest(&[0xcc], 3));
+    let (_, kernel) = write_guest("int3", &idt_guest(&[0xcc], 3));
 
-    let out = common::run_ferrite(
-        &["run", "--kernel", kernel.to_str().unwrap(), "--stats"],
-        TIMEOUT,
-    );
+    let out = run_guest(&kernel, &["--stats"]);
 
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains("BA"), "{out:?}");
@@ -314,13 +309,9 @@ fn test_run_int3_in_guest_kernel_reaches_its_handler() {
 
 #[test]
 fn test_run_int_0x80_in_guest_kernel_reaches_its_handler() {
-    let dir = tempdir("int80");
-    let kernel = write_guest(&dir, "guest", &idt_guest(&[0xcd, 0x80], 0x80));
+    let (_, kernel) = write_guest("int80", &idt_guest(&[0xcd, 0x80], 0x80));
 
-    let out = common::run_ferrite(
-        &["run", "--kernel", kernel.to_str().unwrap(), "--stats"],
-        TIMEOUT,
-    );
+    let out = run_guest(&kernel, &["--stats"]);
 
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains("BA"), "{out:?}");
@@ -328,19 +319,9 @@ fn test_run_int_0x80_in_guest_kernel_reaches_its_handler() {
 
 #[test]
 fn test_run_repair_off_on_emulating_host_fails_with_instruction_bytes() {
-    let dir = tempdir("repairoff");
-    let kernel = write_guest(&dir, "guest", &idt_guest(&[0xcc], 3));
+    let (_, kernel) = write_guest("repairoff", &idt_guest(&[0xcc], 3));
 
-    let out = common::run_ferrite(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--repair-emulation",
-            "off",
-        ],
-        TIMEOUT,
-    );
+    let out = run_guest(&kernel, &["--repair-emulation", "off"]);
 
     if host_emulates_kernel_code() {
         assert_eq!(out.code, Some(1), "{out:?}");
@@ -365,28 +346,11 @@ fn reset_or_power_off() -> Vec<u8> {
     c
 }
 
-fn read_until_count(stdout: &mut impl Read, seen: &mut String, needle: &str, count: usize) {
-    let mut buf = [0u8; 64];
-    while seen.matches(needle).count() < count {
-        let n = stdout.read(&mut buf).expect("read stdout");
-        assert!(n > 0, "ferrite exited early; output so far: {seen:?}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-}
-
 #[test]
 fn test_run_guest_reset_restarts_vm_in_the_same_process() {
     use std::io::Write;
-    common::require_kvm();
-    let dir = tempdir("reboot");
-    let kernel = write_guest(&dir, "guest", &reset_or_power_off());
-    let mut child = Command::new(common::ferrite_bin())
-        .args(["run", "--kernel", kernel.to_str().unwrap(), "--stats"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let (_, kernel) = write_guest("reboot", &reset_or_power_off());
+    let mut child = spawn_guest(&kernel, &["--stats"], Stdio::piped());
     let mut stdin = child.stdin.take().expect("stdin");
     let mut stdout = child.stdout.take().expect("stdout");
     let mut seen = String::new();
@@ -395,38 +359,17 @@ fn test_run_guest_reset_restarts_vm_in_the_same_process() {
     stdin.write_all(b"r").expect("write");
     read_until_count(&mut stdout, &mut seen, "R", 2);
     stdin.write_all(b"p").expect("write");
-    let status = child.wait().expect("wait");
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("stderr");
+    let (code, stderr) = wait_with_stderr(child);
 
-    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(code, Some(0), "stderr: {stderr}");
     assert!(stderr.contains("reboots: 1"), "stderr: {stderr}");
 }
 
 #[test]
 fn test_run_64_vcpus_and_16g_memory_boot() {
-    let dir = tempdir("big");
-    let mut code = print(b"BIG\n");
-    code.extend(power_off());
-    let kernel = write_guest(&dir, "guest", &code);
+    let (_, kernel) = write_guest("big", &print_then_power_off(b"BIG\n"));
 
-    let out = common::run_ferrite(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--cpus",
-            "64",
-            "--memory",
-            "16G",
-        ],
-        TIMEOUT,
-    );
+    let out = run_guest(&kernel, &["--cpus", "64", "--memory", "16G"]);
 
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains("BIG"), "{out:?}");
@@ -434,27 +377,16 @@ fn test_run_64_vcpus_and_16g_memory_boot() {
 
 #[test]
 fn test_run_with_disks_attached_powers_off() {
-    let dir = tempdir("disks");
-    let mut code = print(b"D\n");
-    code.extend(power_off());
-    let kernel = write_guest(&dir, "guest", &code);
+    let (dir, kernel) = write_guest("disks", &print_then_power_off(b"D\n"));
     let a = dir.join("a.img");
     let b = dir.join("b.img");
     std::fs::write(&a, vec![0u8; 1 << 20]).expect("disk a");
     std::fs::write(&b, vec![0u8; 1 << 20]).expect("disk b");
     let b_spec = format!("{},readonly,id=data", b.display());
 
-    let out = common::run_ferrite(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--disk",
-            a.to_str().unwrap(),
-            "--disk",
-            &b_spec,
-        ],
-        TIMEOUT,
+    let out = run_guest(
+        &kernel,
+        &["--disk", a.to_str().expect("utf-8 path"), "--disk", &b_spec],
     );
 
     assert_eq!(out.code, Some(0), "{out:?}");
@@ -462,7 +394,6 @@ fn test_run_with_disks_attached_powers_off() {
 
 #[test]
 fn test_run_string_port_output_reaches_serial_byte_by_byte() {
-    let dir = tempdir("outsb");
     let msg = b"HELLO\n";
     let mut code = vec![0xbe, 0, 0, 0, 0]; // mov esi, msg
     code.extend_from_slice(&[0xb9, msg.len() as u8, 0, 0, 0]); // mov ecx, len
@@ -472,9 +403,9 @@ fn test_run_string_port_output_reaches_serial_byte_by_byte() {
     let msg_addr = LOAD_ADDR as u32 + code.len() as u32;
     code[1..5].copy_from_slice(&msg_addr.to_le_bytes());
     code.extend_from_slice(msg);
-    let kernel = write_guest(&dir, "guest", &code);
+    let (_, kernel) = write_guest("outsb", &code);
 
-    let out = common::run_ferrite(&["run", "--kernel", kernel.to_str().unwrap()], TIMEOUT);
+    let out = run_guest(&kernel, &[]);
 
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains("HELLO"), "{out:?}");
@@ -482,24 +413,12 @@ fn test_run_string_port_output_reaches_serial_byte_by_byte() {
 
 #[test]
 fn test_run_console_file_receives_guest_output() {
-    let dir = tempdir("consolefile");
-    let mut code = print(b"TOFILE\n");
-    code.extend(power_off());
-    let kernel = write_guest(&dir, "guest", &code);
+    let (dir, kernel) = write_guest("consolefile", &print_then_power_off(b"TOFILE\n"));
     let log = dir.join("console.log");
     let _ = std::fs::remove_file(&log);
     let console = format!("file:{}", log.display());
 
-    let out = common::run_ferrite(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--console",
-            &console,
-        ],
-        TIMEOUT,
-    );
+    let out = run_guest(&kernel, &["--console", &console]);
 
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(!out.stdout.contains("TOFILE"), "{out:?}");
@@ -509,21 +428,9 @@ fn test_run_console_file_receives_guest_output() {
 
 #[test]
 fn test_run_console_none_discards_guest_output() {
-    let dir = tempdir("consolenone");
-    let mut code = print(b"HIDDEN\n");
-    code.extend(power_off());
-    let kernel = write_guest(&dir, "guest", &code);
+    let (_, kernel) = write_guest("consolenone", &print_then_power_off(b"HIDDEN\n"));
 
-    let out = common::run_ferrite(
-        &[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--console",
-            "none",
-        ],
-        TIMEOUT,
-    );
+    let out = run_guest(&kernel, &["--console", "none"]);
 
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(!out.stdout.contains("HIDDEN"), "{out:?}");

@@ -2,17 +2,17 @@
 //! giving each vCPU its initial state, all through the platform code in `arch`.
 
 use std::fs::File;
+use std::path::Path;
 
-use arch::acpi::{AcpiConfig, MmioWindow};
-use arch::boot::{BootConfig, KernelEntry};
+use arch::acpi::AcpiConfig;
+use arch::boot::{BootConfig, InitrdRegion, KernelEntry};
 use arch::cpuid::CpuidConfig;
 use arch::e820::MemoryLayout;
-use arch::layout::{PCI_MMIO32_SIZE, PCI_MMIO32_START};
 use kvm_ioctls::VcpuFd;
 use vm_device::GuestMemoryMmap;
 
 use crate::config::VmConfig;
-use crate::error::VmmError;
+use crate::error::{ImageError, VmmError};
 
 /// Load the kernel and initrd, write the ACPI tables and the boot structures (command line,
 /// `hvm_start_info` or zero page) and the boot GDT/page tables. Returns where to start.
@@ -23,54 +23,51 @@ pub fn load_guest(
 ) -> Result<KernelEntry, VmmError> {
     let kernel = load_kernel(config, mem)?;
     let initrd = match &config.initrd {
-        Some(path) => {
-            let mut f = File::open(path).map_err(|e| VmmError::Initrd {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            Some(
-                arch::boot::load_initrd(mem, layout, &kernel, &mut f).map_err(|e| {
-                    VmmError::Initrd {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    }
-                })?,
-            )
-        }
+        Some(path) => Some(load_initrd(path, layout, mem, &kernel)?),
         None => None,
     };
-    let acpi = AcpiConfig {
-        vcpu_count: config.vcpus,
-        pci_mmio32: MmioWindow {
-            start: PCI_MMIO32_START,
-            size: PCI_MMIO32_SIZE,
-        },
-        pci_mmio64: MmioWindow {
-            start: layout.pci_mmio64_start(),
-            size: layout.pci_mmio64_size(),
-        },
-    };
-    let rsdp = arch::acpi::create_acpi_tables(mem, &acpi)
-        .map_err(|e| VmmError::Boot(format!("ACPI tables: {e}")))?;
+    let acpi = AcpiConfig::new(config.vcpus, layout);
+    let rsdp = arch::acpi::create_acpi_tables(mem, &acpi).map_err(VmmError::boot)?;
     let boot = BootConfig {
         cmdline: &config.cmdline,
         initrd,
         rsdp_addr: Some(rsdp),
     };
-    arch::boot::configure_boot(mem, layout, &kernel, &boot)
-        .map_err(|e| VmmError::Boot(e.to_string()))?;
-
-    arch::regs::write_boot_tables(mem, kernel.kind).map_err(|e| VmmError::Boot(e.to_string()))?;
+    arch::boot::configure_boot(mem, layout, &kernel, &boot).map_err(VmmError::boot)?;
+    arch::regs::write_boot_tables(mem, kernel.kind).map_err(VmmError::boot)?;
     Ok(kernel)
 }
 
 fn load_kernel(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<KernelEntry, VmmError> {
-    let kernel_err = |reason: String| VmmError::Kernel {
-        path: config.kernel.clone(),
-        reason,
-    };
-    let mut file = File::open(&config.kernel).map_err(|e| kernel_err(e.to_string()))?;
-    arch::boot::load_kernel(mem, &mut file).map_err(|e| kernel_err(e.to_string()))
+    load_image(&config.kernel, |f| arch::boot::load_kernel(mem, f)).map_err(|source| {
+        VmmError::Kernel {
+            path: config.kernel.clone(),
+            source,
+        }
+    })
+}
+
+fn load_initrd(
+    path: &Path,
+    layout: &MemoryLayout,
+    mem: &GuestMemoryMmap,
+    kernel: &KernelEntry,
+) -> Result<InitrdRegion, VmmError> {
+    load_image(path, |f| arch::boot::load_initrd(mem, layout, kernel, f)).map_err(|source| {
+        VmmError::Initrd {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// Open the file at `path` and hand it to `load`.
+fn load_image<T>(
+    path: &Path,
+    load: impl FnOnce(&mut File) -> arch::boot::Result<T>,
+) -> Result<T, ImageError> {
+    let mut file = File::open(path).map_err(ImageError::Open)?;
+    Ok(load(&mut file)?)
 }
 
 /// Set up one vCPU: CPUID, MSRs, LAPIC LINTs, FPU; on the boot vCPU also the entry registers.
@@ -81,11 +78,10 @@ pub fn configure_vcpu(
     cpuid_config: &CpuidConfig,
     kernel: &KernelEntry,
 ) -> Result<(), VmmError> {
-    let cpuid = arch::cpuid::vcpu_cpuid(supported, id, cpuid_config)
-        .map_err(|e| VmmError::Boot(e.to_string()))?;
+    let cpuid = arch::cpuid::vcpu_cpuid(supported, id, cpuid_config).map_err(VmmError::boot)?;
     fd.set_cpuid2(&cpuid)
         .map_err(|e| VmmError::vcpu(id, "KVM_SET_CPUID2", e))?;
-    let msrs = arch::msr::boot_msrs().map_err(|e| VmmError::Boot(e.to_string()))?;
+    let msrs = arch::msr::boot_msrs().map_err(VmmError::boot)?;
     let written = fd
         .set_msrs(&msrs)
         .map_err(|e| VmmError::vcpu(id, "KVM_SET_MSRS", e))?;

@@ -65,7 +65,7 @@ pub struct RunReport {
 pub fn run(config: &VmConfig, console: &Console, stop: &StopHandle) -> Result<RunReport, VmmError> {
     let hv = Hypervisor::open()?;
     config.validate(Some(hv.max_vcpus()))?;
-    kick::install_handler().map_err(|e| VmmError::Signal(e.to_string()))?;
+    kick::install_handler().map_err(VmmError::Signal)?;
     let repair_enabled = match config.repair {
         RepairMode::On => true,
         RepairMode::Off => false,
@@ -131,7 +131,7 @@ impl BuiltVm {
         repair_enabled: bool,
     ) -> Result<Self, VmmError> {
         let layout = MemoryLayout::new(config.memory_bytes, Some(arch::e820::host_phys_bits()))
-            .map_err(|e| VmmError::Layout(e.to_string()))?;
+            .map_err(VmmError::Layout)?;
         let mem = memory::create_guest_memory(&layout.ram_ranges())?;
         let vm = hv.create_vm()?;
         memory::register_guest_memory(&vm, &mem)?;
@@ -145,9 +145,7 @@ impl BuiltVm {
         let mmio = Bus::new();
         let devices = platform::legacy_devices(config, console, &router, &shutdown)?;
         let pci = platform::attach_pci(&pio, &mmio, &layout, &devices)?;
-        devices
-            .insert_into(&pio)
-            .map_err(|e| VmmError::Device(e.to_string()))?;
+        devices.insert_into(&pio).map_err(VmmError::Bus)?;
         let ioevents: Arc<dyn IoEventRegistrar> = Arc::new(KvmIoEvents::new(vm.clone()));
         let virtio_devices = platform::attach_disks(disks, &pci, &mem, &router, &ioevents)?;
         console

@@ -32,6 +32,9 @@ pub enum ConfigError {
     /// `--initrd` points nowhere.
     #[error("Initrd {0} does not exist: pass an existing file to --initrd")]
     InitrdMissing(PathBuf),
+    /// `--initrd` is not a regular file.
+    #[error("Initrd {0} is not a regular file: pass an initramfs archive to --initrd")]
+    InitrdNotAFile(PathBuf),
     /// `--memory 0`.
     #[error("Memory size must not be zero: use e.g. --memory 512M")]
     MemoryZero,
@@ -90,10 +93,8 @@ pub enum ConfigError {
     #[error("Disk id {0:?} is used twice: give each --disk its own id=")]
     DiskIdDuplicate(String),
     /// A `--cpu-features` list the platform code rejected.
-    #[error(
-        "Invalid --cpu-features ({0}): use a comma-separated list of -NAME, e.g. -avx512f,-x2apic"
-    )]
-    CpuFeatures(String),
+    #[error("Invalid --cpu-features (use a comma-separated list of -NAME, e.g. -avx512f,-x2apic)")]
+    CpuFeatures(#[source] arch::cpuid::Error),
 }
 
 /// Whether the VMM repairs instructions the host's KVM failed to emulate.
@@ -166,7 +167,7 @@ impl DiskConfig {
 /// Parse `--cpu-features` (`-NAME,-NAME,...`) into the platform's feature mask.
 pub fn parse_cpu_features(spec: &str) -> Result<FeatureMask, ConfigError> {
     spec.parse::<FeatureMask>()
-        .map_err(|e| ConfigError::CpuFeatures(e.to_string()))
+        .map_err(ConfigError::CpuFeatures)
 }
 
 /// Everything needed to build (and rebuild, after a guest reset) one VM.
@@ -215,16 +216,34 @@ fn check_file(path: &Path, missing: fn(PathBuf) -> ConfigError) -> Result<(), Co
     }
 }
 
+/// Like [`check_file`], and the path must also be a regular file (not a directory or device).
+fn check_regular_file(
+    path: &Path,
+    missing: fn(PathBuf) -> ConfigError,
+    not_a_file: fn(PathBuf) -> ConfigError,
+) -> Result<(), ConfigError> {
+    check_file(path, missing)?;
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return Err(not_a_file(path.to_path_buf()));
+    }
+    Ok(())
+}
+
 impl VmConfig {
     /// Check everything that can be checked without KVM. `host_max_vcpus` is the host's
     /// `KVM_CAP_MAX_VCPUS` when known.
     pub fn validate(&self, host_max_vcpus: Option<u32>) -> Result<(), ConfigError> {
-        check_file(&self.kernel, ConfigError::KernelMissing)?;
-        if !std::fs::metadata(&self.kernel).is_ok_and(|m| m.is_file()) {
-            return Err(ConfigError::KernelNotAFile(self.kernel.clone()));
-        }
+        check_regular_file(
+            &self.kernel,
+            ConfigError::KernelMissing,
+            ConfigError::KernelNotAFile,
+        )?;
         if let Some(initrd) = &self.initrd {
-            check_file(initrd, ConfigError::InitrdMissing)?;
+            check_regular_file(
+                initrd,
+                ConfigError::InitrdMissing,
+                ConfigError::InitrdNotAFile,
+            )?;
         }
         validate_memory(self.memory_bytes)?;
         let max = host_max_vcpus.map_or(MAX_VCPUS, |m| m.min(MAX_VCPUS));
@@ -445,6 +464,19 @@ mod tests {
             cfg.validate(None),
             Err(ConfigError::KernelMissing(_))
         ));
+    }
+
+    #[test]
+    fn test_validate_initrd_directory_is_error() {
+        let cfg = VmConfig {
+            kernel: std::env::current_exe().unwrap(),
+            initrd: Some(std::env::temp_dir()),
+            ..VmConfig::default()
+        };
+
+        let result = cfg.validate(None);
+
+        assert!(matches!(result, Err(ConfigError::InitrdNotAFile(_))));
     }
 
     #[test]

@@ -32,26 +32,21 @@ impl fmt::Display for FailureReport {
         writeln!(f, "VM failed on vCPU {}: {}", self.vcpu, self.reason)?;
         if let Some(r) = &self.regs {
             writeln!(f, "  rip={:#018x} rflags={:#010x}", r.rip, r.rflags)?;
-            writeln!(
-                f,
-                "  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}",
-                r.rax, r.rbx, r.rcx, r.rdx
-            )?;
-            writeln!(
-                f,
-                "  rsi={:#018x} rdi={:#018x} rsp={:#018x} rbp={:#018x}",
-                r.rsi, r.rdi, r.rsp, r.rbp
-            )?;
-            writeln!(
-                f,
-                "  r8 ={:#018x} r9 ={:#018x} r10={:#018x} r11={:#018x}",
-                r.r8, r.r9, r.r10, r.r11
-            )?;
-            writeln!(
-                f,
-                "  r12={:#018x} r13={:#018x} r14={:#018x} r15={:#018x}",
-                r.r12, r.r13, r.r14, r.r15
-            )?;
+            // One row per line of the dump, in the order people read a register file.
+            #[rustfmt::skip]
+            let rows = [
+                [("rax", r.rax), ("rbx", r.rbx), ("rcx", r.rcx), ("rdx", r.rdx)],
+                [("rsi", r.rsi), ("rdi", r.rdi), ("rsp", r.rsp), ("rbp", r.rbp)],
+                [("r8 ", r.r8), ("r9 ", r.r9), ("r10", r.r10), ("r11", r.r11)],
+                [("r12", r.r12), ("r13", r.r13), ("r14", r.r14), ("r15", r.r15)],
+            ];
+            for row in rows {
+                let cells: Vec<String> = row
+                    .iter()
+                    .map(|(name, value)| format!("{name}={value:#018x}"))
+                    .collect();
+                writeln!(f, "  {}", cells.join(" "))?;
+            }
         } else {
             writeln!(f, "  (general registers unavailable)")?;
         }

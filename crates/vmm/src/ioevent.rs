@@ -18,8 +18,32 @@ impl KvmIoEvents {
     }
 }
 
-fn err(op: &str, e: kvm_ioctls::Error) -> InterruptError {
-    InterruptError::Hypervisor(format!("{op}: {e}"))
+impl KvmIoEvents {
+    /// Assign (`assign`) or deassign the ioeventfd `event` at MMIO `addr`.
+    fn update(
+        &self,
+        event: &EventFd,
+        addr: u64,
+        datamatch: Option<u32>,
+        assign: bool,
+    ) -> Result<(), InterruptError> {
+        let a = IoEventAddress::Mmio(addr);
+        let vm = &self.vm;
+        match (datamatch, assign) {
+            (Some(v), true) => vm.register_ioevent(event, &a, v),
+            (None, true) => vm.register_ioevent(event, &a, NoDatamatch),
+            (Some(v), false) => vm.unregister_ioevent(event, &a, v),
+            (None, false) => vm.unregister_ioevent(event, &a, NoDatamatch),
+        }
+        .map_err(|e| {
+            let op = if assign {
+                "KVM_IOEVENTFD"
+            } else {
+                "KVM_IOEVENTFD deassign"
+            };
+            InterruptError::Hypervisor(format!("{op}: {e}"))
+        })
+    }
 }
 
 impl IoEventRegistrar for KvmIoEvents {
@@ -29,12 +53,7 @@ impl IoEventRegistrar for KvmIoEvents {
         addr: u64,
         datamatch: Option<u32>,
     ) -> Result<(), InterruptError> {
-        let a = IoEventAddress::Mmio(addr);
-        match datamatch {
-            Some(v) => self.vm.register_ioevent(event, &a, v),
-            None => self.vm.register_ioevent(event, &a, NoDatamatch),
-        }
-        .map_err(|e| err("KVM_IOEVENTFD", e))
+        self.update(event, addr, datamatch, true)
     }
 
     fn unregister_mmio(
@@ -43,12 +62,7 @@ impl IoEventRegistrar for KvmIoEvents {
         addr: u64,
         datamatch: Option<u32>,
     ) -> Result<(), InterruptError> {
-        let a = IoEventAddress::Mmio(addr);
-        match datamatch {
-            Some(v) => self.vm.unregister_ioevent(event, &a, v),
-            None => self.vm.unregister_ioevent(event, &a, NoDatamatch),
-        }
-        .map_err(|e| err("KVM_IOEVENTFD deassign", e))
+        self.update(event, addr, datamatch, false)
     }
 }
 

@@ -10,15 +10,16 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The host could not reserve the address space.
-    #[error("Cannot map {size} MiB of guest memory: {reason}")]
+    #[error("Cannot map {size} MiB of guest memory")]
     Map {
         /// Requested size in MiB.
         size: u64,
         /// What the mapping layer said.
-        reason: String,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
     },
     /// KVM refused a memory slot.
-    #[error("KVM refused guest memory slot {slot}: {source}")]
+    #[error("KVM refused guest memory slot {slot}")]
     Register {
         /// Slot number.
         slot: u32,
@@ -34,9 +35,9 @@ pub fn create_guest_memory(
     ranges: &[(GuestAddress, usize)],
 ) -> Result<GuestMemoryMmap, MemoryError> {
     let size: u64 = ranges.iter().map(|r| r.1 as u64).sum();
-    let mem = GuestMemoryMmap::from_ranges(ranges).map_err(|e| MemoryError::Map {
+    let mem = GuestMemoryMmap::from_ranges(ranges).map_err(|source| MemoryError::Map {
         size: size >> 20,
-        reason: e.to_string(),
+        source,
     })?;
     for region in mem.iter() {
         advise(region.as_ptr(), region.len() as usize);

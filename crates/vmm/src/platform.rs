@@ -35,10 +35,10 @@ pub fn legacy_devices(
         legacy_irqs,
         shutdown.clone(),
     )
-    .map_err(|e| VmmError::Device(e.to_string()))?;
+    .map_err(VmmError::LegacyDevices)?;
     devices
         .attach_rtc_irq(router.legacy_irq(irqs::RTC)?)
-        .map_err(|e| VmmError::Device(e.to_string()))?;
+        .map_err(VmmError::LegacyDevices)?;
     Ok(devices)
 }
 
@@ -52,22 +52,25 @@ pub fn attach_disks(
 ) -> Result<Vec<Arc<Mutex<VirtioPciDevice>>>, VmmError> {
     let mut virtio_devices = Vec::with_capacity(disks.len());
     for disk in disks {
-        let block = Block::with_backend(disk.backend.clone(), disk.id.as_deref()).map_err(|e| {
-            VmmError::Disk {
-                path: disk.path.clone(),
-                reason: e.to_string(),
-            }
-        })?;
+        let block =
+            Block::with_backend(disk.backend.clone(), disk.id.as_deref()).map_err(|source| {
+                VmmError::Disk {
+                    path: disk.path.clone(),
+                    source,
+                }
+            })?;
         let dev = VirtioPciDevice::new(
             Box::new(block),
             mem.clone(),
             router.clone(),
             ioevents.clone(),
         )
-        .map_err(|e| VmmError::Device(format!("virtio-blk {}: {e}", disk.path.display())))?;
+        .map_err(|source| VmmError::DiskDevice {
+            path: disk.path.clone(),
+            source,
+        })?;
         let dev = Arc::new(Mutex::new(dev));
-        pci.add_device(dev.clone())
-            .map_err(|e| VmmError::Device(format!("PCI: {e}")))?;
+        pci.add_device(dev.clone()).map_err(VmmError::Pci)?;
         virtio_devices.push(dev);
     }
     Ok(virtio_devices)
@@ -89,15 +92,9 @@ pub fn open_disks(config: &VmConfig) -> Result<Vec<OpenDisk>, VmmError> {
         .disks
         .iter()
         .map(|d| {
-            let raw = RawDisk::open(&d.path, d.readonly).map_err(|e| VmmError::Disk {
-                path: d.path.clone(),
-                reason: match e {
-                    disk::DiskError::Locked { .. } => {
-                        "it is locked by another VM or process: stop that one, or pass ,readonly to both"
-                            .to_string()
-                    }
-                    other => other.to_string(),
-                },
+            let raw = RawDisk::open(&d.path, d.readonly).map_err(|e| match e {
+                disk::DiskError::Locked { path } => VmmError::DiskLocked { path },
+                other => VmmError::DiskOpen(other),
             })?;
             Ok(OpenDisk {
                 path: d.path.clone(),
@@ -120,18 +117,17 @@ pub fn attach_pci(
     root.add_mmio_window(layout.pci_mmio64_start(), layout.pci_mmio64_size());
     let reset: SharedDevice = devices.acpi_reset.clone();
     let cf8 = PciConfigIo::new(root.clone()).with_port_cf9(reset);
-    let dev_err = |e: vm_device::BusError| VmmError::Device(format!("PCI: {e}"));
     pio.insert(
         Arc::new(Mutex::new(cf8)),
         u64::from(ports::PCI_CONFIG_ADDRESS),
         8,
     )
-    .map_err(dev_err)?;
+    .map_err(VmmError::Bus)?;
     mmio.insert(
         Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
         PCI_ECAM_START,
         PCI_ECAM_SIZE,
     )
-    .map_err(dev_err)?;
+    .map_err(VmmError::Bus)?;
     Ok(root)
 }

@@ -1,6 +1,8 @@
 //! vCPU threads: the `KVM_RUN` loop, exit dispatch to the buses, failure capture, and the
 //! exit/pause protocol the VM uses to stop them.
 
+use std::ops::Range;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -224,23 +226,44 @@ impl Vcpu {
                 ctl.park();
                 continue;
             }
-            match self.run_once() {
-                Next::Continue => {}
-                Next::Stop => break,
-                Next::PortIo => self.handle_port_io(),
-                Next::InternalError => {
-                    if !self.handle_internal_error() {
-                        break;
-                    }
-                }
-                Next::Fail(reason) => {
-                    self.fail(reason, None);
-                    break;
-                }
+            // A panic while handling an exit (in kvm-ioctls' decoding of kvm_run, a device, or
+            // the repair code) must not silently end this thread: the VM would hang with a
+            // dead vCPU. It becomes a VM failure like any other.
+            let step = panic::catch_unwind(AssertUnwindSafe(|| self.step()));
+            let keep_running = step.unwrap_or_else(|payload| {
+                self.fail(
+                    format!("vCPU thread panicked: {}", panic_text(&*payload)),
+                    None,
+                );
+                false
+            });
+            if !keep_running {
+                break;
             }
         }
         kick::set_immediate_exit_ptr(std::ptr::null_mut());
         ctl.loop_exited();
+    }
+
+    /// Run the guest until the next exit and handle it. Returns false once the loop must end
+    /// (the VM stops, or a failure was recorded).
+    fn step(&mut self) -> bool {
+        match self.run_once() {
+            Next::Continue => true,
+            Next::Stop => false,
+            Next::PortIo => match self.handle_port_io() {
+                Ok(()) => true,
+                Err(reason) => {
+                    self.fail(reason, None);
+                    false
+                }
+            },
+            Next::InternalError => self.handle_internal_error(),
+            Next::Fail(reason) => {
+                self.fail(reason, None);
+                false
+            }
+        }
     }
 
     fn run_once(&mut self) -> Next {
@@ -252,6 +275,12 @@ impl Vcpu {
                 // I/O (`rep outsb`) must reach devices one access at a time, so port I/O is
                 // decoded from the raw kvm_run below.
                 VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => Next::PortIo,
+                VcpuExit::MmioRead(_, data) if !mmio_len_valid(data.len()) => {
+                    invalid_mmio("read", data.len())
+                }
+                VcpuExit::MmioWrite(_, data) if !mmio_len_valid(data.len()) => {
+                    invalid_mmio("write", data.len())
+                }
                 VcpuExit::MmioRead(addr, data) => {
                     counters.inc(ExitKind::MmioRead);
                     if !ctx.mmio.read(addr, data) {
@@ -330,26 +359,22 @@ impl Vcpu {
     }
 
     /// Dispatch a `KVM_EXIT_IO` to the port-I/O bus, one `size`-byte access per repetition.
-    fn handle_port_io(&mut self) {
+    /// Fails (rather than touching memory) if KVM's access size, count or data offset are
+    /// out of bounds.
+    fn handle_port_io(&mut self) -> Result<(), String> {
         let ctx = self.ctx.clone();
         let run = self.fd.get_kvm_run();
         // SAFETY: the exit reason is KVM_EXIT_IO (kvm-ioctls decoded it), so `io` is the union
         // member KVM filled.
         let io = unsafe { run.__bindgen_anon_1.io };
+        let range = pio_data_range(io.size, io.count, io.data_offset)?;
         let size = usize::from(io.size);
-        let total = size * io.count as usize;
-        let Ok(offset) = usize::try_from(io.data_offset) else {
-            return;
-        };
-        if size == 0 || total == 0 || total > 4096 || offset < std::mem::size_of_val(run) {
-            return;
-        }
         let base = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
-        // SAFETY: KVM places the I/O data at `data_offset` inside the kvm_run mapping (the page
-        // after the struct, KVM_PIO_PAGE_OFFSET) and at most one page of it; the mapping lives
-        // as long as `self.fd` and nothing else aliases the bytes while this vCPU is out of
-        // KVM_RUN.
-        let data = unsafe { std::slice::from_raw_parts_mut(base.add(offset), total) };
+        // SAFETY: `pio_data_range` checked that the bytes lie inside the PIO data page that
+        // follows the kvm_run struct in the vCPU's mapping (KVM_PIO_PAGE_OFFSET; the mapping
+        // is at least that long); it lives as long as `self.fd`, and nothing else touches the
+        // bytes while this vCPU is out of KVM_RUN.
+        let data = unsafe { std::slice::from_raw_parts_mut(base.add(range.start), range.len()) };
         let port = u64::from(io.port);
         let is_in = u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_IN;
         for access in data.chunks_mut(size) {
@@ -366,6 +391,7 @@ impl Vcpu {
                 }
             }
         }
+        Ok(())
     }
 
     /// Decode `run->internal` / `run->emulation_failure` and repair when possible. Returns
@@ -529,6 +555,58 @@ impl Vcpu {
     }
 }
 
+/// Page size of the vCPU's kvm_run mapping.
+const KVM_RUN_PAGE: usize = 4096;
+/// End of the PIO data page (page 1 of the kvm_run mapping, `KVM_PIO_PAGE_OFFSET`), which
+/// every x86 KVM maps.
+const PIO_PAGE_END: usize = 2 * KVM_RUN_PAGE;
+/// Largest MMIO access KVM hands to userspace in one exit (`kvm_run.mmio.data`).
+const MAX_MMIO_LEN: usize = 8;
+
+/// Where the data of a `KVM_EXIT_IO` lies in the kvm_run mapping: `count` accesses of `size`
+/// bytes at `data_offset`. KVM only ever reports sizes 1, 2 and 4 and data within the PIO
+/// page; anything else is refused rather than trusted.
+fn pio_data_range(size: u8, count: u32, data_offset: u64) -> Result<Range<usize>, String> {
+    let bad = || {
+        format!("invalid port I/O exit (size {size}, count {count}, data offset {data_offset:#x})")
+    };
+    if !matches!(size, 1 | 2 | 4) || count == 0 {
+        return Err(bad());
+    }
+    let start = usize::try_from(data_offset).map_err(|_| bad())?;
+    let len = usize::from(size)
+        .checked_mul(usize::try_from(count).map_err(|_| bad())?)
+        .ok_or_else(bad)?;
+    let end = start.checked_add(len).ok_or_else(bad)?;
+    if start < std::mem::size_of::<kvm_bindings::kvm_run>() || end > PIO_PAGE_END {
+        return Err(bad());
+    }
+    Ok(start..end)
+}
+
+/// Whether an MMIO exit's data length is one KVM can report (1 to 8 bytes). kvm-ioctls
+/// already panics on more than 8 (caught by the run loop); zero would reach devices that
+/// expect at least one byte.
+fn mmio_len_valid(len: usize) -> bool {
+    (1..=MAX_MMIO_LEN).contains(&len)
+}
+
+/// The failure for an MMIO exit whose length [`mmio_len_valid`] refuses.
+fn invalid_mmio(access: &str, len: usize) -> Next {
+    Next::Fail(format!("MMIO {access} exit with invalid length {len}"))
+}
+
+/// The message of a caught panic, if it has one.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "(no message)"
+    }
+}
+
 impl RunControl {
     fn failure_recorded(&self) -> bool {
         self.failure
@@ -609,5 +687,64 @@ mod tests {
         assert_eq!(ctl.failure_event().read().unwrap(), 1);
         assert_eq!(ctl.take_failure().unwrap().reason, "first");
         assert!(ctl.take_failure().is_none());
+    }
+    #[test]
+    fn test_pio_data_range_string_io_in_pio_page_is_accepted() {
+        let range = pio_data_range(2, 3, KVM_RUN_PAGE as u64);
+
+        assert_eq!(range, Ok(KVM_RUN_PAGE..KVM_RUN_PAGE + 6));
+    }
+
+    #[test]
+    fn test_pio_data_range_full_page_is_accepted() {
+        let range = pio_data_range(4, 1024, KVM_RUN_PAGE as u64);
+
+        assert_eq!(range, Ok(KVM_RUN_PAGE..PIO_PAGE_END));
+    }
+
+    #[test]
+    fn test_pio_data_range_bad_size_or_zero_count_is_error() {
+        for (size, count) in [(0, 1), (3, 1), (8, 1), (255, 1), (1, 0)] {
+            assert!(
+                pio_data_range(size, count, KVM_RUN_PAGE as u64).is_err(),
+                "size {size} count {count}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_pio_data_range_beyond_pio_page_is_error() {
+        let too_many = pio_data_range(4, 1025, KVM_RUN_PAGE as u64);
+        let huge_count = pio_data_range(4, u32::MAX, KVM_RUN_PAGE as u64);
+        let late_offset = pio_data_range(1, 1, PIO_PAGE_END as u64);
+        let wrapping_offset = pio_data_range(1, 2, u64::MAX);
+
+        assert!(too_many.is_err());
+        assert!(huge_count.is_err());
+        assert!(late_offset.is_err());
+        assert!(wrapping_offset.is_err());
+    }
+
+    #[test]
+    fn test_pio_data_range_inside_kvm_run_struct_is_error() {
+        let range = pio_data_range(1, 1, 0);
+
+        assert!(range.is_err());
+    }
+
+    #[test]
+    fn test_mmio_len_valid_only_1_to_8() {
+        let valid: Vec<usize> = (0..=16).filter(|&n| mmio_len_valid(n)).collect();
+
+        assert_eq!(valid, (1..=8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn test_panic_text_reads_str_and_string_payloads() {
+        let from_str = panic::catch_unwind(|| panic!("boom")).unwrap_err();
+        let from_string = panic::catch_unwind(|| panic!("{}", 42)).unwrap_err();
+
+        assert_eq!(panic_text(&*from_str), "boom");
+        assert_eq!(panic_text(&*from_string), "42");
     }
 }

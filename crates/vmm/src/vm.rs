@@ -32,8 +32,8 @@ const REQUIRED_CAPS: &[(Cap, &str)] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     /// `/dev/kvm` could not be opened.
-    #[error("Cannot open /dev/kvm ({0}): load the kvm module and check permissions")]
-    OpenKvm(kvm_ioctls::Error),
+    #[error("Cannot open /dev/kvm (load the kvm module and check permissions)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
     /// Unexpected `KVM_GET_API_VERSION`.
     #[error("Unsupported KVM API version {0} (need {KVM_API_VERSION})")]
     ApiVersion(i32),
@@ -41,7 +41,7 @@ pub enum VmError {
     #[error("Host KVM lacks {0}, which Ferrite needs")]
     MissingCap(&'static str),
     /// A VM-level ioctl failed.
-    #[error("KVM {op} failed: {source}")]
+    #[error("KVM {op} failed")]
     Ioctl {
         /// What was being done.
         op: &'static str,

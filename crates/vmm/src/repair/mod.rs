@@ -453,18 +453,43 @@ mod tests {
         }
     }
 
+    /// A 64-bit guest: identity/high-half page tables in `mem`, long-mode `sregs` and a fake
+    /// vCPU for the FPU/XCR state.
+    struct LongMode {
+        mem: GuestMemoryMmap,
+        sregs: kvm_sregs,
+        vcpu: FakeVcpu,
+    }
+
+    impl LongMode {
+        fn new() -> Self {
+            let (mem, paging) = long_mode_memory();
+            Self {
+                mem,
+                sregs: long_mode_sregs(&paging),
+                vcpu: FakeVcpu::default(),
+            }
+        }
+
+        fn repair(&self, insn: &[u8], regs: &mut kvm_regs) -> Result<Repaired, RepairError> {
+            repair(insn, regs, &self.sregs, &self.mem, &self.vcpu)
+        }
+
+        /// Put an `iretq` frame (rip, cs, rflags, rsp, ss) at guest-physical `addr`.
+        fn write_iret_frame(&self, addr: u64, frame: [u64; 5]) {
+            for (i, v) in frame.iter().enumerate() {
+                self.mem
+                    .write_obj(*v, GuestAddress(addr + 8 * i as u64))
+                    .unwrap();
+            }
+        }
+    }
+
     #[test]
     fn test_repair_int3_advances_rip_and_injects_bp() {
-        let (mem, pg) = long_mode_memory();
+        let vm = LongMode::new();
         let mut regs = regs_at(0x1000);
-        let r = repair(
-            &[0xcc],
-            &mut regs,
-            &long_mode_sregs(&pg),
-            &mem,
-            &FakeVcpu::default(),
-        )
-        .unwrap();
+        let r = vm.repair(&[0xcc], &mut regs).unwrap();
         assert_eq!(regs.rip, 0x1001);
         assert_eq!(r.kind, RepairKind::Int3);
         assert_eq!(
@@ -478,42 +503,32 @@ mod tests {
 
     #[test]
     fn test_repair_int_n_injects_soft_interrupt() {
-        let (mem, pg) = long_mode_memory();
+        let vm = LongMode::new();
         let mut regs = regs_at(0x1000);
-        let r = repair(
-            &[0xcd, 0x80],
-            &mut regs,
-            &long_mode_sregs(&pg),
-            &mem,
-            &FakeVcpu::default(),
-        )
-        .unwrap();
+        let r = vm.repair(&[0xcd, 0x80], &mut regs).unwrap();
         assert_eq!(regs.rip, 0x1002);
         assert_eq!(r.inject, Some(Injection::SoftInterrupt { vector: 0x80 }));
     }
 
     #[test]
     fn test_repair_fwait_with_prefix_skips_whole_instruction() {
-        let (mem, pg) = long_mode_memory();
+        let vm = LongMode::new();
         let mut regs = regs_at(0x1000);
-        let r = repair(
-            &[0x66, 0x9b],
-            &mut regs,
-            &long_mode_sregs(&pg),
-            &mem,
-            &FakeVcpu::default(),
-        )
-        .unwrap();
+        let r = vm.repair(&[0x66, 0x9b], &mut regs).unwrap();
         assert_eq!(regs.rip, 0x1002);
         assert_eq!(r.inject, None);
     }
 
     #[test]
     fn test_repair_cmpxchg16b_equal_stores_and_sets_zf() {
-        let (mem, pg) = long_mode_memory();
+        let vm = LongMode::new();
         let gva = 0xffff_8000_0020_0010u64;
-        mem.write_obj(0x1111u64, GuestAddress(0x50_0010)).unwrap();
-        mem.write_obj(0x2222u64, GuestAddress(0x50_0018)).unwrap();
+        vm.mem
+            .write_obj(0x1111u64, GuestAddress(0x50_0010))
+            .unwrap();
+        vm.mem
+            .write_obj(0x2222u64, GuestAddress(0x50_0018))
+            .unwrap();
         let mut regs = regs_at(0x1000);
         regs.rdi = gva;
         regs.rax = 0x1111;
@@ -521,116 +536,79 @@ mod tests {
         regs.rbx = 0xaaaa;
         regs.rcx = 0xbbbb;
         // lock cmpxchg16b [rdi]
-        let r = repair(
-            &[0xf0, 0x48, 0x0f, 0xc7, 0x0f],
-            &mut regs,
-            &long_mode_sregs(&pg),
-            &mem,
-            &FakeVcpu::default(),
-        )
-        .unwrap();
+        let r = vm
+            .repair(&[0xf0, 0x48, 0x0f, 0xc7, 0x0f], &mut regs)
+            .unwrap();
         assert_eq!(r.kind, RepairKind::Cmpxchg16b);
         assert_eq!(regs.rip, 0x1005);
         assert_ne!(regs.rflags & RFLAGS_ZF, 0);
         assert_eq!(
-            mem.read_obj::<u64>(GuestAddress(0x50_0010)).unwrap(),
+            vm.mem.read_obj::<u64>(GuestAddress(0x50_0010)).unwrap(),
             0xaaaa
         );
         assert_eq!(
-            mem.read_obj::<u64>(GuestAddress(0x50_0018)).unwrap(),
+            vm.mem.read_obj::<u64>(GuestAddress(0x50_0018)).unwrap(),
             0xbbbb
         );
     }
 
     #[test]
     fn test_repair_cmpxchg16b_mismatch_loads_rdx_rax_and_clears_zf() {
-        let (mem, pg) = long_mode_memory();
-        mem.write_obj(5u64, GuestAddress(0x100)).unwrap();
-        mem.write_obj(6u64, GuestAddress(0x108)).unwrap();
+        let vm = LongMode::new();
+        vm.mem.write_obj(5u64, GuestAddress(0x100)).unwrap();
+        vm.mem.write_obj(6u64, GuestAddress(0x108)).unwrap();
         let mut regs = regs_at(0x1000);
         regs.rflags |= RFLAGS_ZF;
         regs.rsi = 0x80;
         // cmpxchg16b [rsi + 0x80] (modrm mod=10 reg=1 rm=110, disp32)
-        repair(
-            &[0x48, 0x0f, 0xc7, 0x8e, 0x80, 0, 0, 0],
-            &mut regs,
-            &long_mode_sregs(&pg),
-            &mem,
-            &FakeVcpu::default(),
-        )
-        .unwrap();
+        vm.repair(&[0x48, 0x0f, 0xc7, 0x8e, 0x80, 0, 0, 0], &mut regs)
+            .unwrap();
         assert_eq!(regs.rflags & RFLAGS_ZF, 0);
         assert_eq!((regs.rax, regs.rdx), (5, 6));
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x100)).unwrap(), 5);
+        assert_eq!(vm.mem.read_obj::<u64>(GuestAddress(0x100)).unwrap(), 5);
     }
 
     #[test]
     fn test_repair_cmpxchg16b_misaligned_injects_gp() {
-        let (mem, pg) = long_mode_memory();
+        let vm = LongMode::new();
         let mut regs = regs_at(0x1000);
         regs.rdi = 0x108 - 0x8 + 0x4;
-        let r = repair(
-            &[0x48, 0x0f, 0xc7, 0x0f],
-            &mut regs,
-            &long_mode_sregs(&pg),
-            &mem,
-            &FakeVcpu::default(),
-        )
-        .unwrap();
+        let r = vm.repair(&[0x48, 0x0f, 0xc7, 0x0f], &mut regs).unwrap();
         assert_eq!(r.inject, Some(gp0()));
         assert_eq!(regs.rip, 0x1000);
     }
 
     #[test]
     fn test_repair_ldmxcsr_loads_from_guest_memory() {
-        let (mem, pg) = long_mode_memory();
-        mem.write_obj(0x1f80u32 | 0x40, GuestAddress(0x10_2000))
+        let vm = LongMode::new();
+        vm.mem
+            .write_obj(0x1f80u32 | 0x40, GuestAddress(0x10_2000))
             .unwrap();
         let mut regs = regs_at(0x1000);
         regs.rax = 0x10_2000;
-        let vcpu = FakeVcpu::default();
-        repair(
-            &[0x0f, 0xae, 0x10],
-            &mut regs,
-            &long_mode_sregs(&pg),
-            &mem,
-            &vcpu,
-        )
-        .unwrap();
-        assert_eq!(vcpu.fpu.borrow().mxcsr, 0x1fc0);
+        vm.repair(&[0x0f, 0xae, 0x10], &mut regs).unwrap();
+        assert_eq!(vm.vcpu.fpu.borrow().mxcsr, 0x1fc0);
         assert_eq!(regs.rip, 0x1003);
     }
 
     #[test]
     fn test_repair_ldmxcsr_reserved_bits_inject_gp() {
-        let (mem, pg) = long_mode_memory();
-        mem.write_obj(0x1_0000u32, GuestAddress(0x10_2000)).unwrap();
+        let vm = LongMode::new();
+        vm.mem
+            .write_obj(0x1_0000u32, GuestAddress(0x10_2000))
+            .unwrap();
         let mut regs = regs_at(0x1000);
         regs.rax = 0x10_2000;
-        let r = repair(
-            &[0x0f, 0xae, 0x10],
-            &mut regs,
-            &long_mode_sregs(&pg),
-            &mem,
-            &FakeVcpu::default(),
-        )
-        .unwrap();
+        let r = vm.repair(&[0x0f, 0xae, 0x10], &mut regs).unwrap();
         assert_eq!(r.inject, Some(gp0()));
     }
 
     #[test]
     fn test_repair_stmxcsr_to_unmapped_page_injects_pf() {
-        let (mem, pg) = long_mode_memory();
+        let vm = LongMode::new();
         let mut regs = regs_at(0x1000);
         regs.rbx = 0x4000_0000;
-        let r = repair(
-            &[0x0f, 0xae, 0x1b],
-            &mut regs,
-            &long_mode_sregs(&pg),
-            &mem,
-            &FakeVcpu::default(),
-        )
-        .unwrap();
+        let r = vm.repair(&[0x0f, 0xae, 0x1b], &mut regs).unwrap();
         assert_eq!(
             r.inject,
             Some(Injection::PageFault {
@@ -643,68 +621,46 @@ mod tests {
 
     #[test]
     fn test_repair_stmxcsr_writes_mxcsr() {
-        let (mem, pg) = long_mode_memory();
-        let vcpu = FakeVcpu::default();
-        vcpu.fpu.borrow_mut().mxcsr = 0x1f80;
+        let vm = LongMode::new();
+        vm.vcpu.fpu.borrow_mut().mxcsr = 0x1f80;
         let mut regs = regs_at(0x1000);
         regs.rbx = 0x10_3000;
-        repair(
-            &[0x0f, 0xae, 0x1b],
-            &mut regs,
-            &long_mode_sregs(&pg),
-            &mem,
-            &vcpu,
-        )
-        .unwrap();
+        vm.repair(&[0x0f, 0xae, 0x1b], &mut regs).unwrap();
         assert_eq!(
-            mem.read_obj::<u32>(GuestAddress(0x10_3000)).unwrap(),
+            vm.mem.read_obj::<u32>(GuestAddress(0x10_3000)).unwrap(),
             0x1f80
         );
     }
 
     #[test]
     fn test_repair_xgetbv_xsetbv_roundtrip() {
-        let (mem, pg) = long_mode_memory();
-        let vcpu = FakeVcpu::default();
-        let sregs = long_mode_sregs(&pg);
+        let vm = LongMode::new();
         let mut regs = regs_at(0x1000);
         regs.rax = 7;
-        repair(&[0x0f, 0x01, 0xd1], &mut regs, &sregs, &mem, &vcpu).unwrap();
-        assert_eq!(*vcpu.xcr0.borrow(), 7);
+        vm.repair(&[0x0f, 0x01, 0xd1], &mut regs).unwrap();
+        assert_eq!(*vm.vcpu.xcr0.borrow(), 7);
         regs.rax = 0;
-        repair(&[0x0f, 0x01, 0xd0], &mut regs, &sregs, &mem, &vcpu).unwrap();
+        vm.repair(&[0x0f, 0x01, 0xd0], &mut regs).unwrap();
         assert_eq!((regs.rax, regs.rdx, regs.rip), (7, 0, 0x1006));
     }
 
     #[test]
     fn test_repair_xsetbv_invalid_value_injects_gp() {
-        let (mem, pg) = long_mode_memory();
+        let vm = LongMode::new();
         let mut regs = regs_at(0x1000);
-        let r = repair(
-            &[0x0f, 0x01, 0xd1],
-            &mut regs,
-            &long_mode_sregs(&pg),
-            &mem,
-            &FakeVcpu::default(),
-        )
-        .unwrap();
+        let r = vm.repair(&[0x0f, 0x01, 0xd1], &mut regs).unwrap();
         assert_eq!(r.inject, Some(gp0()));
     }
 
     #[test]
     fn test_repair_iretq_same_privilege_pops_frame() {
-        let (mem, pg) = long_mode_memory();
-        let mut sregs = long_mode_sregs(&pg);
-        sregs.cs.selector = 0x10;
-        sregs.ss.selector = 0x18;
-        let frame: [u64; 5] = [0x1234, 0x10, 0x246, 0x10_8000, 0x18];
-        for (i, v) in frame.iter().enumerate() {
-            mem.write_obj(*v, GuestAddress(0x10_7000 + 8 * i as u64))
-                .unwrap();
-        }
+        let mut vm = LongMode::new();
+        vm.sregs.cs.selector = 0x10;
+        vm.sregs.ss.selector = 0x18;
+        vm.write_iret_frame(0x10_7000, [0x1234, 0x10, 0x246, 0x10_8000, 0x18]);
         let mut regs = regs_at(0x1000);
         regs.rsp = 0x10_7000;
-        let r = repair(&[0x48, 0xcf], &mut regs, &sregs, &mem, &FakeVcpu::default()).unwrap();
+        let r = vm.repair(&[0x48, 0xcf], &mut regs).unwrap();
         assert_eq!(r.kind, RepairKind::Iret);
         assert_eq!(
             (regs.rip, regs.rflags, regs.rsp),
@@ -714,43 +670,33 @@ mod tests {
 
     #[test]
     fn test_repair_iret_to_other_cs_is_refused() {
-        let (mem, pg) = long_mode_memory();
-        let mut sregs = long_mode_sregs(&pg);
-        sregs.cs.selector = 0x10;
-        let frame: [u64; 5] = [0x1234, 0x33, 0x246, 0x10_8000, 0x2b];
-        for (i, v) in frame.iter().enumerate() {
-            mem.write_obj(*v, GuestAddress(0x10_7000 + 8 * i as u64))
-                .unwrap();
-        }
+        let mut vm = LongMode::new();
+        vm.sregs.cs.selector = 0x10;
+        vm.write_iret_frame(0x10_7000, [0x1234, 0x33, 0x246, 0x10_8000, 0x2b]);
         let mut regs = regs_at(0x1000);
         regs.rsp = 0x10_7000;
-        let err = repair(&[0x48, 0xcf], &mut regs, &sregs, &mem, &FakeVcpu::default());
+        let err = vm.repair(&[0x48, 0xcf], &mut regs);
         assert!(matches!(err, Err(RepairError::UnsupportedForm(_))));
         assert_eq!(regs.rip, 0x1000);
     }
 
     #[test]
     fn test_repair_unknown_instruction_is_error() {
-        let (mem, pg) = long_mode_memory();
+        let vm = LongMode::new();
         let mut regs = regs_at(0x1000);
-        let err = repair(
-            &[0x0f, 0x0b],
-            &mut regs,
-            &long_mode_sregs(&pg),
-            &mem,
-            &FakeVcpu::default(),
-        );
+        let err = vm.repair(&[0x0f, 0x0b], &mut regs);
         assert_eq!(err, Err(RepairError::Decode(DecodeError::Unsupported)));
         assert_eq!(regs.rip, 0x1000);
     }
 
     #[test]
     fn test_fetch_insn_reads_through_page_tables() {
-        let (mem, pg) = long_mode_memory();
-        mem.write_slice(&[0xcc, 0x90], GuestAddress(0x50_0100))
+        let vm = LongMode::new();
+        vm.mem
+            .write_slice(&[0xcc, 0x90], GuestAddress(0x50_0100))
             .unwrap();
         let regs = regs_at(0xffff_8000_0020_0100);
-        let bytes = fetch_insn(&mem, &regs, &long_mode_sregs(&pg));
+        let bytes = fetch_insn(&vm.mem, &regs, &vm.sregs);
         assert_eq!(bytes.len(), 15);
         assert_eq!(&bytes[..2], &[0xcc, 0x90]);
     }
