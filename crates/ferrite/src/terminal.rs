@@ -59,8 +59,8 @@ pub fn restore() {
     }
 }
 
-/// Make panics restore the terminal before the message is printed (release builds abort on
-/// panic, so Drop would never run).
+/// Make panics restore the terminal before the message is printed, whether or not the panic
+/// later unwinds far enough for Drop to run.
 pub fn install_panic_hook() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
