@@ -103,6 +103,33 @@ fn test_testguest_6g_memory_reports_ram_above_4g() {
 }
 
 #[test]
+fn test_testguest_64_vcpus_and_16g_are_all_seen() {
+    // Arrange
+    let run = GuestRun {
+        cpus: 64,
+        memory: "16G",
+        ..GuestRun::new(&["cpus", "mem", "poweroff"])
+    };
+
+    // Act
+    let guest = run.run();
+
+    // Assert
+    guest.assert_powered_off();
+    let cpus = guest.ok("cpus", 0);
+    assert_eq!(num(cpus, "madt"), 64, "{cpus}");
+    assert_eq!(num(cpus, "started"), 64, "{cpus}");
+    let mem = guest.ok("mem", 0);
+    let ram = num(mem, "ram_bytes");
+    assert!(ram <= 16 << 30 && ram >= (16 << 30) - (16 << 20), "{mem}");
+    assert_eq!(
+        value(mem, "probe"),
+        Some("ok"),
+        "top of RAM not writable: {mem}"
+    );
+}
+
+#[test]
 fn test_testguest_poweroff_exits_with_status_zero() {
     // Arrange
     let run = GuestRun::new(&["echo bye", "poweroff", "echo after"]);

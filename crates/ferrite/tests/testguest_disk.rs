@@ -157,6 +157,47 @@ fn test_testguest_flush_and_write_zeroes_reach_the_host_file() {
 }
 
 #[test]
+fn test_testguest_discard_reads_back_zero_and_keeps_neighbours() {
+    // Arrange: a patterned disk; the guest discards sectors 256..320 (a punched hole).
+    let disk = ScratchDisk::with_pattern("discard", DISK_BYTES, 21);
+    let cmds = [
+        "blk-discard 0 256 64",
+        "blk-flush 0",
+        "blk-check 0 192 64 21",
+        "blk-check 0 320 64 21",
+        "poweroff",
+    ];
+    let run = GuestRun {
+        disks: vec![disk.arg()],
+        ..GuestRun::new(&cmds)
+    };
+
+    // Act
+    let guest = run.run();
+
+    // Assert
+    guest.assert_powered_off();
+    guest.ok("blk-discard", 0);
+    guest.ok("blk-check", 0);
+    guest.ok("blk-check", 1);
+    let bytes = disk.read();
+    assert_eq!(
+        bytes.len() as u64,
+        DISK_BYTES,
+        "discard must keep the image size"
+    );
+    assert!(
+        bytes[256 * 512..320 * 512].iter().all(|&b| b == 0),
+        "discarded range must read back as zeroes on the host"
+    );
+    assert!(
+        bytes[192 * 512..256 * 512] == pattern_bytes(21, 192, 64)[..]
+            && bytes[320 * 512..384 * 512] == pattern_bytes(21, 320, 64)[..],
+        "sectors next to the discarded range changed"
+    );
+}
+
+#[test]
 fn test_testguest_two_disks_have_their_ids_and_separate_data() {
     // Arrange
     let a = ScratchDisk::zeroed("id-a", DISK_BYTES);
