@@ -1,0 +1,301 @@
+//! `ferrite-bench`: boots the same guest under Ferrite and QEMU (microvm and q35) in one run and
+//! prints boot timeline, exit throughput and VMM memory overhead with Ferrite/peer ratios.
+
+mod child;
+mod cpu_time;
+mod error;
+mod minimal_guest;
+mod report;
+mod runner;
+mod scenario;
+mod smaps;
+mod stats;
+mod vmm;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::report::{Report, Scenario};
+use crate::runner::Plan;
+use crate::scenario::RunConfig;
+use crate::vmm::{GuestSpec, Vmm, VmmKind};
+
+/// Firmware QEMU q35 boots through before the PVH kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Q35Firmware {
+    /// qboot (`-bios qboot.rom`): QEMU's minimal firmware, the fastest q35 path.
+    Qboot,
+    /// QEMU's default SeaBIOS (slow here: real mode is emulated).
+    Seabios,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferrite-bench",
+    about = "Benchmark Ferrite against QEMU on the same guest in the same run"
+)]
+struct Args {
+    /// Counted iterations per VMM and scenario.
+    #[arg(long, default_value_t = 10)]
+    iterations: usize,
+    /// Uncounted warm-up iterations per VMM and scenario.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// VMMs to run.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "ferrite,qemu-microvm,qemu-q35"
+    )]
+    vmms: Vec<VmmKind>,
+    /// Scenarios to run.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "boot,exits,memory"
+    )]
+    scenarios: Vec<Scenario>,
+    /// Guest PVH ELF (default: the test guest built in testguest/), or `minimal` for the
+    /// built-in guest that only prints the ready marker and powers off (boot and memory only).
+    #[arg(long)]
+    guest: Option<PathBuf>,
+    /// The ferrite binary (default: `ferrite` next to this executable).
+    #[arg(long)]
+    ferrite: Option<PathBuf>,
+    /// The QEMU binary.
+    #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// QEMU `-M` value of the microvm peer.
+    #[arg(long, default_value = "microvm,x-option-roms=off")]
+    microvm_machine: String,
+    /// QEMU `-M` value of the q35 peer.
+    #[arg(long, default_value = "q35")]
+    q35_machine: String,
+    /// Firmware of the q35 peer.
+    #[arg(long, value_enum, default_value = "qboot")]
+    q35_firmware: Q35Firmware,
+    /// qboot image used with `--q35-firmware qboot`.
+    #[arg(long, default_value = "/usr/share/qemu/qboot.rom")]
+    qboot: PathBuf,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 512)]
+    memory_mib: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Console line (substring) that marks the guest ready.
+    #[arg(long, default_value = "FERRITE-TESTGUEST READY")]
+    ready_marker: String,
+    /// Extra kernel command-line words before `cmds=...`.
+    #[arg(long, default_value = "")]
+    cmdline_extra: String,
+    /// Port writes per `bench-pio`.
+    #[arg(long, default_value_t = 100_000)]
+    pio_count: u64,
+    /// MMIO writes per `bench-mmio`.
+    #[arg(long, default_value_t = 100_000)]
+    mmio_count: u64,
+    /// `cmds=` of the idle guest for the memory measurement (empty: none).
+    #[arg(long, default_value = "")]
+    idle_cmds: String,
+    /// Milliseconds between the ready marker and reading smaps.
+    #[arg(long, default_value_t = 500)]
+    settle_ms: u64,
+    /// Milliseconds over which the idle VMM's CPU use is measured (after smaps is read).
+    #[arg(long, default_value_t = 1000)]
+    idle_window_ms: u64,
+    /// Seconds from spawn to the ready marker before giving up.
+    #[arg(long, default_value_t = 60)]
+    boot_timeout_s: u64,
+    /// Seconds to wait for the process exit after the ready marker (boot timeline).
+    #[arg(long, default_value_t = 3)]
+    exit_grace_s: u64,
+    /// Seconds to wait for one benchmark command's answer.
+    #[arg(long, default_value_t = 120)]
+    command_timeout_s: u64,
+    /// Seconds after which the watchdog kills any VMM.
+    #[arg(long, default_value_t = 300)]
+    hard_timeout_s: u64,
+    /// Print JSON on stdout instead of Markdown.
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let mut args = Args::parse();
+    let minimal = args.guest.as_deref() == Some(Path::new("minimal"));
+    let guest = if minimal {
+        match minimal_guest::write_to(&std::env::temp_dir()) {
+            Ok(path) => path,
+            Err(e) => {
+                eprintln!("ferrite-bench: cannot write the minimal guest: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        let guest = args.guest.clone().unwrap_or_else(default_guest);
+        guest.canonicalize().unwrap_or(guest)
+    };
+    if minimal && args.scenarios.contains(&Scenario::Exits) {
+        eprintln!(
+            "ferrite-bench: the minimal guest has no bench commands: skipping the exits scenario"
+        );
+        args.scenarios.retain(|s| *s != Scenario::Exits);
+    }
+    if !guest.is_file() {
+        eprintln!(
+            "ferrite-bench: guest {} not found (build it: cd testguest && cargo build --release)",
+            guest.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let cfg = run_config(&args, guest.clone());
+    let vmms = vmms(&args);
+    let plan = Plan {
+        iterations: args.iterations.max(1),
+        warmup: args.warmup,
+    };
+    let reports = runner::run_all(&vmms, &args.scenarios, plan, &cfg);
+    let guest_label = if minimal {
+        let _ = std::fs::remove_file(&guest);
+        "built-in minimal PVH guest (--guest minimal)".to_string()
+    } else {
+        guest.display().to_string()
+    };
+    let report = Report {
+        reproduce: reproduce_command(),
+        host: host_description(),
+        guest: guest_label,
+        memory_mib: args.memory_mib,
+        iterations: plan.iterations,
+        warmup: plan.warmup,
+        scenarios: args.scenarios.clone(),
+        vmms: reports,
+    };
+    let json = match serde_json::to_string_pretty(&report).map_err(error::BenchError::Json) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("ferrite-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(path) = &args.json_out {
+        if let Err(e) = std::fs::write(path, format!("{json}\n")) {
+            eprintln!("ferrite-bench: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if args.json {
+        println!("{json}");
+    } else {
+        print!("{}", report.to_markdown());
+    }
+    ExitCode::SUCCESS
+}
+
+fn run_config(args: &Args, kernel: PathBuf) -> RunConfig {
+    RunConfig {
+        guest: GuestSpec {
+            kernel,
+            memory_mib: args.memory_mib,
+            cpus: args.cpus,
+        },
+        ready_marker: args.ready_marker.clone(),
+        cmdline_extra: args.cmdline_extra.clone(),
+        boot_timeout: Duration::from_secs(args.boot_timeout_s),
+        exit_grace: Duration::from_secs(args.exit_grace_s),
+        command_timeout: Duration::from_secs(args.command_timeout_s),
+        hard_timeout: Duration::from_secs(args.hard_timeout_s),
+        pio_count: args.pio_count,
+        mmio_count: args.mmio_count,
+        idle_cmds: args.idle_cmds.clone(),
+        settle: Duration::from_millis(args.settle_ms),
+        idle_window: Duration::from_millis(args.idle_window_ms),
+    }
+}
+
+fn vmms(args: &Args) -> Vec<Vmm> {
+    let ferrite = args.ferrite.clone().unwrap_or_else(default_ferrite);
+    let mut out: Vec<Vmm> = Vec::new();
+    for kind in [VmmKind::Ferrite, VmmKind::QemuMicrovm, VmmKind::QemuQ35] {
+        if !args.vmms.contains(&kind) {
+            continue;
+        }
+        out.push(match kind {
+            VmmKind::Ferrite => Vmm {
+                kind,
+                program: ferrite.clone(),
+                machine: String::new(),
+                extra_args: vec![],
+            },
+            VmmKind::QemuMicrovm => Vmm {
+                kind,
+                program: args.qemu.clone(),
+                machine: args.microvm_machine.clone(),
+                extra_args: vec![],
+            },
+            VmmKind::QemuQ35 => Vmm {
+                kind,
+                program: args.qemu.clone(),
+                machine: args.q35_machine.clone(),
+                extra_args: match args.q35_firmware {
+                    Q35Firmware::Qboot => vec!["-bios".into(), args.qboot.display().to_string()],
+                    Q35Firmware::Seabios => vec![],
+                },
+            },
+        });
+    }
+    out
+}
+
+fn default_guest() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testguest/target/x86_64-unknown-none/release/testguest")
+}
+
+fn default_ferrite() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("ferrite")))
+        .unwrap_or_else(|| PathBuf::from("target/release/ferrite"))
+}
+
+fn reproduce_command() -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    format!("cargo run --release -p bench -- {}", args.join(" "))
+        .trim_end()
+        .to_string()
+}
+
+fn host_description() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "Linux {}, {} × {}, load average at start {}",
+        kernel.trim(),
+        cpus,
+        cpu,
+        load.join(" ")
+    )
+}
