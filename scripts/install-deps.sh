@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Install what building, linting and testing Ferrite needs on a fresh Debian 12 machine:
+# the apt package of the shell linter, and the Rust pieces (x86_64-unknown-none target, rustfmt,
+# clippy) for the main workspace and for testguest/ (which may pin its own toolchain).
+# The guest assets' own packages are installed by scripts/guest-assets.sh; QEMU, which only
+# the benchmarks need, by scripts/install-qemu.sh. Idempotent.
+#
+# Usage: scripts/install-deps.sh
+set -euo pipefail
+
+ROOT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+readonly ROOT_DIR
+readonly APT_PACKAGES=(shellcheck)
+
+log() { printf '[install-deps] %s\n' "$*" >&2; }
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    ((EUID == 0)) || {
+        log "error: missing ${missing[*]}; run as root or: apt-get install ${missing[*]}"
+        exit 1
+    }
+    log "apt-get install ${missing[*]}"
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+        --no-install-recommends "${missing[@]}" >&2
+fi
+
+command -v rustup >/dev/null || {
+    log "error: rustup is missing (https://rustup.rs)"
+    exit 1
+}
+
+# Run in each directory so a rust-toolchain file there selects the toolchain to equip.
+for dir in "$ROOT_DIR" "$ROOT_DIR/testguest"; do
+    [[ -d $dir ]] || continue
+    (
+        cd "$dir"
+        toolchain=$(rustup show active-toolchain | awk '{print $1}')
+        components=$(rustup component list --installed)
+        for component in rustfmt clippy; do
+            if ! grep -q "^$component" <<<"$components"; then
+                log "rustup component add $component ($toolchain)"
+                rustup component add "$component" >&2
+            fi
+        done
+        if ! rustup target list --installed | grep -qx x86_64-unknown-none; then
+            log "rustup target add x86_64-unknown-none ($toolchain)"
+            rustup target add x86_64-unknown-none >&2
+        fi
+    )
+done
+log "ok"
