@@ -1,4 +1,4 @@
-//! The disk test pattern and checksum (host tests carry a copy of this file).
+//! The disk test pattern and checksum (host tests compile this same file: crates/ferrite/tests/common/mod.rs).
 //!
 //! Sector `s` (512 bytes) written with seed `seed` holds 64 little-endian u64 words;
 //! word `i` is `splitmix64(seed ^ (s << 20) ^ i)`. Checksums are FNV-1a 64 over bytes.

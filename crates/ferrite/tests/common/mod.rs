@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The test guest's own disk pattern and checksum code, compiled into the host tests too so
+/// both sides always agree (one source, no copy).
+#[path = "../../../../testguest/src/pattern.rs"]
 pub mod pattern;
 pub mod stream;
 
