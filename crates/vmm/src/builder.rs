@@ -133,8 +133,9 @@ impl BuiltVm {
         let layout = MemoryLayout::new(config.memory_bytes, Some(arch::e820::host_phys_bits()))
             .map_err(VmmError::Layout)?;
         let mem = memory::create_guest_memory(&layout.ram_ranges())?;
-        let vm = hv.create_vm()?;
-        memory::register_guest_memory(&vm, &mem)?;
+        let vm = hv.create_vm_with(|vm| {
+            memory::register_guest_memory(vm, &mem).map_err(VmmError::Memory)
+        })?;
 
         let kernel = boot::load_guest(config, &layout, &mem)?;
 

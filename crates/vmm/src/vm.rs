@@ -89,11 +89,25 @@ impl Hypervisor {
 
     /// Create a VM with its in-kernel IOAPIC/PIC/LAPICs and PIT.
     pub fn create_vm(&self) -> Result<Arc<VmFd>, VmError> {
+        self.create_vm_with(|_| Ok(()))
+    }
+
+    /// Create a VM, let `register_memory` add its memory slots, then create the in-kernel
+    /// IOAPIC/PIC/LAPICs and PIT.
+    ///
+    /// Memory goes in before the irqchip because a slot added after `KVM_CREATE_IRQCHIP`
+    /// costs a fixed ~6–10 ms on `kvm_pvm` hosts (measured: 512 MiB slot 0.3 ms before the
+    /// irqchip, 6.3 ms after), which was most of Ferrite's start-up time.
+    pub fn create_vm_with<E: From<VmError>>(
+        &self,
+        register_memory: impl FnOnce(&VmFd) -> Result<(), E>,
+    ) -> Result<Arc<VmFd>, E> {
         let vm = self.kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
         vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        register_memory(&vm)?;
         vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
@@ -101,5 +115,44 @@ impl Hypervisor {
         };
         vm.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
         Ok(Arc::new(vm))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_PIC_MASTER};
+
+    fn has_irqchip(vm: &VmFd) -> bool {
+        let mut chip = kvm_irqchip {
+            chip_id: KVM_IRQCHIP_PIC_MASTER,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip).is_ok()
+    }
+
+    #[test]
+    fn test_create_vm_with_memory_registered_before_irqchip() {
+        let hv = Hypervisor::open().unwrap();
+        let mut irqchip_during_registration = None;
+
+        let vm = hv
+            .create_vm_with(|vm| {
+                irqchip_during_registration = Some(has_irqchip(vm));
+                Ok::<(), VmError>(())
+            })
+            .unwrap();
+
+        assert_eq!(irqchip_during_registration, Some(false));
+        assert!(has_irqchip(&vm));
+    }
+
+    #[test]
+    fn test_create_vm_with_registration_error_is_returned() {
+        let hv = Hypervisor::open().unwrap();
+
+        let result = hv.create_vm_with(|_| Err(VmError::MissingCap("TEST")));
+
+        assert!(matches!(result, Err(VmError::MissingCap("TEST"))));
     }
 }
