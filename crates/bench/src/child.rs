@@ -82,7 +82,13 @@ pub struct VmmProcess {
     eof: bool,
     exit: Option<Exit>,
     stderr: Arc<Mutex<Vec<u8>>>,
+    /// Closed (disconnected) by the stderr reader once it has read everything the VMM wrote.
+    stderr_done: Option<Receiver<()>>,
 }
+
+/// How long an exited VMM's stderr may take to drain before its tail is reported anyway
+/// (a grandchild could keep the pipe open).
+const STDERR_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl VmmProcess {
     /// Start `spec`; the watchdog SIGKILLs it `hard_timeout` after spawn whatever happens.
@@ -122,9 +128,10 @@ impl VmmProcess {
         if let Some(out) = child.stdout.take() {
             spawn_stdout_reader(out, tx.clone());
         }
-        if let Some(err) = child.stderr.take() {
-            spawn_stderr_reader(err, Arc::clone(&stderr));
-        }
+        let stderr_done = child
+            .stderr
+            .take()
+            .map(|err| spawn_stderr_reader(err, Arc::clone(&stderr)));
         // The std handle is dropped without waiting: the watchdog thread reaps the pid.
         drop(child);
         spawn_watchdog(pid, Arc::clone(&pidfd), start + hard_timeout, tx);
@@ -139,6 +146,7 @@ impl VmmProcess {
             eof: false,
             exit: None,
             stderr,
+            stderr_done,
         })
     }
 
@@ -179,6 +187,10 @@ impl VmmProcess {
                     .as_ref()
                     .map(|e| e.status.clone())
                     .unwrap_or_default();
+                // The VMM has exited: let its last words reach us before quoting them.
+                if let Some(done) = self.stderr_done.take() {
+                    let _ = done.recv_timeout(STDERR_DRAIN_TIMEOUT);
+                }
                 return Err(BenchError::EarlyExit {
                     status,
                     waiting_for: waiting_for.to_string(),
@@ -321,8 +333,14 @@ fn spawn_stdout_reader(mut out: std::process::ChildStdout, tx: Sender<Event>) {
     });
 }
 
-fn spawn_stderr_reader(mut err: std::process::ChildStderr, keep: Arc<Mutex<Vec<u8>>>) {
+/// Collect the VMM's stderr tail; the returned receiver disconnects once stderr is drained.
+fn spawn_stderr_reader(
+    mut err: std::process::ChildStderr,
+    keep: Arc<Mutex<Vec<u8>>>,
+) -> Receiver<()> {
+    let (done_tx, done) = mpsc::channel::<()>();
     thread::spawn(move || {
+        let _done_tx = done_tx;
         let mut buf = [0u8; 4096];
         while let Ok(n) = err.read(&mut buf) {
             if n == 0 {
@@ -335,6 +353,7 @@ fn spawn_stderr_reader(mut err: std::process::ChildStderr, keep: Arc<Mutex<Vec<u
             }
         }
     });
+    done
 }
 
 /// Waits for the child to exit, kills it at `deadline`, reaps it and reports the exit.
