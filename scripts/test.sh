@@ -56,7 +56,7 @@ phase() {
 }
 
 if ((fast)); then
-    phase fast cargo test --workspace --release
+    phase fast cargo test --workspace --release --no-fail-fast
 fi
 if ((linux || long)); then
     watchdog=${FERRITE_LINUX_WATCHDOG:-1800}
