@@ -223,7 +223,8 @@ mod tests {
         }
     }
 
-    fn devices() -> (LegacyDevices, Bus, ShutdownSignal) {
+    /// Legacy devices not yet inserted into any bus, and their shutdown signal.
+    fn unattached_devices() -> (LegacyDevices, ShutdownSignal) {
         let shutdown = ShutdownSignal::new().unwrap();
         let irqs = LegacyIrqs {
             keyboard: irq(irqs::KEYBOARD),
@@ -232,6 +233,11 @@ mod tests {
         };
         let devs =
             LegacyDevices::new(512 << 20, Box::new(io::sink()), irqs, shutdown.clone()).unwrap();
+        (devs, shutdown)
+    }
+
+    fn devices() -> (LegacyDevices, Bus, ShutdownSignal) {
+        let (devs, shutdown) = unattached_devices();
         let bus = Bus::new();
         devs.insert_into(&bus).unwrap();
         (devs, bus, shutdown)
@@ -294,14 +300,7 @@ mod tests {
 
     #[test]
     fn test_legacy_insert_leaves_cf9_to_pci_decoder_inserted_first() {
-        let shutdown = ShutdownSignal::new().unwrap();
-        let irqs = LegacyIrqs {
-            keyboard: irq(irqs::KEYBOARD),
-            com1: irq(irqs::COM1),
-            acpi_sci: irq(irqs::ACPI_SCI),
-        };
-        let devs =
-            LegacyDevices::new(512 << 20, Box::new(io::sink()), irqs, shutdown.clone()).unwrap();
+        let (devs, shutdown) = unattached_devices();
         let bus = Bus::new();
         let cf8: SharedDevice = Arc::new(Mutex::new(Cf8(devs.acpi_reset.clone())));
         bus.insert(cf8, u64::from(ports::PCI_CONFIG_ADDRESS), 8)

@@ -2,7 +2,7 @@
 
 use crate::child::{CommandSpec, VmmProcess};
 use crate::error::Result;
-use crate::scenario::{ms_between, RunConfig};
+use crate::scenario::{ms_between, wait_ready, RunConfig};
 
 /// One boot, in milliseconds after the timestamp taken just before spawn.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,9 +20,7 @@ pub fn boot_once(command: &dyn Fn(&str) -> CommandSpec, cfg: &RunConfig) -> Resu
     let spec = command(&cfg.cmdline("poweroff"));
     let mut p = VmmProcess::spawn(&spec, cfg.hard_timeout)?;
     let start = p.start();
-    let (ready, _) = p.wait_line(start + cfg.boot_timeout, "the ready marker", |l| {
-        l.contains(cfg.ready_marker.as_str())
-    })?;
+    let ready = wait_ready(&mut p, cfg)?;
     // A complete line arrived, so a first byte did too.
     let first = p.first_byte().unwrap_or(ready.at);
     let exit_ms = match p.wait_exit(ready.at + cfg.exit_grace) {
@@ -46,16 +44,8 @@ pub fn boot_once(command: &dyn Fn(&str) -> CommandSpec, cfg: &RunConfig) -> Resu
 mod tests {
     use super::*;
     use crate::error::BenchError;
-    use crate::scenario::test_support::config;
-    use std::path::PathBuf;
+    use crate::scenario::test_support::{config, sh};
     use std::time::Duration;
-
-    fn sh(script: &'static str) -> impl Fn(&str) -> CommandSpec {
-        move |_cmdline: &str| CommandSpec {
-            program: PathBuf::from("/bin/sh"),
-            args: vec!["-c".into(), script.into()],
-        }
-    }
 
     #[test]
     fn test_boot_once_guest_powers_off_all_times_ordered() {

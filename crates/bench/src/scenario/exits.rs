@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::child::{CommandSpec, VmmProcess};
 use crate::error::{BenchError, Result};
-use crate::scenario::RunConfig;
+use crate::scenario::{wait_ready, RunConfig};
 
 /// Exit rates of one boot, in exits per second.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,9 +68,7 @@ pub fn exits_once(command: &dyn Fn(&str) -> CommandSpec, cfg: &RunConfig) -> Res
         cfg.pio_count, cfg.mmio_count
     );
     let mut p = VmmProcess::spawn(&command(&cfg.cmdline(&cmds)), cfg.hard_timeout)?;
-    let (ready, _) = p.wait_line(p.start() + cfg.boot_timeout, "the ready marker", |l| {
-        l.contains(cfg.ready_marker.as_str())
-    })?;
+    let ready = wait_ready(&mut p, cfg)?;
     let (pio_guest, pio_host, after_pio) = run_one(&mut p, cfg, "bench-pio", ready.at)?;
     let (mmio_guest, mmio_host, _) = run_one(&mut p, cfg, "bench-mmio", after_pio)?;
     p.kill();
@@ -109,15 +107,7 @@ fn run_one(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scenario::test_support::config;
-    use std::path::PathBuf;
-
-    fn sh(script: &'static str) -> impl Fn(&str) -> CommandSpec {
-        move |_cmdline: &str| CommandSpec {
-            program: PathBuf::from("/bin/sh"),
-            args: vec!["-c".into(), script.into()],
-        }
-    }
+    use crate::scenario::test_support::{config, sh};
 
     #[test]
     fn test_parse_answer_all_fields() {

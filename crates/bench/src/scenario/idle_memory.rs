@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use crate::child::{CommandSpec, VmmProcess};
 use crate::cpu_time::process_cpu_time;
 use crate::error::{BenchError, Result};
-use crate::scenario::RunConfig;
+use crate::scenario::{wait_ready, RunConfig};
 use crate::smaps::{self, MemoryUse};
 
 /// What one idle guest's VMM uses.
@@ -22,9 +22,7 @@ pub struct IdleSample {
 /// measure its CPU use over `cfg.idle_window`.
 pub fn memory_once(command: &dyn Fn(&str) -> CommandSpec, cfg: &RunConfig) -> Result<IdleSample> {
     let mut p = VmmProcess::spawn(&command(&cfg.cmdline(&cfg.idle_cmds)), cfg.hard_timeout)?;
-    p.wait_line(p.start() + cfg.boot_timeout, "the ready marker", |l| {
-        l.contains(cfg.ready_marker.as_str())
-    })?;
+    wait_ready(&mut p, cfg)?;
     std::thread::sleep(cfg.settle);
     let pid = p.pid();
     // The process must still be the live VMM when smaps is read.
@@ -66,19 +64,12 @@ fn idle_cpu(pid: u32, window: Duration) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scenario::test_support::config;
-    use std::path::PathBuf;
+    use crate::scenario::test_support::{config, sh};
 
     #[test]
     fn test_memory_once_process_without_ram_mapping_error() {
         // Arrange
-        let vmm = |_c: &str| CommandSpec {
-            program: PathBuf::from("/bin/sh"),
-            args: vec![
-                "-c".into(),
-                "echo 'FERRITE-TESTGUEST READY'; exec sleep 100".into(),
-            ],
-        };
+        let vmm = sh("echo 'FERRITE-TESTGUEST READY'; exec sleep 100");
         let cfg = config();
 
         // Act
@@ -91,10 +82,7 @@ mod tests {
     #[test]
     fn test_memory_once_guest_exits_early_error() {
         // Arrange
-        let vmm = |_c: &str| CommandSpec {
-            program: PathBuf::from("/bin/sh"),
-            args: vec!["-c".into(), "echo 'FERRITE-TESTGUEST READY'".into()],
-        };
+        let vmm = sh("echo 'FERRITE-TESTGUEST READY'");
         let mut cfg = config();
         cfg.settle = std::time::Duration::from_millis(200);
 

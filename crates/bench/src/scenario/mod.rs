@@ -6,6 +6,8 @@ pub mod idle_memory;
 
 use std::time::{Duration, Instant};
 
+use crate::child::{Line, VmmProcess};
+use crate::error::Result;
 use crate::vmm::GuestSpec;
 
 /// Settings every scenario uses.
@@ -51,6 +53,15 @@ impl RunConfig {
     }
 }
 
+/// Wait for the guest's ready marker, at most `cfg.boot_timeout` after spawn; every scenario
+/// starts this way.
+pub fn wait_ready(p: &mut VmmProcess, cfg: &RunConfig) -> Result<Line> {
+    let (ready, _) = p.wait_line(p.start() + cfg.boot_timeout, "the ready marker", |l| {
+        l.contains(cfg.ready_marker.as_str())
+    })?;
+    Ok(ready)
+}
+
 /// Milliseconds from `from` to `to`.
 pub fn ms_between(from: Instant, to: Instant) -> f64 {
     to.saturating_duration_since(from).as_secs_f64() * 1e3
@@ -59,7 +70,16 @@ pub fn ms_between(from: Instant, to: Instant) -> f64 {
 #[cfg(test)]
 pub(crate) mod test_support {
     use super::*;
+    use crate::child::CommandSpec;
     use std::path::PathBuf;
+
+    /// A fake VMM: ignores the kernel command line and runs `script` with `/bin/sh -c`.
+    pub fn sh(script: &'static str) -> impl Fn(&str) -> CommandSpec {
+        move |_cmdline: &str| CommandSpec {
+            program: PathBuf::from("/bin/sh"),
+            args: vec!["-c".into(), script.into()],
+        }
+    }
 
     /// A config with short timeouts for scenario tests against fake VMMs.
     pub fn config() -> RunConfig {

@@ -6,7 +6,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The test guest's own disk pattern and checksum code, compiled into the host tests too so
@@ -72,17 +72,22 @@ pub struct RunOutput {
     pub elapsed: Duration,
 }
 
-/// Run `ferrite` with `args` and no stdin, killing it after `timeout`.
-pub fn run_ferrite(args: &[&str], timeout: Duration) -> RunOutput {
-    require_kvm();
-    let start = Instant::now();
-    let mut child = Command::new(ferrite_bin())
+/// Spawn `ferrite` with `args`, no stdin and both output streams piped; every runner starts so.
+pub fn spawn_ferrite(args: &[&str]) -> Child {
+    Command::new(ferrite_bin())
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn ferrite");
+        .expect("spawn ferrite")
+}
+
+/// Run `ferrite` with `args` and no stdin, killing it after `timeout`.
+pub fn run_ferrite(args: &[&str], timeout: Duration) -> RunOutput {
+    require_kvm();
+    let start = Instant::now();
+    let mut child = spawn_ferrite(args);
     let mut out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
     let out_thread = std::thread::spawn(move || {

@@ -5,11 +5,10 @@
 //! then asserts on what the guest printed by then, and the arrival times are the boot profile.
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use super::{ferrite_bin, require_kvm, RunOutput};
+use super::{require_kvm, spawn_ferrite, RunOutput};
 
 /// One console line (without its line ending) and when it arrived after `ferrite` started.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,13 +81,7 @@ pub fn run_ferrite_until(
     require_kvm();
     let echo = echo_enabled();
     let start = Instant::now();
-    let mut child = Command::new(ferrite_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ferrite");
+    let mut child = spawn_ferrite(args);
     let out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
     let (tx, rx) = mpsc::channel::<TimedLine>();

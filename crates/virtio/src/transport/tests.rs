@@ -94,17 +94,17 @@ impl IoEventRegistrar for FakeIoEvents {
 
 /// A driver-side split ring with room for every field (virtio-queue's mock places its used
 /// ring over the avail ring's used_event, which breaks EVENT_IDX tests).
-struct TestRing<'a> {
-    mem: &'a GuestMemoryMmap,
+struct TestRing {
+    mem: GuestMemoryMmap,
 }
 
-impl<'a> TestRing<'a> {
+impl TestRing {
     const SIZE: u16 = 16;
     const DESC: u64 = 0x1000;
     const AVAIL: u64 = 0x2000;
     const USED: u64 = 0x3000;
 
-    fn new(mem: &'a GuestMemoryMmap) -> Self {
+    fn new(mem: GuestMemoryMmap) -> Self {
         for a in [Self::AVAIL, Self::USED] {
             mem.write_slice(&[0u8; 0x200], GuestAddress(a)).unwrap();
         }
@@ -148,25 +148,38 @@ struct Rig {
     _file: TempFile,
 }
 
-fn rig() -> Rig {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+/// A zero-filled 64-sector disk image.
+fn temp_disk() -> TempFile {
     let file = TempFile::new().unwrap();
     file.as_file().set_len(64 * 512).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(file.as_file(), &[0x5a; 512], 512).unwrap();
+    file
+}
+
+/// A virtio-blk PCI device over the disk image `file`.
+fn block_device(
+    file: &TempFile,
+    mem: &GuestMemoryMmap,
+    router: Arc<FakeRouter>,
+    ioevents: Arc<FakeIoEvents>,
+) -> VirtioPciDevice {
     let block = Block::new(RawDisk::open(file.as_path(), false).unwrap(), None).unwrap();
+    VirtioPciDevice::new(Box::new(block), mem.clone(), router, ioevents).unwrap()
+}
+
+fn rig() -> Rig {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let file = temp_disk();
+    std::os::unix::fs::FileExt::write_all_at(file.as_file(), &[0x5a; 512], 512).unwrap();
     let router = Arc::new(FakeRouter::default());
     let ioevents = Arc::new(FakeIoEvents::default());
     let bus = Bus::new();
     let root = PciRoot::new(bus.clone());
-    let dev = Arc::new(Mutex::new(
-        VirtioPciDevice::new(
-            Box::new(block),
-            mem.clone(),
-            router.clone(),
-            ioevents.clone(),
-        )
-        .unwrap(),
-    ));
+    let dev = Arc::new(Mutex::new(block_device(
+        &file,
+        &mem,
+        router.clone(),
+        ioevents.clone(),
+    )));
     let slot = root.add_device(dev.clone()).unwrap();
     let ecam = PciConfigMmio::new(root.clone());
     Rig {
@@ -180,6 +193,14 @@ fn rig() -> Rig {
         slot,
         _file: file,
     }
+}
+
+/// A rig whose device is live (`Rig::activate`) on a freshly zeroed `TestRing`.
+fn active_rig() -> (Rig, TestRing) {
+    let mut rig = rig();
+    let ring = TestRing::new(rig.mem.clone());
+    rig.activate();
+    (rig, ring)
 }
 
 impl Rig {
@@ -206,6 +227,10 @@ impl Rig {
     fn status(&self) -> u8 {
         self.r(0x14, 1) as u8
     }
+    /// Driver write of the device status register.
+    fn set_status(&self, status: u8) {
+        self.w(0x14, u64::from(status), 1);
+    }
     /// Find vendor capabilities: cfg_type -> capability offset.
     fn virtio_caps(&mut self) -> HashMap<u8, u64> {
         let mut caps = HashMap::new();
@@ -227,7 +252,7 @@ impl Rig {
     /// config and 1 for queue 0.
     fn negotiate(&mut self) {
         self.w(0x14, 0, 1);
-        self.w(0x14, u64::from(ACKNOWLEDGE | DRIVER), 1);
+        self.set_status(ACKNOWLEDGE | DRIVER);
         self.w(0x00, 1, 4);
         let hi = self.r(0x04, 4);
         self.w(0x00, 0, 4);
@@ -236,7 +261,7 @@ impl Rig {
         self.w(0x0c, lo, 4);
         self.w(0x08, 1, 4);
         self.w(0x0c, hi, 4);
-        self.w(0x14, u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK), 1);
+        self.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK);
         assert_ne!(self.status() & FEATURES_OK, 0);
         // MSI-X: enable in config space, program and unmask vectors 0 and 1.
         let msix = self.virtio_caps()[&(0x80 | 0x11)];
@@ -260,6 +285,17 @@ impl Rig {
         self.w(0x30, TestRing::USED, 8);
         self.w(0x1c, 1, 2);
     }
+    /// `negotiate`, then DRIVER_OK: the device is live.
+    fn activate(&mut self) {
+        self.negotiate();
+        self.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    }
+    /// The queue 0 doorbell as KVM would deliver it: the registered ioeventfd.
+    fn doorbell(&self) -> EventFd {
+        self.ioevents.regs.lock().unwrap()[&(self.bar() + NOTIFY_OFFSET)]
+            .try_clone()
+            .unwrap()
+    }
     fn queue_vector_event(&self) -> EventFd {
         let gsi = 25; // Second allocated route: vector 1.
         self.router.events.lock().unwrap()[&gsi]
@@ -278,7 +314,7 @@ fn wait_for(evt: &EventFd) {
 }
 
 /// Queue a 512-byte read of sector 1 into 0x20_0000 (status at 0x30_0000).
-fn read_request(rig: &Rig, ring: &TestRing<'_>) {
+fn read_request(rig: &Rig, ring: &TestRing) {
     let mut hdr = [0u8; 16];
     hdr[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
     hdr[8..].copy_from_slice(&1u64.to_le_bytes());
@@ -292,6 +328,15 @@ fn read_request(rig: &Rig, ring: &TestRing<'_>) {
     );
     ring.set_desc(2, d(0x30_0000, 1, VRING_DESC_F_WRITE, 0));
     ring.publish(0);
+}
+
+/// Queue `read_request`, ring the doorbell by a write that reaches the transport (not the
+/// ioeventfd) and wait for the queue interrupt.
+fn read_through_transport_notify(rig: &Rig, ring: &TestRing) {
+    let irq = rig.queue_vector_event();
+    read_request(rig, ring);
+    rig.w(NOTIFY_OFFSET, 0, 2);
+    wait_for(&irq);
 }
 
 #[test]
@@ -355,23 +400,13 @@ fn test_doorbell_is_registered_as_ioeventfd_and_follows_bar() {
 
 #[test]
 fn test_block_read_end_to_end_through_ioeventfd_and_msix() {
-    let mut rig = rig();
-    let mem = rig.mem.clone();
-    let ring = TestRing::new(&mem);
-    rig.negotiate();
-    rig.w(
-        0x14,
-        u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK),
-        1,
-    );
+    let (rig, ring) = active_rig();
     assert_eq!(rig.status(), ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
     assert!(rig.dev.lock().unwrap().is_activated());
     let irq = rig.queue_vector_event();
     read_request(&rig, &ring);
     // The doorbell as KVM would deliver it: through the registered ioeventfd.
-    let bell = rig.ioevents.regs.lock().unwrap()[&(rig.bar() + NOTIFY_OFFSET)]
-        .try_clone()
-        .unwrap();
+    let bell = rig.doorbell();
     bell.write(1).unwrap();
     wait_for(&irq);
     assert_eq!(ring.used_idx(), 1);
@@ -396,36 +431,25 @@ fn test_block_read_end_to_end_through_ioeventfd_and_msix() {
 
 #[test]
 fn test_notify_write_reaching_the_transport_still_rings() {
-    let mut rig = rig();
-    let mem = rig.mem.clone();
-    let ring = TestRing::new(&mem);
-    rig.negotiate();
-    rig.w(
-        0x14,
-        u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK),
-        1,
-    );
-    let irq = rig.queue_vector_event();
-    read_request(&rig, &ring);
-    rig.w(NOTIFY_OFFSET, 0, 2);
-    wait_for(&irq);
+    let (rig, ring) = active_rig();
+    read_through_transport_notify(&rig, &ring);
     assert_eq!(ring.used_idx(), 1);
 }
 
 #[test]
 fn test_features_ok_refused_without_version_1_or_with_unoffered_bits() {
     let rig = rig();
-    rig.w(0x14, u64::from(ACKNOWLEDGE | DRIVER), 1);
+    rig.set_status(ACKNOWLEDGE | DRIVER);
     rig.w(0x08, 0, 4);
     rig.w(0x0c, 1 << VIRTIO_BLK_F_FLUSH_BIT, 4);
-    rig.w(0x14, u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK), 1);
+    rig.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK);
     assert_eq!(rig.status() & FEATURES_OK, 0, "VERSION_1 missing");
     rig.w(0x08, 1, 4);
     rig.w(0x0c, 1 | 1 << 30, 4);
-    rig.w(0x14, u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK), 1);
+    rig.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK);
     assert_eq!(rig.status() & FEATURES_OK, 0, "unoffered bit 62");
     rig.w(0x0c, 1, 4);
-    rig.w(0x14, u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK), 1);
+    rig.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK);
     assert_ne!(rig.status() & FEATURES_OK, 0);
     // Features are frozen after FEATURES_OK.
     rig.w(0x0c, 0, 4);
@@ -467,21 +491,17 @@ fn test_queue_registers_validate_guest_values() {
 #[test]
 fn test_rings_outside_memory_set_needs_reset_not_panic() {
     let rig = rig();
-    rig.w(0x14, u64::from(ACKNOWLEDGE | DRIVER), 1);
+    rig.set_status(ACKNOWLEDGE | DRIVER);
     rig.w(0x08, 1, 4);
     rig.w(0x0c, 1, 4);
-    rig.w(0x14, u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK), 1);
+    rig.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK);
     rig.w(0x16, 0, 2);
     rig.w(0x18, 16, 2);
     rig.w(0x20, TestRing::DESC, 8);
     rig.w(0x28, TestRing::AVAIL, 8);
     rig.w(0x30, MEM_SIZE as u64 - 8, 8);
     rig.w(0x1c, 1, 2);
-    rig.w(
-        0x14,
-        u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK),
-        1,
-    );
+    rig.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
     assert_ne!(rig.status() & DEVICE_NEEDS_RESET, 0);
     assert!(!rig.dev.lock().unwrap().is_activated());
     rig.w(0x14, 0, 1);
@@ -523,19 +543,8 @@ fn test_pci_cfg_capability_window_reaches_bar() {
 
 #[test]
 fn test_state_roundtrip_restores_active_device() {
-    let mut rig = rig();
-    let mem = rig.mem.clone();
-    let ring = TestRing::new(&mem);
-    rig.negotiate();
-    rig.w(
-        0x14,
-        u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK),
-        1,
-    );
-    let irq = rig.queue_vector_event();
-    read_request(&rig, &ring);
-    rig.w(NOTIFY_OFFSET, 0, 2);
-    wait_for(&irq);
+    let (rig, ring) = active_rig();
+    read_through_transport_notify(&rig, &ring);
     let state = {
         let mut d = rig.dev.lock().unwrap();
         d.pause().unwrap();
@@ -549,16 +558,8 @@ fn test_state_roundtrip_restores_active_device() {
     assert_eq!(back, state);
     // Restore into a second device on another disk.
     rig.dev.lock().unwrap().shutdown();
-    let file = TempFile::new().unwrap();
-    file.as_file().set_len(64 * 512).unwrap();
-    let block = Block::new(RawDisk::open(file.as_path(), false).unwrap(), None).unwrap();
-    let mut other = VirtioPciDevice::new(
-        Box::new(block),
-        mem.clone(),
-        rig.router.clone(),
-        rig.ioevents.clone(),
-    )
-    .unwrap();
+    let file = temp_disk();
+    let mut other = block_device(&file, &rig.mem, rig.router.clone(), rig.ioevents.clone());
     other.restore(&back).unwrap();
     assert!(other.is_activated());
     assert_eq!(other.state().queues, state.queues);
@@ -596,35 +597,22 @@ fn test_linux_style_bar_sizing_with_decode_off_reregisters_doorbells() {
 
 #[test]
 fn test_restore_then_sync_mappings_registers_doorbells() {
-    let mut rig = rig();
-    let mem = rig.mem.clone();
-    let _ring = TestRing::new(&mem);
-    rig.negotiate();
-    rig.w(
-        0x14,
-        u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK),
-        1,
-    );
+    let (mut rig, _ring) = active_rig();
     let moved = rig.bar() + 0x20_0000;
     rig.cfg_write(0x10, &(moved as u32).to_le_bytes());
     let state = rig.dev.lock().unwrap().state();
     rig.dev.lock().unwrap().shutdown();
 
-    let file = TempFile::new().unwrap();
-    file.as_file().set_len(64 * 512).unwrap();
-    let block = Block::new(RawDisk::open(file.as_path(), false).unwrap(), None).unwrap();
+    let file = temp_disk();
     let bus = Bus::new();
     let root = PciRoot::new(bus.clone());
     let ioevents = Arc::new(FakeIoEvents::default());
-    let dev = Arc::new(Mutex::new(
-        VirtioPciDevice::new(
-            Box::new(block),
-            mem.clone(),
-            rig.router.clone(),
-            ioevents.clone(),
-        )
-        .unwrap(),
-    ));
+    let dev = Arc::new(Mutex::new(block_device(
+        &file,
+        &rig.mem,
+        rig.router.clone(),
+        ioevents.clone(),
+    )));
     let slot = root.add_device(dev.clone()).unwrap();
     dev.lock().unwrap().restore(&state).unwrap();
     root.sync_mappings();
@@ -643,19 +631,9 @@ fn test_restore_then_sync_mappings_registers_doorbells() {
 
 #[test]
 fn test_many_rounds_with_event_idx_each_interrupt_arrives() {
-    let mut rig = rig();
-    let mem = rig.mem.clone();
-    let ring = TestRing::new(&mem);
-    rig.negotiate();
-    rig.w(
-        0x14,
-        u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK),
-        1,
-    );
+    let (rig, ring) = active_rig();
     let irq = rig.queue_vector_event();
-    let bell = rig.ioevents.regs.lock().unwrap()[&(rig.bar() + NOTIFY_OFFSET)]
-        .try_clone()
-        .unwrap();
+    let bell = rig.doorbell();
     for round in 0..40u16 {
         // Ask for an interrupt as soon as the next used entry appears.
         ring.set_used_event(round);
@@ -673,15 +651,7 @@ fn test_many_rounds_with_event_idx_each_interrupt_arrives() {
 
 #[test]
 fn test_platform_reset_disables_msix_and_device() {
-    let mut rig = rig();
-    let mem = rig.mem.clone();
-    let _ring = TestRing::new(&mem);
-    rig.negotiate();
-    rig.w(
-        0x14,
-        u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK),
-        1,
-    );
+    let (mut rig, _ring) = active_rig();
     let msix = rig.virtio_caps()[&(0x80 | 0x11)];
     assert_ne!(rig.cfg_read(msix + 2, 2) & 0x8000, 0);
     rig.dev.lock().unwrap().platform_reset();
