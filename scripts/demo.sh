@@ -37,10 +37,10 @@ disk=$FERRITE_ASSETS/demo-disk.img
 [[ -e $disk ]] || truncate -s 64M "$disk"
 
 if ((linux)); then
-    exec target/release/ferrite run --kernel "$FERRITE_ASSETS/vmlinux" \
+    exec target/x86_64-unknown-linux-gnu/release/ferrite run --kernel "$FERRITE_ASSETS/vmlinux" \
         --initrd "$FERRITE_ASSETS/initrd.img" --cpus 2 --memory 512M --disk "$disk" \
         --cmdline "console=ttyS0 i8042.noaux"
 fi
 echo "demo: booting the test guest; try: cpus, mem, pci, blk, blk-write 0 0 8 42, blk-check 0 0 8 42, time, poweroff (Ctrl-A x quits)"
-exec target/release/ferrite run --kernel "$FERRITE_ASSETS/testguest.elf" --cpus 2 --memory 512M \
+exec target/x86_64-unknown-linux-gnu/release/ferrite run --kernel "$FERRITE_ASSETS/testguest.elf" --cpus 2 --memory 512M \
     --disk "$disk"

@@ -265,7 +265,7 @@ fn default_ferrite() -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join("ferrite")))
-        .unwrap_or_else(|| PathBuf::from("target/release/ferrite"))
+        .unwrap_or_else(|| PathBuf::from("target/x86_64-unknown-linux-gnu/release/ferrite"))
 }
 
 fn reproduce_command() -> String {
