@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what building, linting and testing Ferrite needs on a fresh Debian 12 machine:
-# the apt package of the shell linter, and the Rust pieces (x86_64-unknown-none target, rustfmt,
+# the apt packages (shell linter, static glibc), and the Rust pieces (x86_64-unknown-none target, rustfmt,
 # clippy) for the main workspace and for testguest/ (which may pin its own toolchain).
 # The guest assets' own packages are installed by scripts/guest-assets.sh; QEMU, which only
 # the benchmarks need, by scripts/install-qemu.sh. Idempotent.
@@ -10,7 +10,8 @@ set -euo pipefail
 
 ROOT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly ROOT_DIR
-readonly APT_PACKAGES=(shellcheck)
+# libc6-dev carries the static glibc (libc.a) the static-pie binaries link against.
+readonly APT_PACKAGES=(shellcheck libc6-dev)
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 
