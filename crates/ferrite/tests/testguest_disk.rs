@@ -5,26 +5,31 @@
 mod common;
 mod testguest_common;
 
-use testguest_common::{fnv_hex, num, pattern_bytes, value, GuestRun, ScratchDisk};
+use testguest_common::{fnv_hex, num, pattern_bytes, value, Guest, GuestRun, ScratchDisk};
 
 const DISK_BYTES: u64 = 4 << 20;
 const SECTORS: u64 = DISK_BYTES / 512;
+
+/// Boot the test guest with `disk` as its only disk, run `cmds`, and check it powered off.
+fn run_with_disk(disk: &ScratchDisk, cmds: &[&str]) -> Guest {
+    let run = GuestRun {
+        disks: vec![disk.arg()],
+        ..GuestRun::new(cmds)
+    };
+    let guest = run.run();
+    guest.assert_powered_off();
+    guest
+}
 
 #[test]
 fn test_testguest_guest_written_pattern_lands_in_host_file() {
     // Arrange
     let disk = ScratchDisk::zeroed("guest-write", DISK_BYTES);
     let cmds = ["blk", "blk-write 0 100 300 7", "blk-flush 0", "poweroff"];
-    let run = GuestRun {
-        disks: vec![disk.arg()],
-        ..GuestRun::new(&cmds)
-    };
-
     // Act
-    let guest = run.run();
+    let guest = run_with_disk(&disk, &cmds);
 
     // Assert
-    guest.assert_powered_off();
     let blk = guest.details("blk");
     assert_eq!(blk.len(), 1, "{}", guest.context());
     assert_eq!(num(blk[0], "capacity"), SECTORS, "{}", blk[0]);
@@ -58,16 +63,10 @@ fn test_testguest_host_written_pattern_verified_by_guest() {
         &format!("blk-sum 0 0 {SECTORS}"),
         "poweroff",
     ];
-    let run = GuestRun {
-        disks: vec![disk.arg()],
-        ..GuestRun::new(&cmds)
-    };
-
     // Act
-    let guest = run.run();
+    let guest = run_with_disk(&disk, &cmds);
 
     // Assert
-    guest.assert_powered_off();
     let check = guest.ok("blk-check", 0);
     assert_eq!(value(check, "result"), Some("match"), "{check}");
     let wrong_seed = guest.err("blk-check", 1);
@@ -132,16 +131,10 @@ fn assert_guest_clears_range(command: &str, seed: u64, first: u64) {
         &check_after,
         "poweroff",
     ];
-    let run = GuestRun {
-        disks: vec![disk.arg()],
-        ..GuestRun::new(&cmds)
-    };
-
     // Act
-    let guest = run.run();
+    let guest = run_with_disk(&disk, &cmds);
 
     // Assert
-    guest.assert_powered_off();
     guest.ok(command, 0);
     assert_eq!(guest.ok("blk-flush", 0), "OK blk-flush 0");
     guest.ok("blk-check", 0);
@@ -230,16 +223,10 @@ fn test_testguest_two_disks_have_their_ids_and_separate_data() {
 fn test_testguest_virtio_blk_msix_interrupts_are_delivered() {
     // Arrange
     let disk = ScratchDisk::zeroed("msix", DISK_BYTES);
-    let run = GuestRun {
-        disks: vec![disk.arg()],
-        ..GuestRun::new(&["blk-sum 0 0 1024", "blk", "irqs", "poweroff"])
-    };
-
     // Act
-    let guest = run.run();
+    let guest = run_with_disk(&disk, &["blk-sum 0 0 1024", "blk", "irqs", "poweroff"]);
 
     // Assert
-    guest.assert_powered_off();
     guest.ok("blk-sum", 0);
     let blk = guest.details("blk");
     assert_eq!(blk.len(), 1, "{}", guest.context());
