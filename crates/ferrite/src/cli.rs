@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use vmm::config::{parse_cpu_features, parse_memory_size, DiskConfig, RepairMode};
+use vmm::config::{
+    parse_cpu_features, parse_memory_size, BalloonConfig, ConsoleConfig, DiskConfig, NetConfig,
+    RepairMode, RngConfig, VsockConfig,
+};
 use vmm::error::chain_to_line;
 
 /// Exit statuses, printed in `--help`.
@@ -105,6 +108,26 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     DiskConfig::parse(s).map_err(|e| chain_to_line(&e))
 }
 
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    NetConfig::parse(s).map_err(|e| chain_to_line(&e))
+}
+
+fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
+    VsockConfig::parse(s).map_err(|e| chain_to_line(&e))
+}
+
+fn parse_rng(s: &str) -> Result<RngConfig, String> {
+    RngConfig::parse(s).map_err(|e| chain_to_line(&e))
+}
+
+fn parse_balloon(s: &str) -> Result<BalloonConfig, String> {
+    BalloonConfig::parse(s).map_err(|e| chain_to_line(&e))
+}
+
+fn parse_virtio_console(s: &str) -> Result<ConsoleConfig, String> {
+    ConsoleConfig::parse(s).map_err(|e| chain_to_line(&e))
+}
+
 fn parse_features(s: &str) -> Result<arch::cpuid::FeatureMask, String> {
     parse_cpu_features(s).map_err(|e| chain_to_line(&e))
 }
@@ -130,6 +153,25 @@ pub struct RunArgs {
     /// A virtio-blk disk (raw image); repeat for more. Options: readonly, id=SERIAL.
     #[arg(long = "disk", value_name = "PATH[,readonly][,id=SERIAL]", value_parser = parse_disk)]
     pub disks: Vec<DiskConfig>,
+    /// A virtio-net NIC on a host TAP device; repeat for more.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]...", value_parser = parse_net)]
+    pub nets: Vec<NetConfig>,
+    /// virtio-vsock with host AF_UNIX sockets (Firecracker's hybrid vsock).
+    #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
+    pub vsock: Option<VsockConfig>,
+    /// virtio-rng fed from the host's getrandom (an empty value uses the defaults).
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "", value_parser = parse_rng)]
+    pub rng: Option<RngConfig>,
+    /// virtio-balloon (an empty value uses the defaults).
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "", value_parser = parse_balloon)]
+    pub balloon: Option<BalloonConfig>,
+    /// virtio-console (hvc0), a second console next to the serial port.
+    #[arg(long, value_name = "OPTIONS", value_parser = parse_virtio_console)]
+    pub virtio_console: Option<ConsoleConfig>,
+    /// Per-VM control socket: JSON requests to change rate limits and the balloon target and
+    /// to read statistics while the VM runs.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
     /// Exit with status 3 when the guest reboots instead of restarting it.
     #[arg(long)]
     pub no_reboot: bool,

@@ -74,6 +74,12 @@ fn config_from(args: &RunArgs) -> VmConfig {
         no_reboot: args.no_reboot,
         repair: args.repair_emulation,
         cpu_features: args.cpu_features.clone().unwrap_or_default(),
+        nets: args.nets.clone(),
+        vsock: args.vsock.clone(),
+        rng: args.rng.clone(),
+        balloon: args.balloon.clone(),
+        virtio_console: args.virtio_console.clone(),
+        api_socket: args.api_socket.clone(),
     }
 }
 

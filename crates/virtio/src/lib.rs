@@ -35,7 +35,7 @@ pub use device::{
 };
 pub use queue_state::QueueSnapshot;
 pub use transport::{VirtioPciDevice, VirtioPciState};
-pub use worker::{QueueHandler, Worker};
+pub use worker::{EventControl, EventSet, QueueHandler, Worker};
 
 /// virtio device type IDs (virtio 1.2 §5).
 pub mod device_type {

@@ -1,24 +1,70 @@
-//! The per-device worker thread: waits (epoll) on the queue doorbells, a kill eventfd and a
-//! pause eventfd, and hands queue notifications to a [`QueueHandler`].
+//! The per-device worker thread: waits (epoll) on the queue doorbells, a kill eventfd, a
+//! pause eventfd and any file descriptors the device registers (a TAP device, sockets, a
+//! rate limiter's timer), and hands each event to a [`QueueHandler`].
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+pub use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{Result, VirtioError};
 
-/// What the worker thread runs when a queue's doorbell rings.
+/// What the worker thread runs when a queue's doorbell rings or a registered fd is ready.
 pub trait QueueHandler: Send + 'static {
     /// Queue `index` was notified: process what the driver made available.
     fn process_queue(&mut self, index: usize);
+
+    /// Called once on the worker thread before anything else: register the device's own
+    /// file descriptors (TAP, sockets, timers) with `ctl`.
+    fn register(&mut self, _ctl: &EventControl<'_>) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    /// A descriptor registered under `token` is ready with `events`. `ctl` adds, changes or
+    /// removes descriptors (connections come and go).
+    fn process_event(&mut self, _token: u32, _events: EventSet, _ctl: &EventControl<'_>) {}
 }
 
 const KILL_TOKEN: u64 = u64::MAX;
 const PAUSE_TOKEN: u64 = u64::MAX - 1;
+/// Handler tokens are stored above every queue index.
+const HANDLER_TOKEN_BASE: u64 = 1 << 32;
+
+/// The worker's epoll set as seen by a [`QueueHandler`]: handler tokens are a separate space
+/// from queue indices, so a device cannot confuse the two.
+pub struct EventControl<'a> {
+    epoll: &'a Epoll,
+}
+
+impl EventControl<'_> {
+    /// Watch `fd` for `events`, reported to [`QueueHandler::process_event`] as `token`.
+    pub fn add(&self, fd: RawFd, events: EventSet, token: u32) -> std::io::Result<()> {
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(events, HANDLER_TOKEN_BASE + u64::from(token)),
+        )
+    }
+
+    /// Change the events watched on `fd` (already added).
+    pub fn modify(&self, fd: RawFd, events: EventSet, token: u32) -> std::io::Result<()> {
+        self.epoll.ctl(
+            ControlOperation::Modify,
+            fd,
+            EpollEvent::new(events, HANDLER_TOKEN_BASE + u64::from(token)),
+        )
+    }
+
+    /// Stop watching `fd` (call before closing it).
+    pub fn remove(&self, fd: RawFd) -> std::io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
+}
 
 #[derive(Default)]
 struct PauseState {
@@ -68,11 +114,16 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                let ctl = EventControl { epoll: &epoll };
+                if let Err(e) = handler.register(&ctl) {
+                    tracing::error!("virtio worker cannot register device fds: {e}");
+                    return;
+                }
                 // Drain anything rung before activation: the driver may have notified already.
                 for i in 0..queue_events.len() {
                     handler.process_queue(i);
                 }
-                let mut events = vec![EpollEvent::default(); queue_events.len() + 2];
+                let mut events = vec![EpollEvent::default(); queue_events.len() + 64];
                 loop {
                     let n = match epoll.wait(-1, &mut events) {
                         Ok(n) => n,
@@ -102,6 +153,10 @@ impl Worker {
                                 }
                                 // Doorbells rung while paused are still counted in their
                                 // eventfds, so epoll reports them on the next wait.
+                            }
+                            t if t >= HANDLER_TOKEN_BASE => {
+                                let token = (t - HANDLER_TOKEN_BASE) as u32;
+                                handler.process_event(token, ev.event_set(), &ctl);
                             }
                             i => {
                                 let Some(evt) = queue_events.get(i as usize) else {
@@ -209,5 +264,39 @@ mod tests {
         assert_eq!(rx.recv().unwrap(), 1);
         w.stop();
         assert!(!w.alive());
+    }
+
+    struct Watcher {
+        fd: EventFd,
+        tx: mpsc::Sender<u32>,
+    }
+    impl QueueHandler for Watcher {
+        fn process_queue(&mut self, _index: usize) {}
+        fn register(&mut self, ctl: &EventControl<'_>) -> std::io::Result<()> {
+            ctl.add(self.fd.as_raw_fd(), EventSet::IN, 7)
+        }
+        fn process_event(&mut self, token: u32, events: EventSet, ctl: &EventControl<'_>) {
+            assert!(events.contains(EventSet::IN));
+            let _ = self.fd.read();
+            let _ = ctl.remove(self.fd.as_raw_fd());
+            let _ = self.tx.send(token);
+        }
+    }
+
+    #[test]
+    fn test_worker_registered_fd_reaches_handler_with_its_token() {
+        let (tx, rx) = mpsc::channel();
+        let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let bell = fd.try_clone().unwrap();
+        let _w = Worker::spawn(
+            "test-watch",
+            vec![EventFd::new(EFD_NONBLOCK).unwrap()],
+            Watcher { fd, tx },
+        )
+        .unwrap();
+
+        bell.write(1).unwrap();
+
+        assert_eq!(rx.recv().unwrap(), 7);
     }
 }

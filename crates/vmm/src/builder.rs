@@ -17,6 +17,7 @@ use vm_device::{Bus, GuestMemoryMmap, IoEventRegistrar, ShutdownKind, ShutdownSi
 use crate::boot;
 use crate::config::{RepairMode, VmConfig};
 use crate::console::Console;
+use crate::devices::{AttachContext, RunDevices};
 use crate::dump::FailureReport;
 use crate::error::VmmError;
 use crate::gsi::GsiRouter;
@@ -74,6 +75,7 @@ pub fn run(config: &VmConfig, console: &Console, stop: &StopHandle) -> Result<Ru
     let repairs = repair_enabled.then(|| Arc::new(RepairStats::default()));
     // Disks are opened (and locked) once and shared by every VM instance across reboots.
     let disks = platform::open_disks(config)?;
+    let run_devices = RunDevices::open(config)?;
     let mut reboots = 0;
     loop {
         let vm = BuiltVm::build(
@@ -81,6 +83,7 @@ pub fn run(config: &VmConfig, console: &Console, stop: &StopHandle) -> Result<Ru
             config,
             console,
             &disks,
+            &run_devices,
             repairs.clone(),
             repair_enabled,
         )?;
@@ -127,6 +130,7 @@ impl BuiltVm {
         config: &VmConfig,
         console: &Console,
         disks: &[OpenDisk],
+        run_devices: &RunDevices,
         repairs: Option<Arc<RepairStats>>,
         repair_enabled: bool,
     ) -> Result<Self, VmmError> {
@@ -148,7 +152,13 @@ impl BuiltVm {
         let pci = platform::attach_pci(&pio, &mmio, &layout, &devices)?;
         devices.insert_into(&pio).map_err(VmmError::Bus)?;
         let ioevents: Arc<dyn IoEventRegistrar> = Arc::new(KvmIoEvents::new(vm.clone()));
-        let virtio_devices = platform::attach_disks(disks, &pci, &mem, &router, &ioevents)?;
+        let mut virtio_devices = platform::attach_disks(disks, &pci, &mem, &router, &ioevents)?;
+        virtio_devices.extend(run_devices.attach_all(&AttachContext {
+            pci: &pci,
+            mem: &mem,
+            router: &router,
+            ioevents: &ioevents,
+        })?);
         console
             .input()
             .attach(devices.serial.clone())

@@ -7,6 +7,12 @@ use std::path::{Path, PathBuf};
 use arch::cpuid::FeatureMask;
 use serde::{Deserialize, Serialize};
 
+pub use crate::devices::balloon::BalloonConfig;
+pub use crate::devices::console::ConsoleConfig;
+pub use crate::devices::net::NetConfig;
+pub use crate::devices::rng::RngConfig;
+pub use crate::devices::vsock::VsockConfig;
+
 /// Smallest guest RAM accepted (a bzImage needs room to decompress itself).
 pub const MIN_MEMORY: u64 = arch::layout::MIN_MEMORY;
 /// Largest guest RAM accepted: guest RAM is mapped lazily, but page tables and the dirty bitmap
@@ -92,6 +98,15 @@ pub enum ConfigError {
     /// Two disks with the same serial.
     #[error("Disk id {0:?} is used twice: give each --disk its own id=")]
     DiskIdDuplicate(String),
+    /// A device option (`--net`, `--vsock`, `--rng`, `--balloon`, `--virtio-console`,
+    /// `--api-socket`) that cannot be used; `message` names the problem and the fix.
+    #[error("Invalid {flag}: {message}")]
+    Device {
+        /// The flag, e.g. "--net".
+        flag: &'static str,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
     /// A `--cpu-features` list the platform code rejected.
     #[error("Invalid --cpu-features (use a comma-separated list of -NAME, e.g. -avx512f,-x2apic)")]
     CpuFeatures(#[source] arch::cpuid::Error),
@@ -191,6 +206,18 @@ pub struct VmConfig {
     pub repair: RepairMode,
     /// Features hidden from the guest's CPUID.
     pub cpu_features: FeatureMask,
+    /// virtio-net NICs, in PCI slot order (after the disks).
+    pub nets: Vec<NetConfig>,
+    /// virtio-vsock.
+    pub vsock: Option<VsockConfig>,
+    /// virtio-rng.
+    pub rng: Option<RngConfig>,
+    /// virtio-balloon.
+    pub balloon: Option<BalloonConfig>,
+    /// virtio-console (hvc0).
+    pub virtio_console: Option<ConsoleConfig>,
+    /// The per-VM control socket (JSON requests: rate limits, balloon target, statistics).
+    pub api_socket: Option<PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -205,6 +232,12 @@ impl Default for VmConfig {
             no_reboot: false,
             repair: RepairMode::Auto,
             cpu_features: FeatureMask::empty(),
+            nets: Vec::new(),
+            vsock: None,
+            rng: None,
+            balloon: None,
+            virtio_console: None,
+            api_socket: None,
         }
     }
 }
@@ -286,6 +319,21 @@ impl VmConfig {
                     return Err(ConfigError::DiskIdDuplicate(id.clone()));
                 }
             }
+        }
+        for net in &self.nets {
+            net.validate(self)?;
+        }
+        if let Some(v) = &self.vsock {
+            v.validate(self)?;
+        }
+        if let Some(r) = &self.rng {
+            r.validate(self)?;
+        }
+        if let Some(b) = &self.balloon {
+            b.validate(self)?;
+        }
+        if let Some(c) = &self.virtio_console {
+            c.validate(self)?;
         }
         Ok(())
     }

@@ -104,6 +104,29 @@ pub enum VmmError {
     /// A host resource (eventfd, thread) could not be created.
     #[error("Host resource error")]
     Io(#[source] std::io::Error),
+    /// A virtio device could not be created or plugged in.
+    #[error("Cannot set up device {device}")]
+    DeviceSetup {
+        /// Which device ("net0", "vsock").
+        device: String,
+        /// Why.
+        #[source]
+        source: virtio::VirtioError,
+    },
+    /// A device's host side (TAP, socket, file) could not be opened; `reason` says what to fix.
+    #[error("Cannot open the host side of {device}: {reason}")]
+    DeviceOpen {
+        /// Which device ("net0", "vsock").
+        device: String,
+        /// What went wrong and how to fix it.
+        reason: String,
+        /// The OS error, if any.
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    /// A feature this build does not have.
+    #[error("Not supported: {0}")]
+    NotSupported(&'static str),
 }
 
 /// Why a kernel or initrd file could not be loaded (the cause of [`VmmError::Kernel`] and
@@ -141,6 +164,8 @@ impl VmmError {
                 | Self::DiskLocked { .. }
                 | Self::Disk { .. }
                 | Self::Layout(_)
+                | Self::DeviceOpen { .. }
+                | Self::NotSupported(_)
         )
     }
 }
