@@ -89,7 +89,11 @@ impl RunDevices {
             vsock: config.vsock.as_ref().map(vsock::open).transpose()?,
             rng: config.rng.as_ref().map(rng::open).transpose()?,
             balloon: config.balloon.as_ref().map(balloon::open).transpose()?,
-            console: config.virtio_console.as_ref().map(console::open).transpose()?,
+            console: config
+                .virtio_console
+                .as_ref()
+                .map(console::open)
+                .transpose()?,
         })
     }
 
