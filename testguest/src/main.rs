@@ -13,6 +13,7 @@ mod pci;
 mod platform;
 mod pvh;
 mod sys;
+mod virtio;
 mod virtio_blk;
 
 use core::arch::global_asm;
