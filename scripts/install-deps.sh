@@ -11,7 +11,9 @@ set -euo pipefail
 ROOT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly ROOT_DIR
 # libc6-dev carries the static glibc (libc.a) the static-pie binaries link against.
-readonly APT_PACKAGES=(shellcheck libc6-dev)
+# iproute2 and iputils-ping: the network tests (namespaces, TAP, ping); qemu-utils: qemu-img
+# checks the qcow2 images Ferrite writes; fio: the host's own disk ceiling in the benchmark.
+readonly APT_PACKAGES=(shellcheck libc6-dev iproute2 iputils-ping qemu-utils fio)
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 
