@@ -1,17 +1,26 @@
 //! Disk image backends for block devices.
 //!
 //! A [`DiskBackend`] is what a virtio-blk device reads and writes; [`RawDisk`] is the raw-file
-//! implementation (a qcow2 backend can implement the same trait later). Every backend holds an
-//! exclusive (OFD) lock on its image so that two VMs never open one image read-write.
+//! implementation and [`Qcow2Disk`] the qcow2 one; [`open_image`] picks the format (probing
+//! the qcow2 magic unless told) and opens backing chains. Every backend holds an exclusive
+//! (OFD) lock on its image so that two VMs never open one image read-write; backing files get
+//! shared (read) locks.
 
 #![warn(missing_docs)]
 
 mod backend;
+mod image;
 mod lock;
+pub mod qcow2;
 mod raw;
 
 pub use backend::{DiskBackend, GuestSlice, SECTOR_SHIFT, SECTOR_SIZE};
+pub use image::{
+    convert_image, create_image, image_info, open_image, probe_format, ChainEntry, CreateSpec,
+    ImageFormat, ImageInfo,
+};
 pub use lock::LockMode;
+pub use qcow2::Qcow2Disk;
 pub use raw::RawDisk;
 
 use std::path::PathBuf;
@@ -68,6 +77,36 @@ pub enum DiskError {
     /// The backend or filesystem cannot do this operation.
     #[error("Operation not supported: {0}")]
     NotSupported(&'static str),
+    /// The image's metadata is inconsistent or hostile (qcow2 tables out of range, ...).
+    #[error("Disk image {path} is corrupt: {reason}")]
+    Corrupt {
+        /// The image path.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The image uses a format feature Ferrite does not implement.
+    #[error("Disk image {path} uses an unsupported feature: {feature}")]
+    UnsupportedFeature {
+        /// The image path.
+        path: PathBuf,
+        /// The feature, named as in the qcow2 specification.
+        feature: String,
+    },
+    /// The backing chain cannot be followed (loop, too deep, missing file).
+    #[error("Backing chain of {path} is invalid: {reason}")]
+    BackingChain {
+        /// The image whose backing file is the problem.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The destination of create/convert already exists.
+    #[error("{0} already exists (use --force to overwrite it)")]
+    Exists(PathBuf),
+    /// A bad parameter for create/convert.
+    #[error("{0}")]
+    InvalidArgument(String),
     /// A read, write, sync or fallocate failed.
     #[error("Disk I/O failed: {0}")]
     Io(#[from] std::io::Error),
