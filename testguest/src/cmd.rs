@@ -52,7 +52,8 @@ const BENCH_MMIO_ADDR: u64 = 0xf000_0000;
 /// Command names, for `help`.
 const COMMANDS: &str =
     "help,echo,cpus,mem,mem-fill,mem-check,pci,acpi,time,count,count-forever,irqs,poweroff,reboot,\
-blk,blk-id,blk-write,blk-check,blk-sum,blk-flush,blk-discard,blk-zeroes,bench-pio,bench-mmio";
+blk,blk-id,blk-write,blk-check,blk-sum,blk-flush,blk-discard,blk-zeroes,bench-pio,bench-mmio,\
+rng,vcon,vcon-write,vcon-echo,vsock,vsock-listen,vsock-connect,hostile,net-up,net-serve";
 
 impl Machine {
     /// Discovers the platform: ACPI, interrupts, TSC, CPUs, PCI, virtio-blk disks.
@@ -96,6 +97,22 @@ impl Machine {
             }
         }
         m
+    }
+
+    /// Re-initialises the virtio-blk disks (after `hostile` reset every device).
+    fn reinit_disks(&mut self) {
+        let mut n = 0;
+        for i in 0..self.pci.count {
+            let f = self.pci.funcs[i];
+            let blk = f.vendor == 0x1af4 && (f.device == 0x1042 || f.device == 0x1001);
+            if !blk || n >= MAX_DISKS {
+                continue;
+            }
+            let cfg = self.pci.cfg(&f);
+            self.disks[n] = Disk::init(&cfg, &f, n, self.tsc.hz).ok();
+            n += 1;
+        }
+        self.ndisks = n;
     }
 
     /// Sum of RAM entries and the highest RAM end.
@@ -150,6 +167,10 @@ impl Machine {
             println!("OK echo {}", line[4..].trim());
             return;
         }
+        if cmd == "vcon-write" {
+            crate::virtio_console::cmd_write(&self.pci, self.tsc.hz, line[10..].trim());
+            return;
+        }
         let mut args = [""; 8];
         let mut nargs = 0;
         for w in words {
@@ -186,6 +207,19 @@ impl Machine {
                 platform::reboot(self.acpi.as_ref(), self.tsc.hz);
                 println!("ERR reboot still-running");
             }
+            "rng" => crate::virtio_rng::cmd(&self.pci, self.tsc.hz, args),
+            "net-up" => crate::virtio_net::cmd_up(&self.pci, args),
+            "net-serve" => crate::virtio_net::cmd_serve(self.tsc.hz, args),
+            "vsock" => crate::virtio_vsock::cmd_info(&self.pci),
+            "vsock-listen" => crate::virtio_vsock::cmd_listen(&self.pci, self.tsc.hz, args),
+            "vsock-connect" => crate::virtio_vsock::cmd_connect(&self.pci, self.tsc.hz, args),
+            "hostile" => {
+                let (_, top, _) = self.ram();
+                crate::hostile::cmd(&self.pci, self.tsc.hz, top);
+                self.reinit_disks();
+            }
+            "vcon" => crate::virtio_console::cmd_info(&self.pci),
+            "vcon-echo" => crate::virtio_console::cmd_echo(&self.pci, self.tsc.hz, args),
             "blk" => self.cmd_blk(),
             "blk-id" | "blk-write" | "blk-check" | "blk-sum" | "blk-flush" | "blk-discard"
             | "blk-zeroes" => self.cmd_blk_op(cmd, args),

@@ -7,7 +7,9 @@ mod abi;
 mod acpi;
 mod cmd;
 mod console;
+mod hostile;
 mod kernel;
+mod netstack;
 mod pattern;
 mod pci;
 mod platform;
@@ -15,6 +17,10 @@ mod pvh;
 mod sys;
 mod virtio;
 mod virtio_blk;
+mod virtio_console;
+mod virtio_net;
+mod virtio_rng;
+mod virtio_vsock;
 
 use core::arch::global_asm;
 

@@ -71,11 +71,15 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// Parsed once per process: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a VM and connect its serial console to this terminal.
     #[command(after_help = RUN_HELP)]
     Run(RunArgs),
+    /// Create, inspect and convert disk images (raw, qcow2).
+    Disk(crate::disk_cmd::DiskArgs),
 }
 
 /// Where guest serial output goes.
@@ -150,23 +154,31 @@ pub struct RunArgs {
     /// Guest RAM: 512M, 2G, or a plain number of MiB.
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory)]
     pub memory: u64,
-    /// A virtio-blk disk (raw image); repeat for more. Options: readonly, id=SERIAL.
-    #[arg(long = "disk", value_name = "PATH[,readonly][,id=SERIAL]", value_parser = parse_disk)]
+    /// A virtio-blk disk (raw or qcow2 image); repeat for more. Options: readonly, id=SERIAL,
+    /// format=raw|qcow2 (default: qcow2 if the file starts with the qcow2 magic, else raw;
+    /// give format=raw for raw disks a guest writes, or a guest-written qcow2 header could
+    /// name a host file as backing file).
+    #[arg(long = "disk", value_name = "PATH[,readonly][,id=SERIAL][,format=F]", value_parser = parse_disk)]
     pub disks: Vec<DiskConfig>,
-    /// A virtio-net NIC on a host TAP device; repeat for more.
-    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]...", value_parser = parse_net)]
+    /// A virtio-net NIC on a host TAP device; repeat for more. `tap=NAME` uses (or creates)
+    /// that TAP; `--net` alone creates `fe<pid>n<index>`, removed on exit. Without `mac=` the
+    /// MAC is derived from the TAP name (stable, locally administered).
+    #[arg(long = "net", value_name = "tap=NAME,mac=MAC", num_args = 0..=1, default_missing_value = "", value_parser = parse_net)]
     pub nets: Vec<NetConfig>,
     /// virtio-vsock with host AF_UNIX sockets (Firecracker's hybrid vsock).
     #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
     pub vsock: Option<VsockConfig>,
-    /// virtio-rng fed from the host's getrandom (an empty value uses the defaults).
-    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "", value_parser = parse_rng)]
+    /// virtio-rng fed from the host's getrandom; `--rng` alone is unlimited,
+    /// `--rng=bw=BYTES_PER_S[,burst=BYTES]` rate-limits it.
+    #[arg(long, value_name = "bw=N,burst=N", num_args = 0..=1, default_missing_value = "", value_parser = parse_rng)]
     pub rng: Option<RngConfig>,
     /// virtio-balloon (an empty value uses the defaults).
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "", value_parser = parse_balloon)]
     pub balloon: Option<BalloonConfig>,
-    /// virtio-console (hvc0), a second console next to the serial port.
-    #[arg(long, value_name = "OPTIONS", value_parser = parse_virtio_console)]
+    /// virtio-console (hvc0), a second console next to the serial port: guest output appended
+    /// to a file, a Unix socket the host connects to (both directions), or a new pty (its
+    /// path is printed on stderr).
+    #[arg(long, value_name = "file:PATH|socket:PATH|pty", value_parser = parse_virtio_console)]
     pub virtio_console: Option<ConsoleConfig>,
     /// Per-VM control socket: JSON requests to change rate limits and the balloon target and
     /// to read statistics while the VM runs.
@@ -217,7 +229,9 @@ mod tests {
             "file:/tmp/x",
         ])
         .unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("not a run command")
+        };
         assert_eq!(args.cpus, 4);
         assert_eq!(args.memory, 2 << 30);
         assert_eq!(args.disks.len(), 2);

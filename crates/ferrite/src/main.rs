@@ -1,6 +1,7 @@
 //! `ferrite`: run a VM with its serial console on this terminal.
 
 mod cli;
+mod disk_cmd;
 mod input;
 mod signals;
 mod terminal;
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
     terminal::install_panic_hook();
     let code = match cli.command {
         Command::Run(args) => run(args),
+        Command::Disk(args) => disk_cmd::run(args),
     };
     terminal::restore();
     ExitCode::from(code as u8)

@@ -24,17 +24,25 @@
 #![warn(missing_docs)]
 
 pub mod block;
+pub mod console;
 mod device;
+pub mod net;
 mod queue_state;
+pub mod rng;
 pub mod transport;
+pub mod vsock;
 mod worker;
 
 pub use block::{Block, BlockMetrics, BlockMetricsSnapshot};
+pub use console::{Console, ConsoleBackend, ConsoleMetrics, ConsoleMetricsSnapshot, ConsoleSize};
 pub use device::{
     ActivateContext, InterruptKind, VirtioDevice, VirtioDeviceState, VirtioInterrupt,
 };
+pub use net::{Net, NetBackend, NetMetrics, NetMetricsSnapshot};
 pub use queue_state::QueueSnapshot;
+pub use rng::{Rng, RngMetrics, RngMetricsSnapshot};
 pub use transport::{VirtioPciDevice, VirtioPciState};
+pub use vsock::{Vsock, VsockMetrics, VsockMetricsSnapshot, VsockState};
 pub use worker::{EventControl, EventSet, QueueHandler, Worker};
 
 /// virtio device type IDs (virtio 1.2 §5).
@@ -47,6 +55,8 @@ pub mod device_type {
     pub const CONSOLE: u32 = 3;
     /// Entropy source.
     pub const RNG: u32 = 4;
+    /// Socket device (virtio-vsock).
+    pub const VSOCK: u32 = 19;
 }
 
 /// Feature bits common to all devices (virtio 1.2 §6).

@@ -76,6 +76,8 @@ pub fn run(config: &VmConfig, console: &Console, stop: &StopHandle) -> Result<Ru
     // Disks are opened (and locked) once and shared by every VM instance across reboots.
     let disks = platform::open_disks(config)?;
     let run_devices = RunDevices::open(config)?;
+    // The control socket lives for the whole run (across reboots); dropping it removes PATH.
+    let _control = start_control(config, &disks, &run_devices)?;
     let mut reboots = 0;
     loop {
         let vm = BuiltVm::build(
@@ -108,6 +110,42 @@ pub fn run(config: &VmConfig, console: &Console, stop: &StopHandle) -> Result<Ru
             }
         }
     }
+}
+
+/// Start `--api-socket` (if given) with the run's rate limiters (`disk0`, `net0.rx`, ...),
+/// device counters and balloon.
+fn start_control(
+    config: &VmConfig,
+    disks: &[platform::OpenDisk],
+    run_devices: &RunDevices,
+) -> Result<Option<crate::control::ControlServer>, VmmError> {
+    let Some(path) = &config.api_socket else {
+        return Ok(None);
+    };
+    let mut handles = run_devices.control_handles();
+    for (i, d) in disks.iter().enumerate() {
+        if let Some(l) = &d.limiter {
+            handles.limiters.insert(format!("disk{i}"), l.clone());
+        }
+        handles.stats.insert(
+            format!("disk{i}"),
+            crate::devices::stats_fn(&d.metrics, |m| m.snapshot()),
+        );
+    }
+    let state = crate::control::ControlState {
+        limiters: handles.limiters,
+        device_stats: handles.stats,
+        balloon: handles.balloon,
+        info: serde_json::to_value(config).unwrap_or_default(),
+        started: std::time::Instant::now(),
+    };
+    crate::control::ControlServer::start(path, state)
+        .map(Some)
+        .map_err(|e| VmmError::DeviceOpen {
+            device: "api-socket".to_string(),
+            reason: e.to_string(),
+            source: None,
+        })
 }
 
 /// One built and running VM instance.

@@ -83,11 +83,14 @@ pub enum ConfigError {
     /// `--disk` points nowhere.
     #[error("Disk image {0} does not exist: create it first or fix the --disk path")]
     DiskMissing(PathBuf),
-    /// A `--disk` option that is not `readonly` or `id=...`.
-    #[error("Unknown --disk option {0:?}: use PATH[,readonly][,id=SERIAL]")]
+    /// A `--disk` option that is not `readonly`, `id=...` or `format=...`.
+    #[error("Unknown --disk option {0:?}: use PATH[,readonly][,id=SERIAL][,format=raw|qcow2][,bw=N][,iops=N][,bw-burst=N][,iops-burst=N]")]
     DiskBadOption(String),
+    /// `--disk PATH,format=X` with an unknown format.
+    #[error("Unknown --disk format {0:?}: use format=raw or format=qcow2")]
+    DiskBadFormat(String),
     /// `--disk ""` or `--disk ,readonly`.
-    #[error("--disk needs a path: use PATH[,readonly][,id=SERIAL]")]
+    #[error("--disk needs a path: use PATH[,readonly][,id=SERIAL][,format=raw|qcow2]")]
     DiskNoPath,
     /// The same image twice, at least once writable.
     #[error("Disk image {0} is given twice: attach a writable image once, or pass ,readonly to every copy")]
@@ -142,16 +145,25 @@ impl std::str::FromStr for RepairMode {
 /// One virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
-    /// Raw image on the host.
+    /// Disk image on the host (raw or qcow2).
     pub path: PathBuf,
     /// The guest may not write.
     pub readonly: bool,
     /// virtio-blk serial (`/dev/disk/by-id/virtio-<id>` in Linux), at most 20 bytes.
     pub id: Option<String>,
+    /// Image format; `None` probes the qcow2 magic. Give `format=raw` for raw disks a guest
+    /// writes: a guest could write a qcow2 header (naming a host file as backing file) into a
+    /// raw disk, and probing would then follow it on the next start.
+    #[serde(default)]
+    pub format: Option<disk::ImageFormat>,
+    /// I/O limits (`bw=`, `iops=`, `bw-burst=`, `iops-burst=`); default unlimited.
+    #[serde(default)]
+    pub rate_limit: rate_limiter::RateLimitConfig,
 }
 
 impl DiskConfig {
-    /// Parse `PATH[,readonly][,id=SERIAL]` (the `--disk` syntax).
+    /// Parse `PATH[,readonly][,id=SERIAL][,format=raw|qcow2][,bw=N][,iops=N][,bw-burst=N][,iops-burst=N]`
+    /// (the `--disk` syntax; N accepts K/M/G binary suffixes).
     pub fn parse(spec: &str) -> Result<Self, ConfigError> {
         let mut parts = spec.split(',');
         let path = parts.next().unwrap_or_default();
@@ -162,7 +174,10 @@ impl DiskConfig {
             path: PathBuf::from(path),
             readonly: false,
             id: None,
+            format: None,
+            rate_limit: rate_limiter::RateLimitConfig::default(),
         };
+        let (mut bw, mut iops, mut bw_burst, mut iops_burst) = (None, None, None, None);
         for opt in parts {
             if opt == "readonly" || opt == "ro" {
                 disk.readonly = true;
@@ -171,10 +186,35 @@ impl DiskConfig {
                     return Err(ConfigError::DiskIdTooLong(id.to_string()));
                 }
                 disk.id = Some(id.to_string());
+            } else if let Some(fmt) = opt.strip_prefix("format=") {
+                disk.format = Some(
+                    fmt.parse()
+                        .map_err(|_| ConfigError::DiskBadFormat(fmt.to_string()))?,
+                );
+            } else if let Some((key @ ("bw" | "iops" | "bw-burst" | "iops-burst"), v)) =
+                opt.split_once('=')
+            {
+                let n = rate_limiter::parse_rate(v)
+                    .map_err(|_| ConfigError::DiskBadOption(opt.to_string()))?;
+                match key {
+                    "bw" => bw = Some(n),
+                    "iops" => iops = Some(n),
+                    "bw-burst" => bw_burst = Some(n),
+                    _ => iops_burst = Some(n),
+                }
             } else {
                 return Err(ConfigError::DiskBadOption(opt.to_string()));
             }
         }
+        if (bw_burst.is_some() && bw.is_none()) || (iops_burst.is_some() && iops.is_none()) {
+            return Err(ConfigError::DiskBadOption(
+                "bw-burst/iops-burst need bw=/iops=".to_string(),
+            ));
+        }
+        disk.rate_limit.bandwidth =
+            bw.map(|n| rate_limiter::RateLimitConfig::parse_rate(n, bw_burst));
+        disk.rate_limit.ops =
+            iops.map(|n| rate_limiter::RateLimitConfig::parse_rate(n, iops_burst));
         Ok(disk)
     }
 }
@@ -446,6 +486,19 @@ mod tests {
     }
 
     #[test]
+    fn test_disk_parse_format_option_sets_format() {
+        let d = DiskConfig::parse("a.img,format=raw").unwrap();
+        assert_eq!(d.format, Some(disk::ImageFormat::Raw));
+        let q = DiskConfig::parse("a.qcow2,format=qcow2,ro").unwrap();
+        assert_eq!(q.format, Some(disk::ImageFormat::Qcow2));
+        assert_eq!(DiskConfig::parse("a.img").unwrap().format, None);
+        assert_eq!(
+            DiskConfig::parse("a.img,format=vmdk"),
+            Err(ConfigError::DiskBadFormat("vmdk".into()))
+        );
+    }
+
+    #[test]
     fn test_disk_parse_bad_option_is_error() {
         assert_eq!(
             DiskConfig::parse("a.img,rw"),
@@ -534,6 +587,8 @@ mod tests {
             path: exe.clone(),
             readonly: false,
             id: None,
+            format: None,
+            rate_limit: Default::default(),
         };
         let ro = DiskConfig {
             readonly: true,
@@ -552,12 +607,30 @@ mod tests {
     }
 
     #[test]
+    fn test_disk_parse_rate_options_set_buckets() {
+        let d = DiskConfig::parse("/x.img,bw=10M,iops=500,bw-burst=1M").unwrap();
+
+        let bw = d.rate_limit.bandwidth.unwrap();
+        let ops = d.rate_limit.ops.unwrap();
+
+        assert_eq!(
+            (bw.size, bw.one_time_burst, bw.refill_time_ms),
+            (10 << 20, 1 << 20, 1000)
+        );
+        assert_eq!((ops.size, ops.one_time_burst), (500, 0));
+        assert!(DiskConfig::parse("/x.img,bw=fast").is_err());
+        assert!(DiskConfig::parse("/x.img,iops-burst=5").is_err());
+    }
+
+    #[test]
     fn test_validate_duplicate_disk_id_is_error() {
         let exe = std::env::current_exe().unwrap();
         let disk = DiskConfig {
             path: exe,
             readonly: true,
             id: Some("x".into()),
+            format: None,
+            rate_limit: Default::default(),
         };
         let cfg = VmConfig {
             disks: vec![disk.clone(), disk],

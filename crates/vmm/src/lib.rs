@@ -16,6 +16,7 @@ pub mod boot;
 pub mod builder;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod devices;
 pub mod dump;
 pub mod error;

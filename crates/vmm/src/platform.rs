@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use arch::e820::MemoryLayout;
 use arch::layout::{irqs, ports, PCI_ECAM_SIZE, PCI_ECAM_START};
 use devices::{LegacyDevices, LegacyIrqs};
-use disk::{DiskBackend, RawDisk};
+use disk::DiskBackend;
 use pci::{PciConfigIo, PciConfigMmio, PciRoot};
 use virtio::{Block, VirtioPciDevice};
 use vm_device::{Bus, GuestMemoryMmap, IoEventRegistrar, SharedDevice, ShutdownSignal};
@@ -52,12 +52,11 @@ pub fn attach_disks(
 ) -> Result<Vec<Arc<Mutex<VirtioPciDevice>>>, VmmError> {
     let mut virtio_devices = Vec::with_capacity(disks.len());
     for disk in disks {
-        let block =
-            Block::with_backend(disk.backend.clone(), disk.id.as_deref()).map_err(|source| {
-                VmmError::Disk {
-                    path: disk.path.clone(),
-                    source,
-                }
+        let block = Block::with_backend(disk.backend.clone(), disk.id.as_deref())
+            .map(|b| b.with_metrics(disk.metrics.clone()))
+            .map_err(|source| VmmError::Disk {
+                path: disk.path.clone(),
+                source,
             })?;
         let dev = VirtioPciDevice::new(
             Box::new(block),
@@ -84,6 +83,11 @@ pub struct OpenDisk {
     pub id: Option<String>,
     /// The opened, locked image.
     pub backend: Arc<dyn DiskBackend>,
+    /// The disk's I/O limiter (shared with the control socket); always `Some` today
+    /// (unlimited unless `bw=`/`iops=` given).
+    pub limiter: Option<rate_limiter::SharedRateLimiter>,
+    /// The disk's counters, kept for the whole run (across reboots) for the control socket.
+    pub metrics: Arc<virtio::block::BlockMetrics>,
 }
 
 /// Open and lock every disk of `config` (once per run; VM rebuilds share them).
@@ -92,14 +96,26 @@ pub fn open_disks(config: &VmConfig) -> Result<Vec<OpenDisk>, VmmError> {
         .disks
         .iter()
         .map(|d| {
-            let raw = RawDisk::open(&d.path, d.readonly).map_err(|e| match e {
+            // Probing (format: None) follows the qcow2 magic; see disk::open_image for why
+            // guest-writable raw disks should say format=raw.
+            let backend = disk::open_image(&d.path, d.readonly, d.format).map_err(|e| match e {
                 disk::DiskError::Locked { path } => VmmError::DiskLocked { path },
                 other => VmmError::DiskOpen(other),
             })?;
+            // Always present (unlimited by default) so the control socket can limit it later.
+            let limiter = Some(rate_limiter::SharedRateLimiter::new(&d.rate_limit).map_err(
+                |e| VmmError::DeviceOpen {
+                    device: d.path.display().to_string(),
+                    reason: "cannot create the rate limiter's timerfd".to_string(),
+                    source: Some(e),
+                },
+            )?);
             Ok(OpenDisk {
                 path: d.path.clone(),
                 id: d.id.clone(),
-                backend: Arc::new(raw),
+                backend,
+                limiter,
+                metrics: Arc::default(),
             })
         })
         .collect()

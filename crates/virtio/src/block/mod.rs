@@ -2,6 +2,7 @@
 
 mod handler;
 mod metrics;
+mod pool;
 pub mod request;
 
 use std::sync::Arc;
@@ -16,10 +17,14 @@ use crate::features::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRT
 use crate::worker::Worker;
 use crate::{device_type, Result, VirtioError};
 use handler::BlockHandler;
+use pool::Shared;
 use request::Limits;
 
 /// Size of the single request queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// I/O threads per device by default: enough to keep a queue-depth-32 driver's requests
+/// overlapping on the host without swamping small hosts with threads.
+pub const DEFAULT_IO_THREADS: usize = 4;
 /// Most sectors one DISCARD / WRITE_ZEROES segment may cover (2 GiB).
 const MAX_DWZ_SECTORS: u32 = (1 << 31) >> SECTOR_SHIFT;
 /// Segments per DISCARD / WRITE_ZEROES request.
@@ -36,6 +41,8 @@ pub struct Block {
     queue_sizes: [u16; 1],
     limits: Limits,
     metrics: Arc<BlockMetrics>,
+    io_threads: usize,
+    shared: Option<Arc<Shared>>,
     worker: Option<Worker>,
 }
 
@@ -94,8 +101,24 @@ impl Block {
             queue_sizes: [QUEUE_SIZE],
             limits,
             metrics: Arc::new(BlockMetrics::default()),
+            io_threads: DEFAULT_IO_THREADS,
+            shared: None,
             worker: None,
         })
+    }
+
+    /// Use `n` I/O threads to keep requests in flight in parallel (0: execute every request
+    /// on the worker thread, one at a time). Takes effect at the next activation.
+    pub fn with_io_threads(mut self, n: usize) -> Self {
+        self.io_threads = n;
+        self
+    }
+
+    /// Count into `metrics` (kept by the caller across device re-creations) instead of a
+    /// fresh set of counters.
+    pub fn with_metrics(mut self, metrics: Arc<BlockMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The live counters (shared with the worker thread).
@@ -156,34 +179,47 @@ impl VirtioDevice for Block {
                 });
             }
         }
-        let handler = BlockHandler {
-            mem: ctx.mem,
-            queue,
-            disk: self.disk.clone(),
-            serial: self.serial.clone(),
-            acked_features: ctx.acked_features,
-            limits: self.limits,
-            metrics: self.metrics.clone(),
-            interrupt: ctx.interrupt,
-            needs_reset: ctx.needs_reset,
-            broken: false,
-        };
+        let shared = Arc::new(
+            Shared::new(
+                ctx.mem,
+                queue,
+                self.disk.clone(),
+                self.serial.clone(),
+                ctx.acked_features,
+                self.limits,
+                self.metrics.clone(),
+                ctx.interrupt,
+                ctx.needs_reset,
+            )
+            .map_err(VirtioError::from)?,
+        );
+        let handler =
+            BlockHandler::new(shared.clone(), self.io_threads).map_err(VirtioError::from)?;
         let events = ctx.queue_events.into_iter().take(1).collect();
         self.worker = Some(Worker::spawn("virtio-blk", events, handler)?);
+        self.shared = Some(shared);
         Ok(())
     }
 
     fn reset(&mut self) {
+        // Stopping the worker drops its handler, which cancels requests not yet started and
+        // joins the I/O threads: after this returns nothing writes guest memory.
         if let Some(mut w) = self.worker.take() {
             w.stop();
         }
+        self.shared = None;
     }
 
     fn pause(&mut self) -> Result<()> {
-        match &self.worker {
-            Some(w) => w.pause(),
-            None => Ok(()),
+        if let Some(w) = &self.worker {
+            w.pause()?;
         }
+        // The worker pops nothing more; let the requests in flight land in the used ring so
+        // the saved queue state accounts for every request.
+        if let Some(shared) = &self.shared {
+            shared.wait_idle();
+        }
+        Ok(())
     }
 
     fn resume(&mut self) -> Result<()> {

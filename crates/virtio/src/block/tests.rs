@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempfile::TempFile;
 
 use super::handler::BlockHandler;
+use super::pool::Shared;
 use super::*;
 use crate::device::{InterruptKind, VirtioInterrupt};
 use crate::worker::QueueHandler;
@@ -36,9 +37,40 @@ impl VirtioInterrupt for FakeInterrupt {
 struct Harness {
     mem: GuestMemoryMmap,
     _file: TempFile,
-    handler: BlockHandler,
+    queue: Arc<Mutex<Queue>>,
+    disk: Arc<dyn disk::DiskBackend>,
+    serial: Vec<u8>,
+    limits: Limits,
+    metrics: Arc<BlockMetrics>,
+    /// Negotiated features, fixed when the handler is first used.
+    features: u64,
+    /// I/O threads of the handler (0: inline execution, results visible at once).
+    io_threads: usize,
+    handler: Option<BlockHandler>,
     irq: Arc<FakeInterrupt>,
     needs_reset: Arc<AtomicBool>,
+}
+
+impl Harness {
+    /// The handler, built on first use from the harness's current settings.
+    fn handler(&mut self) -> &mut BlockHandler {
+        if self.handler.is_none() {
+            let shared = Shared::new(
+                self.mem.clone(),
+                self.queue.clone(),
+                self.disk.clone(),
+                self.serial.clone(),
+                self.features,
+                self.limits,
+                self.metrics.clone(),
+                self.irq.clone(),
+                self.needs_reset.clone(),
+            )
+            .unwrap();
+            self.handler = Some(BlockHandler::new(Arc::new(shared), self.io_threads).unwrap());
+        }
+        self.handler.as_mut().unwrap()
+    }
 }
 
 fn guest_memory() -> GuestMemoryMmap {
@@ -53,27 +85,20 @@ fn harness(read_only: bool, features: u64) -> (Harness, Block) {
     let disk = RawDisk::open(file.as_path(), read_only).unwrap();
     let block = Block::new(disk, Some("ferrite-test-serial")).unwrap();
     let mem = guest_memory();
-    let irq = Arc::new(FakeInterrupt::default());
-    let needs_reset = Arc::new(AtomicBool::new(false));
-    let handler = BlockHandler {
-        mem: mem.clone(),
-        queue: Arc::new(Mutex::new(Queue::new(QSIZE).unwrap())),
-        disk: block.disk.clone(),
-        serial: block.serial.clone(),
-        acked_features: features,
-        limits: block.limits,
-        metrics: block.metrics(),
-        interrupt: irq.clone(),
-        needs_reset: needs_reset.clone(),
-        broken: false,
-    };
     (
         Harness {
             mem,
             _file: file,
-            handler,
-            irq,
-            needs_reset,
+            queue: Arc::new(Mutex::new(Queue::new(QSIZE).unwrap())),
+            disk: block.disk.clone(),
+            serial: block.serial.clone(),
+            limits: block.limits,
+            metrics: block.metrics(),
+            features,
+            io_threads: 0,
+            handler: None,
+            irq: Arc::new(FakeInterrupt::default()),
+            needs_reset: Arc::new(AtomicBool::new(false)),
         },
         block,
     )
@@ -117,12 +142,13 @@ fn request(
 
 /// Put chains on a fresh mock queue, run the handler, return (used elems, status byte).
 fn run(h: &mut Harness, descs: &[RawDescriptor]) -> (Vec<(u32, u32)>, u8) {
-    let vq = MockSplitQueue::create(&h.mem, GuestAddress(0x1000), QSIZE);
+    let mem = h.mem.clone();
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), QSIZE);
     vq.add_desc_chains(descs, 0).unwrap();
     let mut q: Queue = vq.create_queue().unwrap();
-    q.set_event_idx(h.handler.acked_features & (1 << 29) != 0);
-    *h.handler.queue.lock().unwrap() = q;
-    h.handler.process_queue(0);
+    q.set_event_idx(h.features & (1 << 29) != 0);
+    *h.queue.lock().unwrap() = q;
+    h.handler().process_queue(0);
     let used_idx = vq.used().idx().load();
     let used = (0..used_idx)
         .map(|i| {
@@ -134,13 +160,13 @@ fn run(h: &mut Harness, descs: &[RawDescriptor]) -> (Vec<(u32, u32)>, u8) {
 }
 
 fn metrics(h: &Harness) -> BlockMetricsSnapshot {
-    h.handler.metrics.snapshot()
+    h.metrics.snapshot()
 }
 
 #[test]
 fn test_blk_read_returns_disk_data_and_interrupts() {
     let (mut h, b) = harness(false, 0);
-    h.handler.acked_features = all_features(&b);
+    h.features = all_features(&b);
     let d = request(&h, VIRTIO_BLK_T_IN, 3, 1024, VRING_DESC_F_WRITE, 0);
     let (used, status) = run(&mut h, &d);
     assert_eq!(status, VIRTIO_BLK_S_OK as u8);
@@ -159,7 +185,7 @@ fn test_blk_read_returns_disk_data_and_interrupts() {
 #[test]
 fn test_blk_write_then_flush_reaches_disk() {
     let (mut h, b) = harness(false, 0);
-    h.handler.acked_features = all_features(&b);
+    h.features = all_features(&b);
     h.mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
     let d = request(&h, VIRTIO_BLK_T_OUT, 10, 512, 0, 0);
     let (used, status) = run(&mut h, &d);
@@ -168,7 +194,7 @@ fn test_blk_write_then_flush_reaches_disk() {
     let (_, status) = run(&mut h, &d);
     assert_eq!(status, VIRTIO_BLK_S_OK as u8);
     let mut buf = [0u8; 512];
-    h.handler.disk.read_at(10 * 512, &mut buf).unwrap();
+    h.disk.read_at(10 * 512, &mut buf).unwrap();
     assert_eq!(buf, [0xab; 512]);
     assert_eq!(metrics(&h).flushes, 1);
 }
@@ -176,7 +202,7 @@ fn test_blk_write_then_flush_reaches_disk() {
 #[test]
 fn test_blk_get_id_returns_serial() {
     let (mut h, b) = harness(false, 0);
-    h.handler.acked_features = all_features(&b);
+    h.features = all_features(&b);
     let d = request(&h, VIRTIO_BLK_T_GET_ID, 0, 20, VRING_DESC_F_WRITE, 0);
     let (used, status) = run(&mut h, &d);
     assert_eq!((used, status), (vec![(0, 21)], VIRTIO_BLK_S_OK as u8));
@@ -197,13 +223,13 @@ fn dwz_segment(h: &Harness, sector: u64, num: u32, flags: u32) {
 #[test]
 fn test_blk_write_zeroes_and_discard_clear_sectors() {
     let (mut h, b) = harness(false, 0);
-    h.handler.acked_features = all_features(&b);
+    h.features = all_features(&b);
     dwz_segment(&h, 4, 2, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
     let d = request(&h, VIRTIO_BLK_T_WRITE_ZEROES, 0, 16, 0, 0);
     let (_, status) = run(&mut h, &d);
     assert_eq!(status, VIRTIO_BLK_S_OK as u8);
     let mut buf = [0xffu8; 1024];
-    h.handler.disk.read_at(4 * 512, &mut buf).unwrap();
+    h.disk.read_at(4 * 512, &mut buf).unwrap();
     assert!(buf.iter().all(|&x| x == 0));
     dwz_segment(&h, 8, 8, 0);
     let d = request(&h, VIRTIO_BLK_T_DISCARD, 0, 16, 0, 0);
@@ -228,13 +254,13 @@ fn test_blk_discard_without_feature_is_unsupported() {
 #[test]
 fn test_blk_read_only_write_is_ioerr() {
     let (mut h, b) = harness(true, 0);
-    h.handler.acked_features = all_features(&b);
+    h.features = all_features(&b);
     assert_ne!(b.features() & (1 << VIRTIO_BLK_F_RO), 0);
     assert_eq!(b.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
     let d = request(&h, VIRTIO_BLK_T_OUT, 0, 512, 0, 0);
     assert_eq!(run(&mut h, &d).1, VIRTIO_BLK_S_IOERR as u8);
     let mut buf = [0u8; 512];
-    h.handler.disk.read_at(0, &mut buf).unwrap();
+    h.disk.read_at(0, &mut buf).unwrap();
     assert_eq!(buf, [0u8; 512]);
 }
 
@@ -279,7 +305,7 @@ fn test_blk_wrong_direction_data_is_ioerr() {
     let d = request(&h, VIRTIO_BLK_T_OUT, 1, 512, VRING_DESC_F_WRITE, 0);
     assert_eq!(run(&mut h, &d).1, VIRTIO_BLK_S_IOERR as u8);
     let mut buf = [0u8; 512];
-    h.handler.disk.read_at(512, &mut buf).unwrap();
+    h.disk.read_at(512, &mut buf).unwrap();
     assert_eq!(buf, [1u8; 512]);
 }
 
@@ -345,8 +371,8 @@ fn test_blk_no_writable_descriptor_answers_zero_length() {
     assert_eq!(metrics(&h).errors, 1);
 }
 
-fn assert_broken(h: &Harness) {
-    assert!(h.handler.broken);
+fn assert_broken(h: &mut Harness) {
+    assert!(h.handler().shared.is_broken());
     assert!(h.needs_reset.load(std::sync::atomic::Ordering::Acquire));
     assert!(h.irq.0.lock().unwrap().contains(&InterruptKind::Config));
 }
@@ -360,9 +386,9 @@ fn test_blk_descriptor_loop_marks_queue_broken() {
     ];
     let (used, _) = run(&mut h, &d);
     assert!(used.is_empty());
-    assert_broken(&h);
+    assert_broken(&mut h);
     // Later notifications are ignored until reset.
-    h.handler.process_queue(0);
+    h.handler().process_queue(0);
     assert_eq!(metrics(&h).broken_queues, 1);
 }
 
@@ -371,29 +397,31 @@ fn test_blk_next_index_out_of_range_marks_queue_broken() {
     let (mut h, _b) = harness(false, 0);
     let d = vec![desc(HDR, 16, VRING_DESC_F_NEXT, QSIZE + 5)];
     run(&mut h, &d);
-    assert_broken(&h);
+    assert_broken(&mut h);
 }
 
 #[test]
 fn test_blk_head_index_out_of_range_marks_queue_broken() {
     let (mut h, _b) = harness(false, 0);
-    let vq = MockSplitQueue::create(&h.mem, GuestAddress(0x1000), QSIZE);
+    let mem = h.mem.clone();
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), QSIZE);
     // One avail entry naming descriptor 200 of a 16-entry table: zero descriptors.
     vq.avail().ring().ref_at(0).unwrap().store(200);
     vq.avail().idx().store(1);
-    *h.handler.queue.lock().unwrap() = vq.create_queue().unwrap();
-    h.handler.process_queue(0);
-    assert_broken(&h);
+    *h.queue.lock().unwrap() = vq.create_queue().unwrap();
+    h.handler().process_queue(0);
+    assert_broken(&mut h);
 }
 
 #[test]
 fn test_blk_avail_index_far_ahead_marks_queue_broken() {
     let (mut h, _b) = harness(false, 0);
-    let vq = MockSplitQueue::create(&h.mem, GuestAddress(0x1000), QSIZE);
+    let mem = h.mem.clone();
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), QSIZE);
     vq.avail().idx().store(QSIZE + 1);
-    *h.handler.queue.lock().unwrap() = vq.create_queue().unwrap();
-    h.handler.process_queue(0);
-    assert_broken(&h);
+    *h.queue.lock().unwrap() = vq.create_queue().unwrap();
+    h.handler().process_queue(0);
+    assert_broken(&mut h);
 }
 
 #[test]
@@ -401,13 +429,13 @@ fn test_blk_indirect_table_outside_memory_marks_queue_broken() {
     let (mut h, _b) = harness(false, 0);
     let d = vec![desc(u64::MAX - 0xfff, 64, VRING_DESC_F_INDIRECT, 0)];
     run(&mut h, &d);
-    assert_broken(&h);
+    assert_broken(&mut h);
 }
 
 #[test]
 fn test_blk_indirect_chain_is_served() {
     let (mut h, b) = harness(false, 0);
-    h.handler.acked_features = all_features(&b);
+    h.features = all_features(&b);
     let table = 0x8000u64;
     let inner = request(&h, VIRTIO_BLK_T_IN, 2, 512, VRING_DESC_F_WRITE, 0);
     for (i, d) in inner.iter().enumerate() {
@@ -423,8 +451,9 @@ fn test_blk_indirect_chain_is_served() {
 #[test]
 fn test_blk_event_idx_suppresses_interrupt_until_used_event() {
     let (mut h, b) = harness(false, 0);
-    h.handler.acked_features = all_features(&b);
-    let vq = MockSplitQueue::create(&h.mem, GuestAddress(0x1000), QSIZE);
+    h.features = all_features(&b);
+    let mem = h.mem.clone();
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), QSIZE);
     let d = request(&h, VIRTIO_BLK_T_FLUSH, 0, 0, 0, 0);
     vq.add_desc_chains(&d, 0).unwrap();
     // used_event (after the avail ring) = 5: the driver wants an interrupt only past entry 5.
@@ -436,14 +465,14 @@ fn test_blk_event_idx_suppresses_interrupt_until_used_event() {
     h.mem.write_slice(&[0u8; 256], GuestAddress(used)).unwrap();
     q.set_used_ring_address(Some(used as u32), Some(0));
     q.set_event_idx(true);
-    *h.handler.queue.lock().unwrap() = q;
-    h.handler.process_queue(0);
+    *h.queue.lock().unwrap() = q;
+    h.handler().process_queue(0);
     assert_eq!(h.mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 1);
     assert!(h.irq.0.lock().unwrap().is_empty());
     // Once used_event is reached, the next completion interrupts.
     h.mem.write_obj(1u16, GuestAddress(used_event)).unwrap();
     vq.add_desc_chains(&d, 0).unwrap();
-    h.handler.process_queue(0);
+    h.handler().process_queue(0);
     assert_eq!(h.mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 2);
     assert_eq!(
         h.irq.0.lock().unwrap().as_slice(),
@@ -474,4 +503,242 @@ fn test_blk_config_space_reports_capacity_and_limits() {
     ] {
         assert_ne!(f & (1 << bit), 0, "feature {bit}");
     }
+}
+
+/// A disk whose reads wait at a gate, so tests can hold requests in flight.
+struct GateDisk {
+    inner: Arc<dyn disk::DiskBackend>,
+    open: Mutex<bool>,
+    opened: std::sync::Condvar,
+    /// Reads that entered the backend.
+    calls: std::sync::atomic::AtomicUsize,
+    /// Reads that finished writing guest memory.
+    finished: std::sync::atomic::AtomicUsize,
+}
+
+impl GateDisk {
+    fn new(inner: Arc<dyn disk::DiskBackend>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            open: Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+            calls: Default::default(),
+            finished: Default::default(),
+        })
+    }
+    fn release(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+    fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn finished(&self) -> usize {
+        self.finished.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// Wait (deadline only against hangs) until `n` reads entered the backend.
+    fn wait_calls(&self, n: usize) {
+        wait_until(|| self.calls() >= n);
+    }
+}
+
+impl disk::DiskBackend for GateDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+    fn serial(&self) -> String {
+        self.inner.serial()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> disk::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> disk::Result<()> {
+        self.inner.write_at(offset, buf)
+    }
+    fn read_to_guest(&self, offset: u64, dst: &disk::GuestSlice<'_>) -> disk::Result<()> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+        drop(open);
+        let r = self.inner.read_to_guest(offset, dst);
+        self.finished
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        r
+    }
+    fn write_from_guest(&self, offset: u64, src: &disk::GuestSlice<'_>) -> disk::Result<()> {
+        self.inner.write_from_guest(offset, src)
+    }
+    fn flush(&self) -> disk::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> disk::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> disk::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+}
+
+/// Poll `cond` (the deadline only turns a hang into a failure, it measures nothing).
+fn wait_until(cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "condition never met");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// `n` one-sector reads of sectors 0..n, each with its own header, buffer and status byte.
+fn reads(h: &Harness, n: u16) -> Vec<RawDescriptor> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        let hdr = HDR + u64::from(i) * 16;
+        let mut bytes = [0u8; 16];
+        bytes[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        bytes[8..].copy_from_slice(&u64::from(i).to_le_bytes());
+        h.mem.write_slice(&bytes, GuestAddress(hdr)).unwrap();
+        h.mem
+            .write_obj(0xffu8, GuestAddress(STATUS + u64::from(i)))
+            .unwrap();
+        let first = i * 3;
+        v.push(desc(hdr, 16, VRING_DESC_F_NEXT, first + 1));
+        v.push(desc(
+            DATA + u64::from(i) * 512,
+            512,
+            VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
+            first + 2,
+        ));
+        v.push(desc(STATUS + u64::from(i), 1, VRING_DESC_F_WRITE, 0));
+    }
+    v
+}
+
+#[test]
+fn test_blk_pool_requests_in_flight_all_complete_with_data() {
+    let (mut h, b) = harness(false, 0);
+    h.features = all_features(&b);
+    h.io_threads = 4;
+    let d = reads(&h, 5);
+    let mem = h.mem.clone();
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), QSIZE);
+    vq.add_desc_chains(&d, 0).unwrap();
+    *h.queue.lock().unwrap() = vq.create_queue().unwrap();
+
+    h.handler().process_queue(0);
+    wait_until(|| vq.used().idx().load() == 5);
+
+    let mut heads: Vec<u32> = (0..5)
+        .map(|i| vq.used().ring().ref_at(i).unwrap().load().id())
+        .collect();
+    heads.sort_unstable();
+    assert_eq!(heads, vec![0, 3, 6, 9, 12]);
+    for i in 0..5u64 {
+        let mut buf = [0u8; 512];
+        h.mem
+            .read_slice(&mut buf, GuestAddress(DATA + i * 512))
+            .unwrap();
+        assert!(buf.iter().all(|&x| x == i as u8), "sector {i}");
+        assert_eq!(
+            h.mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
+            VIRTIO_BLK_S_OK as u8
+        );
+    }
+    assert_eq!(h.handler().shared.in_flight(), 0);
+}
+
+#[test]
+fn test_blk_pool_queue_broken_while_in_flight_publishes_nothing_more() {
+    let (mut h, _b) = harness(false, 0);
+    let gate = GateDisk::new(h.disk.clone());
+    h.disk = gate.clone();
+    h.io_threads = 1;
+    let d = reads(&h, 3);
+    let mem = h.mem.clone();
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), QSIZE);
+    vq.add_desc_chains(&d, 0).unwrap();
+    *h.queue.lock().unwrap() = vq.create_queue().unwrap();
+    h.handler().process_queue(0);
+    gate.wait_calls(1);
+
+    // The driver now breaks the queue while the first read is stuck in the backend.
+    vq.avail().idx().store(3 + QSIZE + 1);
+    h.handler().process_queue(0);
+    gate.release();
+    h.handler().shared.wait_idle();
+
+    assert_broken(&mut h);
+    assert_eq!(
+        gate.calls(),
+        1,
+        "requests queued behind the break must not run"
+    );
+    assert_eq!(vq.used().idx().load(), 0);
+}
+
+#[test]
+fn test_blk_pool_drop_waits_for_in_flight_and_cancels_queued() {
+    let (mut h, _b) = harness(false, 0);
+    let gate = GateDisk::new(h.disk.clone());
+    h.disk = gate.clone();
+    h.io_threads = 1;
+    let d = reads(&h, 4);
+    let mem = h.mem.clone();
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), QSIZE);
+    vq.add_desc_chains(&d, 0).unwrap();
+    *h.queue.lock().unwrap() = vq.create_queue().unwrap();
+    h.handler().process_queue(0);
+    gate.wait_calls(1);
+    let handler = h.handler.take().unwrap();
+    let shared = handler.shared.clone();
+
+    let dropper = std::thread::spawn(move || drop(handler));
+    wait_until(|| shared.cancelled());
+    gate.release();
+    dropper.join().unwrap();
+
+    // The stuck read finished before the drop returned; the queued ones never ran.
+    assert_eq!(gate.finished(), 1);
+    assert_eq!(gate.calls(), 1);
+    assert_eq!(shared.in_flight(), 0);
+}
+
+#[test]
+fn test_blk_device_reset_with_requests_in_flight_returns_after_io() {
+    let (h, _b) = harness(false, 0);
+    let gate = GateDisk::new(h.disk.clone());
+    let mut block = Block::with_backend(gate.clone(), None)
+        .unwrap()
+        .with_io_threads(2);
+    let d = reads(&h, 2);
+    let mem = h.mem.clone();
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), QSIZE);
+    vq.add_desc_chains(&d, 0).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    q.set_ready(true);
+    block
+        .activate(crate::device::ActivateContext {
+            mem: h.mem.clone(),
+            queues: vec![Arc::new(Mutex::new(q))],
+            queue_events: vec![vmm_sys_util::eventfd::EventFd::new(0).unwrap()],
+            interrupt: h.irq.clone(),
+            acked_features: 0,
+            needs_reset: h.needs_reset.clone(),
+        })
+        .unwrap();
+    gate.wait_calls(2);
+
+    let g = gate.clone();
+    let resetter = std::thread::spawn(move || {
+        block.reset();
+        g.finished()
+    });
+    gate.release();
+    let finished_when_reset_returned = resetter.join().unwrap();
+
+    assert_eq!(finished_when_reset_returned, 2);
 }

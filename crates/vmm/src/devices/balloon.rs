@@ -39,6 +39,12 @@ pub fn open(cfg: &BalloonConfig) -> Result<OpenBalloon, VmmError> {
     Err(VmmError::NotSupported("--balloon is not built yet"))
 }
 
+/// The control socket's handle on the balloon (`balloon-set`, `balloon-status`).
+pub fn control(open: &OpenBalloon) -> Option<Arc<dyn crate::control::BalloonControl>> {
+    let _ = open;
+    None
+}
+
 /// Create the device for one VM instance and plug it in.
 pub fn attach(
     open: &OpenBalloon,

@@ -15,13 +15,17 @@ pub mod net;
 pub mod rng;
 pub mod vsock;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+
+use rate_limiter::SharedRateLimiter;
 
 use pci::PciRoot;
 use virtio::{VirtioDevice, VirtioPciDevice};
 use vm_device::{GuestMemoryMmap, IoEventRegistrar};
 
 use crate::config::VmConfig;
+use crate::control::{BalloonControl, StatsFn};
 use crate::error::VmmError;
 use crate::gsi::GsiRouter;
 
@@ -75,7 +79,52 @@ pub struct RunDevices {
     pub console: Option<console::OpenConsole>,
 }
 
+/// What the control socket reaches of the run's devices; they live as long as the run, so
+/// the handles stay valid across guest reboots.
+#[derive(Default)]
+pub struct ControlHandles {
+    /// Rate limiters by name (`net0.rx`, `net0.tx`, `rng`).
+    pub limiters: BTreeMap<String, SharedRateLimiter>,
+    /// Counters by device name (`net0`, `vsock`, `rng`, `console`).
+    pub stats: BTreeMap<String, StatsFn>,
+    /// The balloon, if the VM has one.
+    pub balloon: Option<Arc<dyn BalloonControl>>,
+}
+
+/// A [`StatsFn`] reading `snapshot` of shared counters as JSON.
+pub fn stats_fn<M, S>(metrics: &Arc<M>, snapshot: fn(&M) -> S) -> StatsFn
+where
+    M: Send + Sync + 'static,
+    S: serde::Serialize + 'static,
+{
+    let metrics = metrics.clone();
+    Box::new(move || serde_json::to_value(snapshot(&metrics)).unwrap_or_default())
+}
+
 impl RunDevices {
+    /// The handles the control socket needs: limiters, counters and the balloon.
+    pub fn control_handles(&self) -> ControlHandles {
+        let mut h = ControlHandles::default();
+        for (i, n) in self.nets.iter().enumerate() {
+            h.stats
+                .insert(format!("net{i}"), stats_fn(&n.metrics, |m| m.snapshot()));
+        }
+        if let Some(v) = &self.vsock {
+            h.stats
+                .insert("vsock".into(), stats_fn(&v.metrics, |m| m.snapshot()));
+        }
+        if let Some(r) = &self.rng {
+            h.stats
+                .insert("rng".into(), stats_fn(&r.metrics, |m| m.snapshot()));
+        }
+        if let Some(c) = &self.console {
+            h.stats
+                .insert("console".into(), stats_fn(&c.metrics, |m| m.snapshot()));
+        }
+        h.balloon = self.balloon.as_ref().and_then(balloon::control);
+        h
+    }
+
     /// Open everything `config` asks for.
     pub fn open(config: &VmConfig) -> Result<Self, VmmError> {
         let nets = config

@@ -1,0 +1,277 @@
+//! Request parsing and dispatch; independent of the socket so it is unit-testable.
+
+use rate_limiter::{RateLimitConfig, SharedRateLimiter};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Longest request line accepted; longer lines get a `too-large` error reply.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Reads a device's live counters as JSON (for `stats`); called on the control thread.
+pub type StatsFn = Box<dyn Fn() -> Value + Send + Sync>;
+
+/// What the control socket may ask of a balloon device. Implemented by the balloon's wiring
+/// in `devices::balloon`; kept as a trait so the protocol does not depend on the device model.
+pub trait BalloonControl: Send + Sync {
+    /// Ask the guest to give back memory until the balloon holds `target_mib` MiB (0 deflates
+    /// it completely). Returns the new status, or a message naming why the target is refused.
+    fn set_target_mib(&self, target_mib: u64) -> Result<Value, String>;
+    /// The balloon's target, actual size and the guest's latest memory statistics.
+    fn status(&self) -> Value;
+}
+
+/// What the control socket can reach: named rate limiters (`disk0`, `net0.rx`, `rng`), the
+/// devices' counters, the balloon, and the VM's configuration for `info`.
+pub struct ControlState {
+    /// Limiters by device name.
+    pub limiters: BTreeMap<String, SharedRateLimiter>,
+    /// Counters by device name (`disk0`, `net0`, `vsock`, `rng`, `console`).
+    pub device_stats: BTreeMap<String, StatsFn>,
+    /// The balloon, when the VM has one.
+    pub balloon: Option<std::sync::Arc<dyn BalloonControl>>,
+    /// The configuration reported by `info`.
+    pub info: Value,
+    /// When the run started (for `uptime_ms`).
+    pub started: Instant,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+enum Request {
+    Info,
+    Stats,
+    RateLimit {
+        device: String,
+        #[serde(default)]
+        direction: Option<String>,
+        #[serde(default)]
+        limit: Option<RateLimitConfig>,
+        #[serde(default)]
+        bytes_per_s: Option<u64>,
+        #[serde(default)]
+        ops_per_s: Option<u64>,
+    },
+    BalloonSet {
+        target_mib: u64,
+    },
+    BalloonStatus,
+}
+
+fn error(code: &str, message: impl Into<String>) -> Value {
+    json!({"ok": false, "error": code, "message": message.into()})
+}
+
+fn no_balloon() -> Value {
+    error(
+        "not-supported",
+        "This VM has no balloon device: start it with --balloon",
+    )
+}
+
+fn limits(state: &ControlState) -> Value {
+    let map: BTreeMap<&String, RateLimitConfig> = state
+        .limiters
+        .iter()
+        .map(|(k, v)| (k, v.config()))
+        .collect();
+    json!(map)
+}
+
+/// Handles one request line and returns the reply line (without the newline).
+pub fn handle_line(state: &ControlState, line: &str) -> String {
+    let reply = if line.len() > MAX_REQUEST_BYTES {
+        error("too-large", "Request longer than 64 KiB")
+    } else {
+        match serde_json::from_str::<Request>(line) {
+            Err(e) if e.is_data() => error("bad-request", format!("Unknown op or bad fields: {e}")),
+            Err(e) => error("bad-json", format!("Not a JSON object: {e}")),
+            Ok(req) => dispatch(state, req),
+        }
+    };
+    reply.to_string()
+}
+
+fn dispatch(state: &ControlState, req: Request) -> Value {
+    match req {
+        Request::Info => json!({"ok": true, "config": state.info, "rate_limits": limits(state)}),
+        Request::Stats => json!({
+            "ok": true,
+            "uptime_ms": u64::try_from(state.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "rate_limits": limits(state),
+            "devices": state
+                .device_stats
+                .iter()
+                .map(|(name, read)| (name.clone(), read()))
+                .collect::<serde_json::Map<String, Value>>(),
+            "balloon": state.balloon.as_ref().map(|b| b.status()),
+        }),
+        Request::RateLimit {
+            device,
+            direction,
+            limit,
+            bytes_per_s,
+            ops_per_s,
+        } => {
+            let name = match direction.as_deref() {
+                None => device.clone(),
+                Some(d @ ("rx" | "tx")) => format!("{device}.{d}"),
+                Some(d) => return error("bad-request", format!("Direction {d:?}: use rx or tx")),
+            };
+            let Some(limiter) = state.limiters.get(&name) else {
+                return error(
+                    "unknown-device",
+                    format!(
+                        "No rate-limited device {name:?}; known: {:?}",
+                        state.limiters.keys().collect::<Vec<_>>()
+                    ),
+                );
+            };
+            let cfg = match limit {
+                Some(l) => l,
+                None => RateLimitConfig {
+                    bandwidth: bytes_per_s
+                        .filter(|&n| n > 0)
+                        .map(|n| RateLimitConfig::parse_rate(n, None)),
+                    ops: ops_per_s
+                        .filter(|&n| n > 0)
+                        .map(|n| RateLimitConfig::parse_rate(n, None)),
+                },
+            };
+            limiter.update(&cfg);
+            json!({"ok": true, "device": name, "limit": limiter.config()})
+        }
+        Request::BalloonSet { target_mib } => match &state.balloon {
+            None => no_balloon(),
+            Some(b) => match b.set_target_mib(target_mib) {
+                Ok(status) => json!({"ok": true, "balloon": status}),
+                Err(message) => error("bad-request", message),
+            },
+        },
+        Request::BalloonStatus => match &state.balloon {
+            None => no_balloon(),
+            Some(b) => json!({"ok": true, "balloon": b.status()}),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> ControlState {
+        let mut limiters = BTreeMap::new();
+        limiters.insert(
+            "disk0".to_string(),
+            SharedRateLimiter::new(&RateLimitConfig::default()).unwrap(),
+        );
+        let mut device_stats: BTreeMap<String, StatsFn> = BTreeMap::new();
+        device_stats.insert("disk0".to_string(), Box::new(|| json!({"reads": 7})));
+        ControlState {
+            limiters,
+            device_stats,
+            balloon: None,
+            info: json!({"vcpus": 1}),
+            started: Instant::now(),
+        }
+    }
+
+    fn reply(s: &ControlState, line: &str) -> Value {
+        serde_json::from_str(&handle_line(s, line)).unwrap()
+    }
+
+    #[test]
+    fn test_rate_limit_friendly_form_updates_limiter() {
+        let s = state();
+
+        let r = reply(
+            &s,
+            r#"{"op":"rate-limit","device":"disk0","bytes_per_s":1048576}"#,
+        );
+
+        assert_eq!(r["ok"], true);
+        assert_eq!(
+            s.limiters["disk0"].config().bandwidth.unwrap().size,
+            1 << 20
+        );
+        assert_eq!(
+            reply(&s, r#"{"op":"info"}"#)["rate_limits"]["disk0"]["bandwidth"]["size"],
+            1 << 20
+        );
+    }
+
+    #[test]
+    fn test_rate_limit_full_form_updates_limiter() {
+        let s = state();
+
+        let r = reply(
+            &s,
+            r#"{"op":"rate-limit","device":"disk0","limit":{"bandwidth":null,"ops":{"size":10,"refill_time_ms":100}}}"#,
+        );
+
+        assert_eq!(r["ok"], true);
+        assert_eq!(s.limiters["disk0"].config().ops.unwrap().size, 10);
+    }
+
+    #[test]
+    fn test_garbage_and_unknown_get_error_codes() {
+        let s = state();
+
+        assert_eq!(reply(&s, "garbage")["error"], "bad-json");
+        assert_eq!(reply(&s, r#"{"op":"dance"}"#)["error"], "bad-request");
+        assert_eq!(
+            reply(&s, r#"{"op":"rate-limit","device":"disk9"}"#)["error"],
+            "unknown-device"
+        );
+        assert_eq!(
+            reply(&s, &"x".repeat(MAX_REQUEST_BYTES + 1))["error"],
+            "too-large"
+        );
+        assert_eq!(
+            reply(&s, r#"{"op":"balloon-status"}"#)["error"],
+            "not-supported"
+        );
+    }
+
+    #[test]
+    fn test_stats_reports_uptime_and_device_counters() {
+        let s = state();
+
+        let r = reply(&s, r#"{"op":"stats"}"#);
+
+        assert_eq!(r["ok"], true);
+        assert!(r["uptime_ms"].is_u64());
+        assert_eq!(r["devices"]["disk0"]["reads"], 7);
+        assert!(r["balloon"].is_null());
+    }
+
+    struct FakeBalloon(std::sync::Mutex<u64>);
+
+    impl BalloonControl for FakeBalloon {
+        fn set_target_mib(&self, target_mib: u64) -> Result<Value, String> {
+            if target_mib > 100 {
+                return Err("Target 101 MiB or more is larger than the guest".to_string());
+            }
+            *self.0.lock().unwrap() = target_mib;
+            Ok(self.status())
+        }
+        fn status(&self) -> Value {
+            json!({"target_mib": *self.0.lock().unwrap()})
+        }
+    }
+
+    #[test]
+    fn test_balloon_ops_reach_the_balloon_and_report_refusals() {
+        let mut s = state();
+        s.balloon = Some(std::sync::Arc::new(FakeBalloon(std::sync::Mutex::new(0))));
+
+        let set = reply(&s, r#"{"op":"balloon-set","target_mib":64}"#);
+        let status = reply(&s, r#"{"op":"balloon-status"}"#);
+        let refused = reply(&s, r#"{"op":"balloon-set","target_mib":500}"#);
+
+        assert_eq!(set["balloon"]["target_mib"], 64);
+        assert_eq!(status["balloon"]["target_mib"], 64);
+        assert_eq!(refused["error"], "bad-request");
+    }
+}
