@@ -52,8 +52,9 @@ const BENCH_MMIO_ADDR: u64 = 0xf000_0000;
 /// Command names, for `help`.
 const COMMANDS: &str =
     "help,echo,cpus,mem,mem-fill,mem-check,pci,acpi,time,count,count-forever,irqs,poweroff,reboot,\
-blk,blk-id,blk-write,blk-check,blk-sum,blk-flush,blk-discard,blk-zeroes,bench-pio,bench-mmio,\
-rng,vcon,vcon-write,vcon-echo,vsock,vsock-listen,vsock-connect,hostile,net-up,net-serve";
+blk,blk-id,blk-write,blk-check,blk-sum,blk-flush,blk-discard,blk-zeroes,blk-bench,bench-pio,bench-mmio,\
+rng,vcon,vcon-write,vcon-echo,vsock,vsock-listen,vsock-connect,hostile,net-up,net-serve,net-bench-tx,net-bench-rx,\
+balloon,balloon-run,balloon-wait,balloon-report,touch";
 
 impl Machine {
     /// Discovers the platform: ACPI, interrupts, TSC, CPUs, PCI, virtio-blk disks.
@@ -208,8 +209,13 @@ impl Machine {
                 println!("ERR reboot still-running");
             }
             "rng" => crate::virtio_rng::cmd(&self.pci, self.tsc.hz, args),
+            "balloon" | "balloon-run" | "balloon-wait" | "balloon-report" | "touch" => {
+                crate::virtio_balloon::cmd(cmd, &self.pci, &self.boot, self.tsc.hz, args)
+            }
             "net-up" => crate::virtio_net::cmd_up(&self.pci, args),
             "net-serve" => crate::virtio_net::cmd_serve(self.tsc.hz, args),
+            "net-bench-tx" => crate::netbench::cmd_tx(&self.pci, self.tsc.hz, args),
+            "net-bench-rx" => crate::netbench::cmd_rx(&self.pci, self.tsc.hz, args),
             "vsock" => crate::virtio_vsock::cmd_info(&self.pci),
             "vsock-listen" => crate::virtio_vsock::cmd_listen(&self.pci, self.tsc.hz, args),
             "vsock-connect" => crate::virtio_vsock::cmd_connect(&self.pci, self.tsc.hz, args),
@@ -221,6 +227,17 @@ impl Machine {
             "vcon" => crate::virtio_console::cmd_info(&self.pci),
             "vcon-echo" => crate::virtio_console::cmd_echo(&self.pci, self.tsc.hz, args),
             "blk" => self.cmd_blk(),
+            "blk-bench" => {
+                let boot = &self.boot;
+                let ram_ok = |a: u64, len: u64| {
+                    let end = a.saturating_add(len);
+                    boot.ram()
+                        .any(|e| e.addr <= a && e.addr.saturating_add(e.size) >= end)
+                };
+                crate::blkbench::cmd(&self.pci, self.tsc.hz, &ram_ok, args);
+                // The benchmark drove the disk through its own queue: set it up again.
+                self.reinit_disks();
+            }
             "blk-id" | "blk-write" | "blk-check" | "blk-sum" | "blk-flush" | "blk-discard"
             | "blk-zeroes" => self.cmd_blk_op(cmd, args),
             _ => println!("ERR {} unknown-command", cmd),

@@ -5,10 +5,12 @@
 
 mod abi;
 mod acpi;
+mod blkbench;
 mod cmd;
 mod console;
 mod hostile;
 mod kernel;
+mod netbench;
 mod netstack;
 mod pattern;
 mod pci;
@@ -16,6 +18,7 @@ mod platform;
 mod pvh;
 mod sys;
 mod virtio;
+mod virtio_balloon;
 mod virtio_blk;
 mod virtio_console;
 mod virtio_net;

@@ -45,6 +45,15 @@ pub enum BenchError {
         waiting_for: String,
         stderr: String,
     },
+    /// A benchmark disk image could not be prepared.
+    #[error("Cannot prepare {0}")]
+    Prepare(std::path::PathBuf, #[source] std::io::Error),
+    /// A helper tool (qemu-img, fio) failed.
+    #[error("{tool} failed: {message}")]
+    Tool { tool: String, message: String },
+    /// The scenario is not run by this runner.
+    #[error("Scenario {0} runs separately")]
+    Unsupported(&'static str),
     /// Writing the JSON report failed.
     #[error("Cannot write JSON")]
     Json(#[source] serde_json::Error),

@@ -3,8 +3,10 @@
 
 mod child;
 mod cpu_time;
+mod devio;
 mod error;
 mod minimal_guest;
+mod netio;
 mod report;
 mod runner;
 mod scenario;
@@ -121,6 +123,48 @@ struct Args {
     /// Seconds after which the watchdog kills any VMM.
     #[arg(long, default_value_t = 300)]
     hard_timeout_s: u64,
+    /// Directory of the disk scenario's images (created; the images are left for inspection).
+    #[arg(long)]
+    disk_dir: Option<PathBuf>,
+    /// Size of each disk image in MiB.
+    #[arg(long, default_value_t = 256)]
+    disk_size_mib: u64,
+    /// MiB moved per sequential disk row.
+    #[arg(long, default_value_t = 256)]
+    disk_seq_mib: u64,
+    /// MiB moved per random disk row.
+    #[arg(long, default_value_t = 32)]
+    disk_rand_mib: u64,
+    /// Disk requests in flight.
+    #[arg(long, default_value_t = 32)]
+    disk_qd: u64,
+    /// Sequential request size in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    disk_seq_bs: u64,
+    /// Random request size in bytes.
+    #[arg(long, default_value_t = 4096)]
+    disk_rand_bs: u64,
+    /// QEMU `-drive aio=` for the disk scenario.
+    #[arg(long, default_value = "threads")]
+    qemu_aio: String,
+    /// The fio binary (host ceiling of the disk scenario).
+    #[arg(long, default_value = "fio")]
+    fio: PathBuf,
+    /// fio engines tried for the ceiling; the best result counts.
+    #[arg(long, value_delimiter = ',', default_value = "io_uring,libaio")]
+    fio_engines: Vec<String>,
+    /// TAP device the net scenario creates in its own network namespace.
+    #[arg(long, default_value = "fbtap0")]
+    net_tap: String,
+    /// UDP datagrams per payload size in the net scenario.
+    #[arg(long, default_value_t = 20_000)]
+    net_count: u64,
+    /// UDP datagrams in flight in the net scenario.
+    #[arg(long, default_value_t = 32)]
+    net_window: u64,
+    /// UDP payload sizes of the net scenario, bytes (8 to 1472: one frame each).
+    #[arg(long, value_delimiter = ',', default_value = "64,1400")]
+    net_sizes: Vec<usize>,
     /// Print JSON on stdout instead of Markdown.
     #[arg(long)]
     json: bool,
@@ -150,6 +194,18 @@ fn main() -> ExitCode {
         );
         args.scenarios.retain(|s| *s != Scenario::Exits);
     }
+    if minimal && args.scenarios.contains(&Scenario::Disk) {
+        eprintln!(
+            "ferrite-bench: the minimal guest has no disk driver: skipping the disk scenario"
+        );
+        args.scenarios.retain(|s| *s != Scenario::Disk);
+    }
+    if minimal && args.scenarios.contains(&Scenario::Net) {
+        eprintln!(
+            "ferrite-bench: the minimal guest has no network stack: skipping the net scenario"
+        );
+        args.scenarios.retain(|s| *s != Scenario::Net);
+    }
     if !guest.is_file() {
         eprintln!(
             "ferrite-bench: guest {} not found (build it: cd testguest && cargo build --release)",
@@ -163,7 +219,33 @@ fn main() -> ExitCode {
         iterations: args.iterations.max(1),
         warmup: args.warmup,
     };
-    let reports = runner::run_all(&vmms, &args.scenarios, plan, &cfg);
+    let disk = args.scenarios.contains(&Scenario::Disk);
+    args.scenarios.retain(|s| *s != Scenario::Disk);
+    let devio = disk.then(|| {
+        let mut r = devio::run(&vmms, plan, &disk_plan(&args), &cfg);
+        r.reproduce = reproduce_command();
+        r.host = host_description();
+        r
+    });
+    let net = args.scenarios.contains(&Scenario::Net);
+    args.scenarios.retain(|s| *s != Scenario::Net);
+    let netio = net.then(|| {
+        let nplan = scenario::net::NetPlan {
+            tap: args.net_tap.clone(),
+            count: args.net_count.max(1),
+            window: args.net_window.max(1),
+            sizes: args.net_sizes.iter().map(|&s| s.clamp(8, 1472)).collect(),
+        };
+        let mut r = netio::run(&vmms, plan, &nplan, &cfg);
+        r.reproduce = reproduce_command();
+        r.host = host_description();
+        r
+    });
+    let reports = if args.scenarios.is_empty() {
+        Vec::new()
+    } else {
+        runner::run_all(&vmms, &args.scenarios, plan, &cfg)
+    };
     let guest_label = if minimal {
         let _ = std::fs::remove_file(&guest);
         "built-in minimal PVH guest (--guest minimal)".to_string()
@@ -180,7 +262,11 @@ fn main() -> ExitCode {
         scenarios: args.scenarios.clone(),
         vmms: reports,
     };
-    let json = match serde_json::to_string_pretty(&report).map_err(error::BenchError::Json) {
+    let value = json_value(&report, devio.as_ref(), netio.as_ref());
+    let json = match value
+        .and_then(|v| serde_json::to_string_pretty(&v))
+        .map_err(error::BenchError::Json)
+    {
         Ok(j) => j,
         Err(e) => {
             eprintln!("ferrite-bench: {e}");
@@ -196,9 +282,50 @@ fn main() -> ExitCode {
     if args.json {
         println!("{json}");
     } else {
-        print!("{}", report.to_markdown());
+        if !report.scenarios.is_empty() {
+            print!("{}", report.to_markdown());
+        }
+        let mut first = report.scenarios.is_empty();
+        for md in [
+            devio.as_ref().map(devio::DevioReport::to_markdown),
+            netio.as_ref().map(netio::NetReport::to_markdown),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !first {
+                println!();
+            }
+            first = false;
+            print!("{md}");
+        }
     }
     ExitCode::SUCCESS
+}
+
+/// The JSON document: the one report that ran alone, or an object with one key per part.
+fn json_value(
+    report: &Report,
+    devio: Option<&devio::DevioReport>,
+    netio: Option<&netio::NetReport>,
+) -> serde_json::Result<serde_json::Value> {
+    let mut parts = serde_json::Map::new();
+    if !report.scenarios.is_empty() {
+        parts.insert("scenarios".into(), serde_json::to_value(report)?);
+    }
+    if let Some(d) = devio {
+        parts.insert("disk".into(), serde_json::to_value(d)?);
+    }
+    if let Some(n) = netio {
+        parts.insert("net".into(), serde_json::to_value(n)?);
+    }
+    if parts.len() == 1 {
+        return Ok(parts.into_iter().next().map(|(_, v)| v).unwrap_or_default());
+    }
+    if parts.is_empty() {
+        return serde_json::to_value(report);
+    }
+    Ok(serde_json::Value::Object(parts))
 }
 
 fn run_config(args: &Args, kernel: PathBuf) -> RunConfig {
@@ -219,6 +346,24 @@ fn run_config(args: &Args, kernel: PathBuf) -> RunConfig {
         idle_cmds: args.idle_cmds.clone(),
         settle: Duration::from_millis(args.settle_ms),
         idle_window: Duration::from_millis(args.idle_window_ms),
+    }
+}
+
+fn disk_plan(args: &Args) -> scenario::disk::DiskPlan {
+    scenario::disk::DiskPlan {
+        dir: args
+            .disk_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("ferrite-bench-disk")),
+        size_mib: args.disk_size_mib.max(1),
+        seq_mib: args.disk_seq_mib.max(1),
+        rand_mib: args.disk_rand_mib.max(1),
+        qd: args.disk_qd,
+        seq_bs: args.disk_seq_bs,
+        rand_bs: args.disk_rand_bs,
+        qemu_aio: args.qemu_aio.clone(),
+        fio: args.fio.clone(),
+        fio_engines: args.fio_engines.clone(),
     }
 }
 

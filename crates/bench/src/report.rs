@@ -17,6 +17,11 @@ pub enum Scenario {
     Exits,
     /// VMM memory overhead and idle CPU use.
     Memory,
+    /// virtio-blk throughput on raw and qcow2 images, with the host's fio as the ceiling
+    /// (reported in its own table).
+    Disk,
+    /// UDP echo through virtio-net on a TAP (reported in its own table).
+    Net,
 }
 
 /// One row of the report.

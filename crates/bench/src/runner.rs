@@ -108,6 +108,8 @@ fn run_one(
                 ("exits.mmio_host", Ok(s.mmio_host / 1e3)),
             ]
         }
+        Scenario::Disk => return Err(crate::error::BenchError::Unsupported("disk")),
+        Scenario::Net => return Err(crate::error::BenchError::Unsupported("net")),
         Scenario::Memory => {
             let idle = idle_memory::memory_once(command, cfg)?;
             let m = idle.memory;

@@ -157,23 +157,31 @@ pub struct RunArgs {
     /// A virtio-blk disk (raw or qcow2 image); repeat for more. Options: readonly, id=SERIAL,
     /// format=raw|qcow2 (default: qcow2 if the file starts with the qcow2 magic, else raw;
     /// give format=raw for raw disks a guest writes, or a guest-written qcow2 header could
-    /// name a host file as backing file).
-    #[arg(long = "disk", value_name = "PATH[,readonly][,id=SERIAL][,format=F]", value_parser = parse_disk)]
+    /// name a host file as backing file). Rate limits: bw=BYTES_PER_S, iops=OPS_PER_S, and
+    /// one-time bursts bw-burst=BYTES, iops-burst=OPS (K/M/G suffixes; changeable live
+    /// through --api-socket as disk0, disk1, ...).
+    #[arg(long = "disk", value_name = "PATH[,readonly][,id=SERIAL][,format=F][,bw=N][,iops=N]", value_parser = parse_disk)]
     pub disks: Vec<DiskConfig>,
     /// A virtio-net NIC on a host TAP device; repeat for more. `tap=NAME` uses (or creates)
     /// that TAP; `--net` alone creates `fe<pid>n<index>`, removed on exit. Without `mac=` the
-    /// MAC is derived from the TAP name (stable, locally administered).
-    #[arg(long = "net", value_name = "tap=NAME,mac=MAC", num_args = 0..=1, default_missing_value = "", value_parser = parse_net)]
+    /// MAC is derived from the TAP name (stable, locally administered). Rate limits per
+    /// direction (rx = into the guest): rx-bw=, tx-bw= (bytes/s), rx-pps=, tx-pps=
+    /// (packets/s), one-time bursts rx-bw-burst=, tx-bw-burst=, rx-pps-burst=, tx-pps-burst=
+    /// (K/M/G suffixes; changeable live through --api-socket as net0.rx, net0.tx, ...).
+    #[arg(long = "net", value_name = "tap=NAME,mac=MAC,rx-bw=N,tx-pps=N,...", num_args = 0..=1, default_missing_value = "", value_parser = parse_net)]
     pub nets: Vec<NetConfig>,
     /// virtio-vsock with host AF_UNIX sockets (Firecracker's hybrid vsock).
     #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
     pub vsock: Option<VsockConfig>,
     /// virtio-rng fed from the host's getrandom; `--rng` alone is unlimited,
-    /// `--rng=bw=BYTES_PER_S[,burst=BYTES]` rate-limits it.
+    /// `--rng=bw=BYTES_PER_S[,burst=BYTES]` rate-limits it (burst: one-time extra bytes;
+    /// changeable live through --api-socket as rng).
     #[arg(long, value_name = "bw=N,burst=N", num_args = 0..=1, default_missing_value = "", value_parser = parse_rng)]
     pub rng: Option<RngConfig>,
-    /// virtio-balloon (an empty value uses the defaults).
-    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "", value_parser = parse_balloon)]
+    /// virtio-balloon: the control socket's balloon-set asks the guest to give memory back.
+    /// Without a value: target 0, statistics every second, deflate-on-OOM and free page
+    /// reporting offered.
+    #[arg(long, value_name = "size=SIZE,deflate-on-oom=on|off,stats=SECONDS|off,reporting=on|off", num_args = 0..=1, default_missing_value = "", value_parser = parse_balloon)]
     pub balloon: Option<BalloonConfig>,
     /// virtio-console (hvc0), a second console next to the serial port: guest output appended
     /// to a file, a Unix socket the host connects to (both directions), or a new pty (its

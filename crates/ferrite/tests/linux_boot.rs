@@ -10,29 +10,67 @@ mod linux_common;
 
 use common::stream::{run_ferrite_until, StopReason};
 use linux_common::{
-    assert_early_platform, assert_late_platform_so_far, assert_no_crash, budget, is_terminal,
-    print_profile, require, run_args, ScratchDisk,
+    assert_early_platform, assert_late_platform_so_far, assert_no_crash,
+    assert_virtio_functions_enumerated, budget, enumerated_pci_ids, is_terminal, print_profile,
+    require, run_args, Netns, ScratchDisk, VIRTIO_BALLOON_PCI_ID, VIRTIO_BLK_PCI_ID,
+    VIRTIO_CONSOLE_PCI_ID, VIRTIO_NET_PCI_ID, VIRTIO_RNG_PCI_ID, VIRTIO_VSOCK_PCI_ID,
 };
 
 /// `ferrite` exit status when the VM failed (see `ferrite run --help`).
 const VM_FAILED: i32 = 1;
 
-/// Boot `vmlinux` through its PVH entry with ACPI, PCI, 2 vCPUs, 512 MiB and a virtio-blk
-/// disk for a fixed budget (`FERRITE_LINUX_BUDGET_SECS`, default 420 s) and check every
-/// platform fact the kernel printed by then.
+/// Boot `vmlinux` through its PVH entry with ACPI, PCI, 2 vCPUs, 512 MiB and one function of
+/// every virtio device kind (blk, net on a Ferrite-created TAP in a private network
+/// namespace, vsock, rng, balloon, console) for a fixed budget
+/// (`FERRITE_LINUX_BUDGET_SECS`, default 420 s) and check every platform fact the kernel
+/// printed by then, including that it enumerated each virtio function on PCI.
 #[test]
 fn test_linux_pvh_boot_within_budget_reports_ferrite_platform() {
     // Arrange
     let kernel = common::asset("vmlinux");
     let initrd = common::asset("initrd.img");
     let disk = ScratchDisk::new("linux-pvh", 64 << 20);
-    let args = run_args(&kernel, &initrd, disk.path(), &[]);
+    let dir = std::env::temp_dir().join(format!("ferrite-linux-dev-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vsock = format!("cid=3,socket={}", dir.join("vsock.sock").display());
+    let hvc = format!("file:{}", dir.join("hvc0.txt").display());
+    let mut extra = vec![
+        "--vsock",
+        &vsock,
+        "--rng",
+        "--balloon",
+        "--virtio-console",
+        &hvc,
+    ];
+    let mut expected = vec![
+        VIRTIO_BLK_PCI_ID,
+        VIRTIO_VSOCK_PCI_ID,
+        VIRTIO_RNG_PCI_ID,
+        VIRTIO_BALLOON_PCI_ID,
+        VIRTIO_CONSOLE_PCI_ID,
+    ];
+    // `--net` alone makes Ferrite create (and remove) a TAP: only inside a namespace of our
+    // own, never in the host's network; without one (no `ip`) the NIC is left out.
+    let netns = Netns::enter("linux");
+    if netns.is_some() {
+        extra.push("--net");
+        expected.push(VIRTIO_NET_PCI_ID);
+    } else {
+        println!("no network namespace (needs root and iproute2): no virtio-net in this run");
+    }
+    let args = run_args(&kernel, &initrd, disk.path(), &extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let budget = budget("FERRITE_LINUX_BUDGET_SECS", 420);
 
     // Act
     let run = run_ferrite_until(&args, budget, is_terminal);
     print_profile("vmlinux (PVH)", &run);
+    println!(
+        "PCI functions Linux enumerated: {:?}",
+        enumerated_pci_ids(&run)
+    );
+    drop(netns);
+    let _ = std::fs::remove_dir_all(&dir);
 
     // Assert
     assert_no_crash(&run);
@@ -47,6 +85,11 @@ fn test_linux_pvh_boot_within_budget_reports_ferrite_platform() {
     }
     assert_early_platform(&run);
     assert_late_platform_so_far(&run);
+    if !assert_virtio_functions_enumerated(&run, &expected) {
+        println!(
+            "the run stopped before PCI enumeration was complete: virtio functions not checked"
+        );
+    }
 }
 
 /// With the emulation-failure repair off, the kernel's int3 self-test (CPL0 `int3`, which
@@ -102,4 +145,62 @@ fn test_linux_boot_without_repair_reports_emulation_failure() {
         Some("cc"),
         "the failing instruction is not the self-test's int3 (0xcc):\n{stderr}"
     );
+}
+
+/// The enumeration check reads Linux's own lines (taken from a run of this kernel on Ferrite
+/// with every device kind): it finds each function, checks only once the scan is over, and
+/// fails when a function is missing. No guest is booted.
+#[test]
+fn test_virtio_enumeration_check_reads_the_kernel_pci_lines() {
+    // Arrange
+    let log = [
+        "[  112.321656] pci 0000:00:00.0: [8086:0d57] type 00 class 0x060000",
+        "[  112.979278] pci 0000:00:01.0: [1af4:1042] type 00 class 0x010000",
+        "[  112.979999] pci 0000:00:01.0: BAR 0 [mem 0xc0000000-0xc0007fff 64bit]",
+        "[  113.543278] pci 0000:00:02.0: [1af4:1041] type 00 class 0x020000",
+        "[  114.113457] pci 0000:00:03.0: [1af4:1053] type 00 class 0xff0000",
+        "[  114.625913] pci 0000:00:04.0: [1af4:1044] type 00 class 0xff0000",
+        "[  115.213116] pci 0000:00:05.0: [1af4:1045] type 00 class 0xff0000",
+        "[  115.775278] pci 0000:00:06.0: [1af4:1043] type 00 class 0x078000",
+        "[  121.663278] PCI: Using ACPI for IRQ routing",
+    ];
+    let run = |lines: &[&str]| common::stream::StreamedRun {
+        output: common::RunOutput {
+            code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            timed_out: true,
+            elapsed: std::time::Duration::ZERO,
+        },
+        lines: lines
+            .iter()
+            .map(|t| common::stream::TimedLine {
+                at: std::time::Duration::ZERO,
+                text: t.to_string(),
+            })
+            .collect(),
+        stop: StopReason::Budget,
+    };
+    let all = [
+        VIRTIO_BLK_PCI_ID,
+        VIRTIO_NET_PCI_ID,
+        VIRTIO_VSOCK_PCI_ID,
+        VIRTIO_RNG_PCI_ID,
+        VIRTIO_BALLOON_PCI_ID,
+        VIRTIO_CONSOLE_PCI_ID,
+    ];
+
+    // Act
+    let complete = run(&log);
+    let unfinished = run(&log[..8]);
+    let without_net = run(&[log[0], log[1], log[8]]);
+    let missing = std::panic::catch_unwind(|| {
+        assert_virtio_functions_enumerated(&without_net, &[VIRTIO_NET_PCI_ID])
+    });
+
+    // Assert
+    assert_eq!(enumerated_pci_ids(&complete).len(), 7);
+    assert!(assert_virtio_functions_enumerated(&complete, &all));
+    assert!(!assert_virtio_functions_enumerated(&unfinished, &all));
+    assert!(missing.is_err(), "a missing function must fail the check");
 }

@@ -153,6 +153,25 @@ impl RateLimiter {
         }
     }
 
+    /// Takes `ops` operations and `bytes` bytes for one request, all or nothing: when either
+    /// bucket refuses, the other gets its tokens back and the limiter blocks until its timer
+    /// fires. Zero counts are not charged.
+    pub fn consume_request(&mut self, bytes: u64, ops: u64) -> bool {
+        if self.blocked {
+            return false;
+        }
+        if ops > 0 && !self.consume(ops, TokenType::Ops) {
+            return false;
+        }
+        if bytes > 0 && !self.consume(bytes, TokenType::Bytes) {
+            if ops > 0 {
+                self.manual_replenish(ops, TokenType::Ops);
+            }
+            return false;
+        }
+        true
+    }
+
     /// Gives back tokens taken by [`consume`](Self::consume) when the other bucket refused
     /// the same request.
     pub fn manual_replenish(&mut self, tokens: u64, kind: TokenType) {
@@ -227,6 +246,22 @@ impl SharedRateLimiter {
     /// Changes the limits and wakes the worker.
     pub fn update(&self, cfg: &RateLimitConfig) {
         self.lock().update(cfg);
+    }
+
+    /// See [`RateLimiter::consume_request`].
+    pub fn consume_request(&self, bytes: u64, ops: u64) -> bool {
+        self.lock().consume_request(bytes, ops)
+    }
+
+    /// True while a refused request waits for the timer.
+    pub fn is_blocked(&self) -> bool {
+        self.lock().is_blocked()
+    }
+
+    /// The timer fd became readable: clear it and unblock (see
+    /// [`RateLimiter::event_handler`]).
+    pub fn timer_event(&self) -> io::Result<()> {
+        self.lock().event_handler()
     }
 
     /// The timer fd the worker registers in its epoll set.

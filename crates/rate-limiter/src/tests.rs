@@ -141,6 +141,53 @@ fn test_limiter_manual_replenish_restores_tokens() {
 }
 
 #[test]
+fn test_limiter_request_refused_by_bytes_gives_ops_back() {
+    let cfg = RateLimitConfig {
+        bandwidth: Some(bucket(1000, 0, 1000)),
+        ops: Some(bucket(2, 0, 1000)),
+    };
+    let (mut rl, clock) = limiter(cfg);
+    assert!(rl.consume_request(1000, 1));
+
+    let refused = !rl.consume_request(10, 1);
+    clock.advance_ms(1000);
+    rl.event_handler().unwrap();
+    let both_fit = rl.consume_request(1000, 2);
+
+    assert!(refused);
+    assert!(
+        both_fit,
+        "the refused request's op must have been given back"
+    );
+}
+
+#[test]
+fn test_limiter_timer_fd_becomes_readable_when_tokens_are_due() {
+    let cfg = RateLimitConfig {
+        bandwidth: None,
+        ops: Some(bucket(100, 0, 1000)),
+    };
+    let rl = SharedRateLimiter::new(&cfg).unwrap();
+    assert!(rl.consume_request(0, 100));
+
+    let refused = !rl.consume_request(0, 1);
+    let mut pfd = libc::pollfd {
+        fd: rl.timer_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call. The 10 s bound is a hang
+    // guard; the timer is due after about 10 ms.
+    let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+    rl.timer_event().unwrap();
+
+    assert!(refused);
+    assert_eq!(n, 1, "timer never fired");
+    assert!(!rl.is_blocked());
+    assert!(rl.consume_request(0, 1));
+}
+
+#[test]
 fn test_limiter_update_changes_config_and_arms_timer() {
     let (mut rl, _c) = limiter(RateLimitConfig::default());
     let cfg = RateLimitConfig {

@@ -23,6 +23,7 @@
 
 #![warn(missing_docs)]
 
+pub mod balloon;
 pub mod block;
 pub mod console;
 mod device;
@@ -33,6 +34,7 @@ pub mod transport;
 pub mod vsock;
 mod worker;
 
+pub use balloon::{Balloon, BalloonMetrics, BalloonMetricsSnapshot, BalloonOptions, BalloonShared};
 pub use block::{Block, BlockMetrics, BlockMetricsSnapshot};
 pub use console::{Console, ConsoleBackend, ConsoleMetrics, ConsoleMetricsSnapshot, ConsoleSize};
 pub use device::{
@@ -55,6 +57,8 @@ pub mod device_type {
     pub const CONSOLE: u32 = 3;
     /// Entropy source.
     pub const RNG: u32 = 4;
+    /// Memory balloon.
+    pub const BALLOON: u32 = 5;
     /// Socket device (virtio-vsock).
     pub const VSOCK: u32 = 19;
 }

@@ -53,7 +53,13 @@ pub fn attach_disks(
     let mut virtio_devices = Vec::with_capacity(disks.len());
     for disk in disks {
         let block = Block::with_backend(disk.backend.clone(), disk.id.as_deref())
-            .map(|b| b.with_metrics(disk.metrics.clone()))
+            .map(|b| {
+                let b = b.with_metrics(disk.metrics.clone());
+                match &disk.limiter {
+                    Some(l) => b.with_rate_limiter(l.clone()),
+                    None => b,
+                }
+            })
             .map_err(|source| VmmError::Disk {
                 path: disk.path.clone(),
                 source,
@@ -83,8 +89,8 @@ pub struct OpenDisk {
     pub id: Option<String>,
     /// The opened, locked image.
     pub backend: Arc<dyn DiskBackend>,
-    /// The disk's I/O limiter (shared with the control socket); always `Some` today
-    /// (unlimited unless `bw=`/`iops=` given).
+    /// The disk's I/O limiter (shared with the block device's worker and the control
+    /// socket); always `Some` today (unlimited unless `bw=`/`iops=` given).
     pub limiter: Option<rate_limiter::SharedRateLimiter>,
     /// The disk's counters, kept for the whole run (across reboots) for the control socket.
     pub metrics: Arc<virtio::block::BlockMetrics>,

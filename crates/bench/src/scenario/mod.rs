@@ -1,8 +1,10 @@
 //! The three measurements, each one guest boot per call, and what they share.
 
 pub mod boot;
+pub mod disk;
 pub mod exits;
 pub mod idle_memory;
+pub mod net;
 
 use std::time::{Duration, Instant};
 

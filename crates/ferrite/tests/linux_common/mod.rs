@@ -6,7 +6,10 @@
 //! budget and asserts on what the kernel printed by then.
 #![allow(dead_code)]
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use arch::e820::{E820Type, MemoryLayout};
@@ -32,6 +35,18 @@ ferrite.init=poweroff";
 
 /// PCI vendor:device of a modern virtio-blk function (virtio 1.x: 0x1040 + device type 2).
 pub const VIRTIO_BLK_PCI_ID: &str = "[1af4:1042]";
+
+/// PCI vendor:device of every modern virtio function Ferrite can attach, as Linux prints
+/// them when it enumerates bus 0 (`pci 0000:00:0N.0: [1af4:1041] type 00 class ...`).
+pub const VIRTIO_NET_PCI_ID: &str = "[1af4:1041]";
+/// virtio-console (type 3).
+pub const VIRTIO_CONSOLE_PCI_ID: &str = "[1af4:1043]";
+/// virtio-rng (type 4).
+pub const VIRTIO_RNG_PCI_ID: &str = "[1af4:1044]";
+/// virtio-balloon (type 5).
+pub const VIRTIO_BALLOON_PCI_ID: &str = "[1af4:1045]";
+/// virtio-vsock (type 19).
+pub const VIRTIO_VSOCK_PCI_ID: &str = "[1af4:1053]";
 
 /// Console lines after which a Linux run has nothing more to show on these machines: `/init`
 /// is reached (its first system call cannot work here) or the kernel gave up.
@@ -323,5 +338,94 @@ pub fn assert_late_platform_so_far(run: &StreamedRun) {
     // initcall, so once it is printed the enumeration is complete.
     if run.first("clocksource: Switched to clocksource").is_some() {
         require(run, VIRTIO_BLK_PCI_ID);
+    }
+}
+
+/// The PCI functions of `run` (the `[vendor:device]` part of Linux's
+/// `pci 0000:00:0N.0: [1af4:1042] type 00 class ...` lines), each once, in bus order.
+pub fn enumerated_pci_ids(run: &StreamedRun) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::new();
+    for line in run.all("pci 0000:00:") {
+        let id = line
+            .text
+            .split_whitespace()
+            .find(|w| {
+                w.len() == 11 && w.starts_with('[') && w.ends_with(']') && w.as_bytes()[5] == b':'
+            })
+            .map(str::to_string);
+        if let Some(id) = id {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}
+
+/// Lines the kernel prints only after the ACPI scan of the PCI root bus (a subsys initcall):
+/// the IRQ-routing choice of `pci_subsys_init` (later in the same initcall level, ~50 console
+/// lines after the scan) and the clocksource switch (an fs initcall).
+pub const PCI_SCAN_DONE_LINES: &[&str] = &[
+    "PCI: Using ACPI for IRQ routing",
+    "clocksource: Switched to clocksource",
+];
+
+/// Once PCI enumeration is complete (see [`PCI_SCAN_DONE_LINES`]), every function in
+/// `expected` (`[1af4:DDDD]`) was enumerated. Only
+/// the enumeration is asserted: whether the virtio drivers bind depends on their modules
+/// loading from the initramfs, which needs userspace, and Linux userspace cannot run on
+/// these hosts (its first `syscall` never reaches CPL0). Returns false if the run stopped
+/// before enumeration was complete (nothing asserted then).
+pub fn assert_virtio_functions_enumerated(run: &StreamedRun, expected: &[&str]) -> bool {
+    if PCI_SCAN_DONE_LINES.iter().all(|l| run.first(l).is_none()) {
+        return false;
+    }
+    let found = enumerated_pci_ids(run);
+    for id in expected {
+        assert!(
+            found.iter().any(|f| f == id),
+            "Linux did not enumerate the virtio function {id}; it found {found:?}\n--- pci lines ---\n{}",
+            run.all("pci 0000:00:")
+                .map(|l| l.text.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    true
+}
+
+/// A network namespace the calling thread has entered (so a `ferrite` spawned from this
+/// thread creates its TAPs there, never in the host's network); deleted on drop. Needs root
+/// and `ip` (iproute2).
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Create a namespace and move the calling thread into it; None if that is impossible
+    /// here (no `ip`, not root).
+    pub fn enter(tag: &str) -> Option<Self> {
+        let name = format!("ferrite-{tag}-{}", std::process::id());
+        let added = Command::new("ip")
+            .args(["netns", "add", &name])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !added {
+            return None;
+        }
+        let ns = Netns { name };
+        let file = File::open(format!("/run/netns/{}", ns.name)).ok()?;
+        // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        (rc == 0).then_some(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }

@@ -8,6 +8,7 @@ pub mod request;
 use std::sync::Arc;
 
 use disk::{DiskBackend, SECTOR_SHIFT};
+use rate_limiter::SharedRateLimiter;
 use virtio_bindings::virtio_blk::*;
 
 pub use metrics::{BlockMetrics, BlockMetricsSnapshot};
@@ -42,6 +43,7 @@ pub struct Block {
     limits: Limits,
     metrics: Arc<BlockMetrics>,
     io_threads: usize,
+    limiter: Option<SharedRateLimiter>,
     shared: Option<Arc<Shared>>,
     worker: Option<Worker>,
 }
@@ -102,6 +104,7 @@ impl Block {
             limits,
             metrics: Arc::new(BlockMetrics::default()),
             io_threads: DEFAULT_IO_THREADS,
+            limiter: None,
             shared: None,
             worker: None,
         })
@@ -118,6 +121,13 @@ impl Block {
     /// fresh set of counters.
     pub fn with_metrics(mut self, metrics: Arc<BlockMetrics>) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Limit the device's bandwidth and operations with `limiter` (kept by the caller across
+    /// device re-creations, and changeable while the VM runs through its `update`).
+    pub fn with_rate_limiter(mut self, limiter: SharedRateLimiter) -> Self {
+        self.limiter = Some(limiter);
         self
     }
 
@@ -193,8 +203,9 @@ impl VirtioDevice for Block {
             )
             .map_err(VirtioError::from)?,
         );
-        let handler =
-            BlockHandler::new(shared.clone(), self.io_threads).map_err(VirtioError::from)?;
+        let handler = BlockHandler::new(shared.clone(), self.io_threads)
+            .map_err(VirtioError::from)?
+            .with_limiter(self.limiter.clone());
         let events = ctx.queue_events.into_iter().take(1).collect();
         self.worker = Some(Worker::spawn("virtio-blk", events, handler)?);
         self.shared = Some(shared);

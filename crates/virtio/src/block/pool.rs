@@ -6,9 +6,16 @@
 //! (`DiskBackend::read_to_guest` / `write_from_guest`); the pool only changes which thread
 //! does it. Dropping the pool cancels requests not yet started and joins the threads, so no
 //! I/O thread touches guest memory after the device was reset.
+//!
+//! Costs per request are kept low because on small (and nested) hosts a thread wake-up costs
+//! more than a page-cache read: jobs wait in one queue that a busy I/O thread keeps taking from
+//! without sleeping, and a sleeping thread is woken only when a job arrives and no wake-up is
+//! already on its way. A thread that has more jobs queued behind the one it just finished
+//! publishes the used entry at once but defers the interrupt decision (at most
+//! [`MAX_DEFERRED`] completions), so a burst of completions costs one interrupt.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -173,9 +180,10 @@ impl Shared {
         }
     }
 
-    /// Publish a finished request and interrupt the guest if it asked to be told
-    /// (EVENT_IDX's used_event, else every time). Called with the queue unlocked.
-    fn complete(&self, head: u16, used_len: u32) {
+    /// Publish a finished request in the used ring; with `notify`, also interrupt the guest
+    /// if it asked to be told (EVENT_IDX's used_event, else every time) about this or any
+    /// earlier entry whose decision was deferred. Called with the queue unlocked.
+    fn complete(&self, head: u16, used_len: u32, notify: bool) {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         if self.is_broken() || !q.ready() {
             return;
@@ -185,6 +193,21 @@ impl Shared {
             self.mark_broken("cannot add used entry");
             return;
         }
+        if notify {
+            self.notify_locked(q);
+        }
+    }
+
+    /// Interrupt the guest if entries published since the last decision need it.
+    fn notify(&self) {
+        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if self.is_broken() || !q.ready() {
+            return;
+        }
+        self.notify_locked(q);
+    }
+
+    fn notify_locked(&self, mut q: std::sync::MutexGuard<'_, Queue>) {
         match q.needs_notification(&self.mem) {
             Ok(true) => {
                 drop(q);
@@ -200,9 +223,62 @@ impl Shared {
     }
 }
 
+/// Most completions whose interrupt decision a busy I/O thread defers.
+const MAX_DEFERRED: usize = 4;
+
+/// Jobs waiting for an I/O thread.
+#[derive(Default)]
+struct JobQueue {
+    jobs: VecDeque<Job>,
+    /// Threads waiting on the condition variable.
+    idle: usize,
+    /// Wake-ups sent and not yet consumed by a waiting thread.
+    waking: usize,
+    /// No more jobs will come: threads exit once the queue is empty.
+    closed: bool,
+}
+
+struct Jobs {
+    state: Mutex<JobQueue>,
+    ready: Condvar,
+}
+
+impl Jobs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, JobQueue> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Next job, sleeping while there is none; `None` once closed and drained.
+    fn take(&self) -> Option<Job> {
+        let mut st = self.lock();
+        loop {
+            if let Some(job) = st.jobs.pop_front() {
+                return Some(job);
+            }
+            if st.closed {
+                return None;
+            }
+            st.idle += 1;
+            st = self.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.idle -= 1;
+            st.waking = st.waking.saturating_sub(1);
+        }
+    }
+
+    /// The next job if one is waiting, without sleeping.
+    fn try_take(&self) -> Option<Job> {
+        self.lock().jobs.pop_front()
+    }
+
+    /// Whether another job is waiting (a hint for deferring interrupts).
+    fn has_more(&self) -> bool {
+        !self.lock().jobs.is_empty()
+    }
+}
+
 /// The I/O threads of one activation.
 pub struct IoPool {
-    tx: Option<Sender<Job>>,
+    jobs: Arc<Jobs>,
     threads: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
 }
@@ -210,19 +286,21 @@ pub struct IoPool {
 impl IoPool {
     /// Start `threads` (at least one) I/O threads serving `shared`.
     pub fn spawn(threads: usize, shared: Arc<Shared>) -> std::io::Result<Self> {
-        let (tx, rx) = channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
+        let jobs = Arc::new(Jobs {
+            state: Mutex::new(JobQueue::default()),
+            ready: Condvar::new(),
+        });
         let mut pool = Self {
-            tx: Some(tx),
+            jobs: jobs.clone(),
             threads: Vec::new(),
             shared: shared.clone(),
         };
         for i in 0..threads.max(1) {
-            let rx = rx.clone();
+            let jobs = jobs.clone();
             let shared = shared.clone();
             let t = std::thread::Builder::new()
                 .name(format!("virtio-blk-io{i}"))
-                .spawn(move || io_thread(&rx, &shared))?;
+                .spawn(move || io_thread(&jobs, &shared))?;
             // On error the threads already started are joined by Drop.
             pool.threads.push(t);
         }
@@ -231,12 +309,25 @@ impl IoPool {
 
     /// Queue a request; the caller already counted it with [`Shared::begin`].
     pub fn submit(&self, job: Job) {
-        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(job).is_ok());
-        if !sent {
-            // Every I/O thread is gone (cannot happen while the pool lives): never leave
-            // the request counted, or pause would wait forever.
+        let mut st = self.jobs.lock();
+        if st.closed {
+            // Cannot happen while the pool lives: never leave the request counted, or
+            // pause would wait forever.
+            drop(st);
             tracing::error!("virtio-blk: I/O threads gone; request dropped");
             self.shared.finish();
+            return;
+        }
+        st.jobs.push_back(job);
+        // Wake a sleeping thread only if the jobs queued outnumber the wake-ups under way;
+        // busy threads take the rest without sleeping.
+        let wake = st.idle > st.waking && st.jobs.len() > st.waking;
+        if wake {
+            st.waking += 1;
+        }
+        drop(st);
+        if wake {
+            self.jobs.ready.notify_one();
         }
     }
 }
@@ -244,7 +335,8 @@ impl IoPool {
 impl Drop for IoPool {
     fn drop(&mut self) {
         self.shared.cancelled.store(true, Ordering::Release);
-        self.tx.take();
+        self.jobs.lock().closed = true;
+        self.jobs.ready.notify_all();
         for t in self.threads.drain(..) {
             if t.join().is_err() {
                 tracing::error!("virtio-blk I/O thread panicked");
@@ -253,19 +345,32 @@ impl Drop for IoPool {
     }
 }
 
-fn io_thread(rx: &Mutex<Receiver<Job>>, shared: &Shared) {
+fn io_thread(jobs: &Jobs, shared: &Shared) {
+    let mut deferred = 0usize;
     loop {
-        let job = {
-            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
-            rx.recv()
-        };
-        let Ok(job) = job else {
-            return;
+        let job = match jobs.try_take() {
+            Some(job) => job,
+            None => {
+                // Never sleep on a deferred interrupt decision.
+                if deferred > 0 {
+                    shared.notify();
+                    deferred = 0;
+                }
+                match jobs.take() {
+                    Some(job) => job,
+                    None => return,
+                }
+            }
         };
         // After a reset began, requests not yet started are dropped unexecuted.
         if !shared.cancelled() && !shared.is_broken() {
             let used_len = shared.executor().run(&job.chain);
-            shared.complete(job.head, used_len);
+            let defer = deferred < MAX_DEFERRED && jobs.has_more();
+            shared.complete(job.head, used_len, !defer);
+            deferred = if defer { deferred + 1 } else { 0 };
+        } else if deferred > 0 {
+            shared.notify();
+            deferred = 0;
         }
         shared.finish();
     }

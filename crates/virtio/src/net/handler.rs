@@ -1,5 +1,11 @@
 //! The virtio-net worker: frames from the TAP into the receive queue (0), frames from the
 //! transmit queue (1) to the TAP, each with the 12-byte `virtio_net_hdr_v1` in front.
+//!
+//! Each direction may have a rate limiter (bytes/s of Ethernet frame and packets/s). A
+//! received frame the limiter refuses stays pending in the handler (the TAP is not read
+//! further); a transmit chain it refuses is put back on the avail ring. Either way the
+//! limiter's timer, registered in the worker's epoll set, resumes that direction: neither
+//! the edge-triggered TAP nor an EVENT_IDX driver would necessarily ring again.
 
 use std::io;
 use std::num::Wrapping;
@@ -7,6 +13,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use rate_limiter::SharedRateLimiter;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_device::GuestMemoryMmap;
 use vm_memory::{Address, Bytes, GuestAddress};
@@ -70,6 +77,10 @@ impl NetBackend for net::Tap {
 const TOKEN_TAP: u32 = 0;
 /// Worker token of the "more receive work" eventfd.
 const TOKEN_RX_MORE: u32 = 1;
+/// Worker token of the receive rate limiter's timer.
+const TOKEN_RX_LIMITER: u32 = 2;
+/// Worker token of the transmit rate limiter's timer.
+const TOKEN_TX_LIMITER: u32 = 3;
 /// Frames moved per receive pass before yielding to other events.
 const RX_BATCH: usize = 256;
 
@@ -134,6 +145,12 @@ pub struct NetHandler {
     rx_buf: Vec<u8>,
     /// Length of the frame waiting in `rx_buf` (0: none).
     rx_pending: usize,
+    /// The pending frame was charged to the receive limiter.
+    rx_charged: bool,
+    /// Receive limit (frames into the guest).
+    rx_limiter: Option<SharedRateLimiter>,
+    /// Transmit limit (frames from the guest).
+    tx_limiter: Option<SharedRateLimiter>,
     /// Used entries published on the receive queue since the last notification check.
     rx_added: Wrapping<u16>,
     rx_more: EventFd,
@@ -165,10 +182,25 @@ impl NetHandler {
             broken: false,
             rx_buf: vec![0; MAX_FRAME_BUF],
             rx_pending: 0,
+            rx_charged: false,
+            rx_limiter: None,
+            tx_limiter: None,
             rx_added: Wrapping(0),
             rx_more: EventFd::new(EFD_NONBLOCK)?,
             tx_buf: vec![0; MAX_FRAME_BUF],
         })
+    }
+
+    /// Limit received (`rx`) and transmitted (`tx`) frames; the limiters are kept by the
+    /// caller across device re-creations and changed live through their `update`.
+    pub fn with_rate_limiters(
+        mut self,
+        rx: Option<SharedRateLimiter>,
+        tx: Option<SharedRateLimiter>,
+    ) -> Self {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
+        self
     }
 
     fn acked(&self, bit: u32) -> bool {
@@ -337,9 +369,20 @@ impl NetHandler {
                 }
             }
             let bytes = (self.rx_pending - VNET_HDR_LEN) as u64;
+            if !self.rx_charged {
+                if let Some(l) = &self.rx_limiter {
+                    if !l.consume_request(bytes, 1) {
+                        // The frame waits here; the limiter's timer resumes receiving.
+                        NetMetrics::add(&self.metrics.rx_throttled, 1);
+                        break;
+                    }
+                }
+                self.rx_charged = true;
+            }
             match self.deliver(&mut q) {
                 Ok(Delivered::Yes) => {
                     self.rx_pending = 0;
+                    self.rx_charged = false;
                     moved += 1;
                     published = true;
                     NetMetrics::add(&self.metrics.rx_packets, 1);
@@ -347,6 +390,7 @@ impl NetHandler {
                 }
                 Ok(Delivered::Dropped) => {
                     self.rx_pending = 0;
+                    self.rx_charged = false;
                     moved += 1;
                     NetMetrics::add(&self.metrics.rx_dropped, 1);
                 }
@@ -472,6 +516,15 @@ impl NetHandler {
                     .ok_or("cannot read avail ring entry")?;
                 let head = chain.head_index();
                 let parsed = parse_chain(chain).map_err(|_| "malformed descriptor chain")?;
+                if let Some(l) = &self.tx_limiter {
+                    let bytes = total(&parsed.readable).saturating_sub(VNET_HDR_LEN as u64);
+                    if !l.consume_request(bytes, 1) {
+                        // Sent once the limiter's timer fires.
+                        q.go_to_previous_position();
+                        NetMetrics::add(&self.metrics.tx_throttled, 1);
+                        return Ok(used_any);
+                    }
+                }
                 let bad = !parsed.writable.is_empty() || parsed.misordered;
                 self.send(&parsed.readable, bad);
                 q.add_used(&self.mem, head, 0)
@@ -538,7 +591,14 @@ impl QueueHandler for NetHandler {
             // buffers; a guest kick on the receive queue resumes reading.
             ctl.add(fd, EventSet::IN | EventSet::EDGE_TRIGGERED, TOKEN_TAP)?;
         }
-        ctl.add(self.rx_more.as_raw_fd(), EventSet::IN, TOKEN_RX_MORE)
+        ctl.add(self.rx_more.as_raw_fd(), EventSet::IN, TOKEN_RX_MORE)?;
+        if let Some(l) = &self.rx_limiter {
+            ctl.add(l.timer_fd(), EventSet::IN, TOKEN_RX_LIMITER)?;
+        }
+        if let Some(l) = &self.tx_limiter {
+            ctl.add(l.timer_fd(), EventSet::IN, TOKEN_TX_LIMITER)?;
+        }
+        Ok(())
     }
 
     fn process_event(&mut self, token: u32, _events: EventSet, _ctl: &EventControl<'_>) {
@@ -547,6 +607,22 @@ impl QueueHandler for NetHandler {
             TOKEN_RX_MORE => {
                 let _ = self.rx_more.read();
                 self.process_rx();
+            }
+            TOKEN_RX_LIMITER => {
+                if let Some(l) = &self.rx_limiter {
+                    if let Err(e) = l.timer_event() {
+                        tracing::warn!("virtio-net: receive rate limiter timer: {e}");
+                    }
+                }
+                self.process_rx();
+            }
+            TOKEN_TX_LIMITER => {
+                if let Some(l) = &self.tx_limiter {
+                    if let Err(e) = l.timer_event() {
+                        tracing::warn!("virtio-net: transmit rate limiter timer: {e}");
+                    }
+                }
+                self.process_tx();
             }
             _ => {}
         }

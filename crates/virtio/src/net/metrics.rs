@@ -29,6 +29,10 @@ pub struct NetMetrics {
     pub broken_queues: AtomicU64,
     /// Interrupts sent to the guest.
     pub interrupts: AtomicU64,
+    /// Times the receive path waited for its rate limiter.
+    pub rx_throttled: AtomicU64,
+    /// Times the transmit path waited for its rate limiter.
+    pub tx_throttled: AtomicU64,
 }
 
 /// A serialisable copy of [`NetMetrics`].
@@ -56,6 +60,12 @@ pub struct NetMetricsSnapshot {
     pub broken_queues: u64,
     /// See [`NetMetrics::interrupts`].
     pub interrupts: u64,
+    /// See [`NetMetrics::rx_throttled`].
+    #[serde(default)]
+    pub rx_throttled: u64,
+    /// See [`NetMetrics::tx_throttled`].
+    #[serde(default)]
+    pub tx_throttled: u64,
 }
 
 impl NetMetrics {
@@ -79,6 +89,8 @@ impl NetMetrics {
             rx_no_buffers: g(&self.rx_no_buffers),
             broken_queues: g(&self.broken_queues),
             interrupts: g(&self.interrupts),
+            rx_throttled: g(&self.rx_throttled),
+            tx_throttled: g(&self.tx_throttled),
         }
     }
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 pub use handler::{NetBackend, NetHandler};
 pub use metrics::{NetMetrics, NetMetricsSnapshot};
+use rate_limiter::SharedRateLimiter;
 use serde::{Deserialize, Serialize};
 
 use self::features::*;
@@ -62,6 +63,8 @@ pub struct Net {
     avail_features: u64,
     queue_sizes: [u16; 2],
     metrics: Arc<NetMetrics>,
+    rx_limiter: Option<SharedRateLimiter>,
+    tx_limiter: Option<SharedRateLimiter>,
     worker: Option<Worker>,
 }
 
@@ -93,6 +96,8 @@ impl Net {
             avail_features: bits.iter().fold(0u64, |a, b| a | (1u64 << b)),
             queue_sizes: [QUEUE_SIZE, QUEUE_SIZE],
             metrics: Arc::new(NetMetrics::default()),
+            rx_limiter: None,
+            tx_limiter: None,
             worker: None,
         }
     }
@@ -100,6 +105,19 @@ impl Net {
     /// Use `metrics` (kept across VM reboots by the caller) instead of fresh counters.
     pub fn with_metrics(mut self, metrics: Arc<NetMetrics>) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Limit frames into the guest with `rx` and frames from it with `tx` (bytes/s and
+    /// packets/s each). The limiters are kept by the caller across device re-creations and
+    /// changed while the VM runs through their `update`.
+    pub fn with_rate_limiters(
+        mut self,
+        rx: Option<SharedRateLimiter>,
+        tx: Option<SharedRateLimiter>,
+    ) -> Self {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
         self
     }
 
@@ -172,7 +190,8 @@ impl VirtioDevice for Net {
             ctx.interrupt,
             ctx.needs_reset,
             ctx.acked_features,
-        )?;
+        )?
+        .with_rate_limiters(self.rx_limiter.clone(), self.tx_limiter.clone());
         let events = ctx.queue_events.into_iter().take(2).collect();
         self.worker = Some(Worker::spawn("virtio-net", events, handler)?);
         Ok(())

@@ -28,6 +28,23 @@ pub trait Budget: Send {
     fn on_timer(&mut self) {}
 }
 
+/// A shared rate limiter as a budget: each request costs its bytes and one operation.
+impl Budget for rate_limiter::SharedRateLimiter {
+    fn try_consume(&mut self, bytes: u64) -> bool {
+        self.consume_request(bytes, 1)
+    }
+
+    fn timer_fd(&self) -> Option<RawFd> {
+        Some(rate_limiter::SharedRateLimiter::timer_fd(self))
+    }
+
+    fn on_timer(&mut self) {
+        if let Err(e) = self.timer_event() {
+            tracing::warn!("virtio-rng: rate limiter timer: {e}");
+        }
+    }
+}
+
 /// Worker token of the budget's timer.
 const TOKEN_TIMER: u32 = 0;
 

@@ -11,6 +11,8 @@ mod metrics;
 
 use std::sync::Arc;
 
+use rate_limiter::SharedRateLimiter;
+
 pub use handler::{Budget, RngHandler};
 pub use metrics::{RngMetrics, RngMetricsSnapshot};
 
@@ -29,6 +31,7 @@ pub struct Rng {
     avail_features: u64,
     queue_sizes: [u16; 1],
     metrics: Arc<RngMetrics>,
+    limiter: Option<SharedRateLimiter>,
     worker: Option<Worker>,
 }
 
@@ -45,6 +48,7 @@ impl Rng {
             avail_features: 1u64 << VIRTIO_F_VERSION_1,
             queue_sizes: [QUEUE_SIZE],
             metrics: Arc::new(RngMetrics::default()),
+            limiter: None,
             worker: None,
         }
     }
@@ -52,6 +56,13 @@ impl Rng {
     /// Use `metrics` (kept across VM reboots by the caller) instead of fresh counters.
     pub fn with_metrics(mut self, metrics: Arc<RngMetrics>) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Limit the bytes handed to the guest with `limiter` (kept by the caller across device
+    /// re-creations and changed while the VM runs through its `update`).
+    pub fn with_rate_limiter(mut self, limiter: SharedRateLimiter) -> Self {
+        self.limiter = Some(limiter);
         self
     }
 
@@ -98,13 +109,16 @@ impl VirtioDevice for Rng {
                 reason: "not enabled".into(),
             });
         }
-        let handler = RngHandler::new(
+        let mut handler = RngHandler::new(
             ctx.mem,
             queue,
             self.metrics.clone(),
             ctx.interrupt,
             ctx.needs_reset,
         );
+        if let Some(l) = &self.limiter {
+            handler.budget = Some(Box::new(l.clone()));
+        }
         let events = ctx.queue_events.into_iter().take(1).collect();
         self.worker = Some(Worker::spawn("virtio-rng", events, handler)?);
         Ok(())

@@ -323,3 +323,50 @@ fn test_rng_throttled_request_is_served_when_timer_fires() {
     assert_eq!(used_while_closed, 0);
     assert_eq!(metrics.snapshot().bytes, 64);
 }
+
+#[test]
+fn test_rng_byte_limit_holds_request_until_limiter_timer() {
+    // Arrange: 64 bytes per 300 ms; two 64-byte requests queued.
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let mut h = harness();
+    let vq = MockSplitQueue::create(&h.mem, GuestAddress(0x1000), QSIZE);
+    vq.add_desc_chains(
+        &[
+            desc(BUF, 64, VRING_DESC_F_WRITE, 0),
+            desc(BUF + 64, 64, VRING_DESC_F_WRITE, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    *h.handler.queue.lock().unwrap() = vq.create_queue().unwrap();
+    let limiter = rate_limiter::SharedRateLimiter::new(&rate_limiter::RateLimitConfig {
+        bandwidth: Some(rate_limiter::BucketConfig {
+            size: 64,
+            one_time_burst: 0,
+            refill_time_ms: 300,
+        }),
+        ops: None,
+    })
+    .unwrap();
+    h.handler.budget = Some(Box::new(limiter));
+    let metrics = h.handler.metrics.clone();
+    let bell = EventFd::new(EFD_NONBLOCK).unwrap();
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        // Hang guard only.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "gave up on {what}");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    };
+
+    // Act: no doorbell after the worker's first drain.
+    let _worker = crate::worker::Worker::spawn("rng-test", vec![bell], h.handler).unwrap();
+    wait("first request", &|| vq.used().idx().load() >= 1);
+    wait("second request", &|| vq.used().idx().load() == 2);
+
+    // Assert
+    let m = metrics.snapshot();
+    assert!(m.throttled >= 1, "{m:?}");
+    assert_eq!(m.bytes, 128);
+}

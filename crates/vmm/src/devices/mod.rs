@@ -108,6 +108,10 @@ impl RunDevices {
         for (i, n) in self.nets.iter().enumerate() {
             h.stats
                 .insert(format!("net{i}"), stats_fn(&n.metrics, |m| m.snapshot()));
+            h.limiters
+                .insert(format!("net{i}.rx"), n.rx_limiter.clone());
+            h.limiters
+                .insert(format!("net{i}.tx"), n.tx_limiter.clone());
         }
         if let Some(v) = &self.vsock {
             h.stats
@@ -116,6 +120,7 @@ impl RunDevices {
         if let Some(r) = &self.rng {
             h.stats
                 .insert("rng".into(), stats_fn(&r.metrics, |m| m.snapshot()));
+            h.limiters.insert("rng".into(), r.limiter.clone());
         }
         if let Some(c) = &self.console {
             h.stats

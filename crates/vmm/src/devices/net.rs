@@ -5,9 +5,17 @@
 //! persistent, so the kernel deletes it when Ferrite exits. Without `mac=` the MAC is
 //! derived from the TAP name ([`net::MacAddr::from_seed`]: FNV-1a hash, locally administered,
 //! unicast), so a VM on a stable TAP name keeps a stable MAC.
+//!
+//! Rate limits per direction (`rx` = into the guest, `tx` = from the guest):
+//! `rx-bw=`/`tx-bw=` bytes/s of Ethernet frames, `rx-pps=`/`tx-pps=` packets/s, and one-time
+//! bursts `rx-bw-burst=`, `tx-bw-burst=`, `rx-pps-burst=`, `tx-pps-burst=` (numbers take
+//! K/M/G binary suffixes; `_` may replace `-` in the keys). Both directions always get a
+//! limiter (unlimited unless given), reachable as `net<i>.rx` / `net<i>.tx` on the control
+//! socket and kept across guest reboots.
 
 use std::sync::{Arc, Mutex};
 
+use rate_limiter::{RateLimitConfig, SharedRateLimiter};
 use serde::{Deserialize, Serialize};
 use virtio::{Net, NetMetrics, VirtioPciDevice};
 
@@ -24,14 +32,26 @@ pub struct NetConfig {
     pub tap: Option<String>,
     /// The guest's MAC (None: derived from the TAP name).
     pub mac: Option<net::MacAddr>,
-    /// Receive limit in bytes/s (needs the rate limiter).
+    /// Receive limit in bytes/s.
     pub rx_bw: Option<u64>,
-    /// Transmit limit in bytes/s (needs the rate limiter).
+    /// Transmit limit in bytes/s.
     pub tx_bw: Option<u64>,
-    /// Receive limit in packets/s (needs the rate limiter).
+    /// Receive limit in packets/s.
     pub rx_pps: Option<u64>,
-    /// Transmit limit in packets/s (needs the rate limiter).
+    /// Transmit limit in packets/s.
     pub tx_pps: Option<u64>,
+    /// One-time receive burst in bytes (needs `rx_bw`).
+    #[serde(default)]
+    pub rx_bw_burst: Option<u64>,
+    /// One-time transmit burst in bytes (needs `tx_bw`).
+    #[serde(default)]
+    pub tx_bw_burst: Option<u64>,
+    /// One-time receive burst in packets (needs `rx_pps`).
+    #[serde(default)]
+    pub rx_pps_burst: Option<u64>,
+    /// One-time transmit burst in packets (needs `tx_pps`).
+    #[serde(default)]
+    pub tx_pps_burst: Option<u64>,
 }
 
 fn device_error(message: impl Into<String>) -> ConfigError {
@@ -42,20 +62,35 @@ fn device_error(message: impl Into<String>) -> ConfigError {
 }
 
 fn parse_rate(key: &str, v: &str) -> Result<u64, ConfigError> {
-    match v.parse::<u64>() {
+    match rate_limiter::parse_rate(v) {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(device_error(format!(
-            "{key}={v:?} is not a positive number: use e.g. {key}=1000000"
+            "{key}={v:?} is not a positive number: use e.g. {key}=1000000 or {key}=10M"
         ))),
     }
 }
 
+/// The limiter configuration of one direction.
+fn limit(
+    bw: Option<u64>,
+    bw_burst: Option<u64>,
+    pps: Option<u64>,
+    pps_burst: Option<u64>,
+) -> RateLimitConfig {
+    RateLimitConfig {
+        bandwidth: bw.map(|n| RateLimitConfig::parse_rate(n, bw_burst)),
+        ops: pps.map(|n| RateLimitConfig::parse_rate(n, pps_burst)),
+    }
+}
+
 impl NetConfig {
-    /// Parse the `--net` syntax: `[tap=NAME][,mac=MAC][,rx-bw=N][,tx-bw=N][,rx-pps=N][,tx-pps=N]`.
+    /// Parse the `--net` syntax: `[tap=NAME][,mac=MAC][,rx-bw=N][,tx-bw=N][,rx-pps=N]
+    /// [,tx-pps=N][,rx-bw-burst=N][,tx-bw-burst=N][,rx-pps-burst=N][,tx-pps-burst=N]`.
     pub fn parse(spec: &str) -> Result<Self, ConfigError> {
         let mut cfg = Self::default();
         for item in spec.split(',').filter(|s| !s.is_empty()) {
-            match item.split_once('=') {
+            let split = item.split_once('=').map(|(k, v)| (k.replace('_', "-"), v));
+            match split.as_ref().map(|(k, v)| (k.as_str(), *v)) {
                 Some(("tap", v)) => {
                     if !net::tap::valid_if_name(v) {
                         return Err(device_error(format!(
@@ -82,14 +117,43 @@ impl NetConfig {
                 Some(("tx-bw", v)) => cfg.tx_bw = Some(parse_rate("tx-bw", v)?),
                 Some(("rx-pps", v)) => cfg.rx_pps = Some(parse_rate("rx-pps", v)?),
                 Some(("tx-pps", v)) => cfg.tx_pps = Some(parse_rate("tx-pps", v)?),
+                Some(("rx-bw-burst", v)) => cfg.rx_bw_burst = Some(parse_rate("rx-bw-burst", v)?),
+                Some(("tx-bw-burst", v)) => cfg.tx_bw_burst = Some(parse_rate("tx-bw-burst", v)?),
+                Some(("rx-pps-burst", v)) => {
+                    cfg.rx_pps_burst = Some(parse_rate("rx-pps-burst", v)?)
+                }
+                Some(("tx-pps-burst", v)) => {
+                    cfg.tx_pps_burst = Some(parse_rate("tx-pps-burst", v)?)
+                }
                 _ => {
                     return Err(device_error(format!(
-                        "unknown option {item:?}: use tap=NAME,mac=MAC (both optional)"
+                        "unknown option {item:?}: use tap=NAME,mac=MAC and the limits \
+                         rx-bw=,tx-bw=,rx-pps=,tx-pps= (with -burst variants), all optional"
                     )))
                 }
             }
         }
+        for (burst, rate, what) in [
+            (cfg.rx_bw_burst, cfg.rx_bw, "rx-bw-burst= needs rx-bw="),
+            (cfg.tx_bw_burst, cfg.tx_bw, "tx-bw-burst= needs tx-bw="),
+            (cfg.rx_pps_burst, cfg.rx_pps, "rx-pps-burst= needs rx-pps="),
+            (cfg.tx_pps_burst, cfg.tx_pps, "tx-pps-burst= needs tx-pps="),
+        ] {
+            if burst.is_some() && rate.is_none() {
+                return Err(device_error(what));
+            }
+        }
         Ok(cfg)
+    }
+
+    /// The receive limits (frames into the guest).
+    pub fn rx_limit(&self) -> RateLimitConfig {
+        limit(self.rx_bw, self.rx_bw_burst, self.rx_pps, self.rx_pps_burst)
+    }
+
+    /// The transmit limits (frames from the guest).
+    pub fn tx_limit(&self) -> RateLimitConfig {
+        limit(self.tx_bw, self.tx_bw_burst, self.tx_pps, self.tx_pps_burst)
     }
 
     /// Check what can be checked before opening anything: two NICs cannot share a TAP or
@@ -123,13 +187,6 @@ impl NetConfig {
         }
         Ok(())
     }
-
-    fn has_rate_limit(&self) -> bool {
-        self.rx_bw.is_some()
-            || self.tx_bw.is_some()
-            || self.rx_pps.is_some()
-            || self.tx_pps.is_some()
-    }
 }
 
 /// Host resources of one NIC, opened once per run (the TAP survives guest reboots).
@@ -142,18 +199,26 @@ pub struct OpenNet {
     pub mac: net::MacAddr,
     /// Counters, kept across guest reboots.
     pub metrics: Arc<NetMetrics>,
+    /// Receive limiter (`net<i>.rx` on the control socket), kept across guest reboots.
+    pub rx_limiter: SharedRateLimiter,
+    /// Transmit limiter (`net<i>.tx` on the control socket), kept across guest reboots.
+    pub tx_limiter: SharedRateLimiter,
+}
+
+fn limiter(device: &str, cfg: &RateLimitConfig) -> Result<SharedRateLimiter, VmmError> {
+    SharedRateLimiter::new(cfg).map_err(|e| VmmError::DeviceOpen {
+        device: device.to_string(),
+        reason: "cannot create the rate limiter's timerfd".to_string(),
+        source: Some(e),
+    })
 }
 
 /// Open (or create) the TAP.
 pub fn open(cfg: &NetConfig, index: usize, vm: &VmConfig) -> Result<OpenNet, VmmError> {
     let _ = vm;
     let device = format!("net{index}");
-    if cfg.has_rate_limit() {
-        return Err(VmmError::NotSupported(
-            "--net rx-bw/tx-bw/rx-pps/tx-pps need the rate-limiter crate, which this build \
-             does not have yet",
-        ));
-    }
+    let rx_limiter = limiter(&device, &cfg.rx_limit())?;
+    let tx_limiter = limiter(&device, &cfg.tx_limit())?;
     let name = cfg
         .tap
         .clone()
@@ -199,6 +264,8 @@ pub fn open(cfg: &NetConfig, index: usize, vm: &VmConfig) -> Result<OpenNet, Vmm
         tap,
         mac,
         metrics: Arc::new(NetMetrics::default()),
+        rx_limiter,
+        tx_limiter,
     })
 }
 
@@ -212,7 +279,9 @@ pub fn attach(
         reason: "cannot duplicate the TAP descriptor".into(),
         source: Some(e),
     })?;
-    let dev = Net::new(Box::new(tap), open.mac).with_metrics(open.metrics.clone());
+    let dev = Net::new(Box::new(tap), open.mac)
+        .with_metrics(open.metrics.clone())
+        .with_rate_limiters(Some(open.rx_limiter.clone()), Some(open.tx_limiter.clone()));
     ctx.plug(&open.device, Box::new(dev))
 }
 
@@ -265,11 +334,25 @@ mod tests {
     }
 
     #[test]
-    fn test_net_open_rate_limit_is_not_supported_yet() {
-        let cfg = NetConfig::parse("tx-bw=1000").unwrap();
+    fn test_net_parse_limits_per_direction_with_bursts() {
+        let cfg =
+            NetConfig::parse("tap=t0,rx-bw=10M,rx-bw-burst=1M,tx_pps=500,tx_pps_burst=50").unwrap();
 
-        let err = open(&cfg, 0, &VmConfig::default()).err().unwrap();
+        let rx = cfg.rx_limit();
+        let tx = cfg.tx_limit();
 
-        assert!(matches!(err, VmmError::NotSupported(_)));
+        let rx_bw = rx.bandwidth.unwrap();
+        assert_eq!((rx_bw.size, rx_bw.one_time_burst), (10 << 20, 1 << 20));
+        assert!(rx.ops.is_none());
+        let tx_ops = tx.ops.unwrap();
+        assert_eq!((tx_ops.size, tx_ops.one_time_burst), (500, 50));
+        assert!(tx.bandwidth.is_none());
+    }
+
+    #[test]
+    fn test_net_parse_burst_without_rate_is_refused() {
+        let err = NetConfig::parse("rx-pps-burst=10").unwrap_err().to_string();
+
+        assert!(err.contains("rx-pps="), "{err}");
     }
 }

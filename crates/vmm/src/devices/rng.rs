@@ -1,10 +1,13 @@
 //! virtio-rng fed from the host's getrandom: configuration, per-run resources and wiring.
 //!
 //! `--rng` gives an unlimited device; `--rng bw=BYTES_PER_S[,burst=BYTES]` limits it with a
-//! token bucket (the burst defaults to one second's worth).
+//! token bucket holding one second's worth of bytes, plus an optional one-time `burst` spent
+//! first (the same meaning as the disks' `bw-burst=`). The limiter always exists (unlimited
+//! unless `bw=` is given): the control socket reaches it as `rng`, across guest reboots.
 
 use std::sync::{Arc, Mutex};
 
+use rate_limiter::{RateLimitConfig, SharedRateLimiter};
 use serde::{Deserialize, Serialize};
 use virtio::{Rng, RngMetrics, VirtioPciDevice};
 
@@ -20,7 +23,7 @@ const DEVICE: &str = "rng";
 pub struct RngConfig {
     /// Bytes per second the guest may read (None: unlimited).
     pub bw: Option<u64>,
-    /// Bucket size in bytes (defaults to `bw`).
+    /// One-time burst in bytes, spent before the bucket (needs `bw`).
     pub burst: Option<u64>,
 }
 
@@ -32,9 +35,9 @@ fn device_error(message: impl Into<String>) -> ConfigError {
 }
 
 fn parse_bytes(key: &str, v: &str) -> Result<u64, ConfigError> {
-    v.parse::<u64>().map_err(|_| {
+    rate_limiter::parse_rate(v).map_err(|_| {
         device_error(format!(
-            "{key}={v:?} is not a number of bytes: use e.g. {key}=10240"
+            "{key}={v:?} is not a number of bytes: use e.g. {key}=10240 or {key}=64K"
         ))
     })
 }
@@ -72,23 +75,37 @@ impl RngConfig {
         }
         Ok(())
     }
+
+    /// The limiter configuration (bytes only).
+    pub fn limit(&self) -> RateLimitConfig {
+        RateLimitConfig {
+            bandwidth: self
+                .bw
+                .filter(|&n| n > 0)
+                .map(|n| RateLimitConfig::parse_rate(n, self.burst)),
+            ops: None,
+        }
+    }
 }
 
 /// Host resources of the device, opened once per run.
 pub struct OpenRng {
     /// Counters, kept across guest reboots.
     pub metrics: Arc<RngMetrics>,
+    /// The byte-rate limiter (`rng` on the control socket), kept across guest reboots.
+    pub limiter: SharedRateLimiter,
 }
 
 /// Open the host side.
 pub fn open(cfg: &RngConfig) -> Result<OpenRng, VmmError> {
-    if cfg.bw.is_some() {
-        return Err(VmmError::NotSupported(
-            "--rng bw= needs the rate-limiter crate, which this build does not have yet",
-        ));
-    }
+    let limiter = SharedRateLimiter::new(&cfg.limit()).map_err(|e| VmmError::DeviceOpen {
+        device: DEVICE.to_string(),
+        reason: "cannot create the rate limiter's timerfd".to_string(),
+        source: Some(e),
+    })?;
     Ok(OpenRng {
         metrics: Arc::new(RngMetrics::default()),
+        limiter,
     })
 }
 
@@ -97,7 +114,9 @@ pub fn attach(
     open: &OpenRng,
     ctx: &AttachContext<'_>,
 ) -> Result<Arc<Mutex<VirtioPciDevice>>, VmmError> {
-    let dev = Rng::new().with_metrics(open.metrics.clone());
+    let dev = Rng::new()
+        .with_metrics(open.metrics.clone())
+        .with_rate_limiter(open.limiter.clone());
     ctx.plug(DEVICE, Box::new(dev))
 }
 
@@ -126,6 +145,19 @@ mod tests {
 
             assert!(err.contains("--rng"), "{spec}: {err}");
         }
+    }
+
+    #[test]
+    fn test_rng_limit_is_one_second_bucket_plus_burst() {
+        let cfg = RngConfig::parse("bw=64K,burst=4096").unwrap();
+
+        let b = cfg.limit().bandwidth.unwrap();
+
+        assert_eq!(
+            (b.size, b.one_time_burst, b.refill_time_ms),
+            (65536, 4096, 1000)
+        );
+        assert!(RngConfig::default().limit().is_unlimited());
     }
 
     #[test]
