@@ -12,7 +12,7 @@ use common::stream::{run_ferrite_until, StopReason};
 use linux_common::{
     assert_early_platform, assert_late_platform_so_far, assert_no_crash,
     assert_virtio_functions_enumerated, budget, enumerated_pci_ids, is_terminal, print_profile,
-    require, run_args, Netns, ScratchDisk, VIRTIO_BALLOON_PCI_ID, VIRTIO_BLK_PCI_ID,
+    require, run_args, ScratchDisk, VIRTIO_BALLOON_PCI_ID, VIRTIO_BLK_PCI_ID,
     VIRTIO_CONSOLE_PCI_ID, VIRTIO_NET_PCI_ID, VIRTIO_RNG_PCI_ID, VIRTIO_VSOCK_PCI_ID,
 };
 
@@ -50,14 +50,10 @@ fn test_linux_pvh_boot_within_budget_reports_ferrite_platform() {
         VIRTIO_CONSOLE_PCI_ID,
     ];
     // `--net` alone makes Ferrite create (and remove) a TAP: only inside a namespace of our
-    // own, never in the host's network; without one (no `ip`) the NIC is left out.
-    let netns = Netns::enter("linux");
-    if netns.is_some() {
-        extra.push("--net");
-        expected.push(VIRTIO_NET_PCI_ID);
-    } else {
-        println!("no network namespace (needs root and iproute2): no virtio-net in this run");
-    }
+    // own, never in the host's network.
+    let netns = common::netns::Netns::enter();
+    extra.push("--net");
+    expected.push(VIRTIO_NET_PCI_ID);
     let args = run_args(&kernel, &initrd, disk.path(), &extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let budget = budget("FERRITE_LINUX_BUDGET_SECS", 420);

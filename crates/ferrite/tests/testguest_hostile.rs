@@ -12,12 +12,12 @@
 //! Needs root, `ip` (iproute2) and `ping` (iputils-ping), like testguest_net.rs.
 
 mod common;
+
+use common::netns::Netns;
 mod testguest_common;
 
-use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::UdpSocket;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -35,47 +35,6 @@ const VSOCK_BYTES: u32 = 64 << 10;
 /// UDP datagrams echoed by the guest after the attacks.
 const UDP_COUNT: usize = 50;
 
-fn ip(args: &[&str]) {
-    let st = Command::new("ip")
-        .args(args)
-        .status()
-        .expect("run ip (iproute2)");
-    assert!(st.success(), "ip {} failed", args.join(" "));
-}
-
-/// A network namespace the calling thread has entered, with a TAP; deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn enter() -> Self {
-        let name = format!("ferrite-hostile-{}", std::process::id());
-        ip(&["netns", "add", &name]);
-        let ns = Netns { name };
-        let f = File::open(format!("/run/netns/{}", ns.name)).expect("open netns");
-        // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// A TAP (with vnet header support) holding `host_cidr`, up.
-    fn tap(&self, name: &str, host_cidr: &str) {
-        ip(&["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"]);
-        ip(&["addr", "add", host_cidr, "dev", name]);
-        ip(&["link", "set", name, "up"]);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
 
 /// A private directory for the VM's sockets and console file, removed at the end.
 struct TempDir(PathBuf);

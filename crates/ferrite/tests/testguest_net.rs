@@ -6,14 +6,13 @@
 //! that thread) inherits it. Needs root, `ip` (iproute2) and `ping` (iputils-ping).
 
 mod common;
+
+use common::netns::Netns;
 mod testguest_common;
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::net::UdpSocket;
-use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,53 +23,6 @@ const UP_GUARD: Duration = Duration::from_secs(60);
 /// Hang guard for one UDP answer.
 const RECV_GUARD: Duration = Duration::from_secs(10);
 
-fn ip(args: &[&str]) {
-    let st = Command::new("ip")
-        .args(args)
-        .status()
-        .expect("run ip (iproute2)");
-    assert!(st.success(), "ip {} failed", args.join(" "));
-}
-
-/// A network namespace, deleted on drop (also when a test fails).
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    /// Create a namespace and move the calling thread into it.
-    fn enter() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "ferrite-t{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        ip(&["netns", "add", &name]);
-        let ns = Netns { name };
-        let f = File::open(format!("/run/netns/{}", ns.name)).expect("open netns");
-        // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// A TAP (with vnet header support) holding `host_cidr`, up.
-    fn tap(&self, name: &str, host_cidr: &str) {
-        ip(&["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"]);
-        ip(&["addr", "add", host_cidr, "dev", name]);
-        ip(&["link", "set", name, "up"]);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
 
 /// Boot the guest with `nets` (`--net` values) running `cmds`, on a thread that inherits
 /// the caller's network namespace.

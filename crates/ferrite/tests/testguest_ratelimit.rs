@@ -11,12 +11,12 @@
 //! second, so the measured one runs at the steady rate.
 
 mod common;
+
+use common::netns::Netns;
 mod testguest_common;
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::net::UdpSocket;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -291,51 +291,6 @@ fn test_disk_limit_raised_through_control_socket_speeds_up_running_read() {
 
 // ---- Networking: a network namespace per test, as in testguest_net.rs. ----
 
-fn ip(args: &[&str]) {
-    let st = Command::new("ip")
-        .args(args)
-        .status()
-        .expect("run ip (iproute2)");
-    assert!(st.success(), "ip {} failed", args.join(" "));
-}
-
-/// A network namespace the calling thread enters, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn enter() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "ferrite-rl{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        ip(&["netns", "add", &name]);
-        let ns = Netns { name };
-        let f = File::open(format!("/run/netns/{}", ns.name)).expect("open netns");
-        // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn tap(&self, name: &str, host_cidr: &str) {
-        ip(&["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"]);
-        ip(&["addr", "add", host_cidr, "dev", name]);
-        ip(&["link", "set", name, "up"]);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
 
 fn ping_once(addr: &str) -> bool {
     Command::new("ping")

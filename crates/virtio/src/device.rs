@@ -8,6 +8,7 @@ use virtio_queue::Queue;
 use vm_device::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::worker::Worker;
 use crate::Result;
 
 /// Which interrupt a device raises.
@@ -69,10 +70,22 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<()>;
     /// Stop serving the queues and return to the pre-activation state. Joins the worker.
     fn reset(&mut self);
+    /// The worker thread serving the queues while the device is active; the default
+    /// [`VirtioDevice::pause`] and [`VirtioDevice::resume`] act on it.
+    fn worker(&self) -> Option<&Worker> {
+        None
+    }
     /// Stop processing (in-flight requests complete first) so state can be saved.
-    fn pause(&mut self) -> Result<()>;
+    fn pause(&mut self) -> Result<()> {
+        self.worker().map_or(Ok(()), Worker::pause)
+    }
     /// Continue after [`VirtioDevice::pause`].
-    fn resume(&mut self) -> Result<()>;
+    fn resume(&mut self) -> Result<()> {
+        if let Some(w) = self.worker() {
+            w.resume();
+        }
+        Ok(())
+    }
     /// Device-specific serialisable state.
     fn state(&self) -> VirtioDeviceState;
 }

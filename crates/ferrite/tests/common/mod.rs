@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod netns;
 /// The test guest's own disk pattern and checksum code, compiled into the host tests too so
 /// both sides always agree (one source, no copy).
 #[path = "../../../../testguest/src/pattern.rs"]

@@ -6,10 +6,7 @@
 //! budget and asserts on what the kernel printed by then.
 #![allow(dead_code)]
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use arch::e820::{E820Type, MemoryLayout};
@@ -392,40 +389,4 @@ pub fn assert_virtio_functions_enumerated(run: &StreamedRun, expected: &[&str]) 
         );
     }
     true
-}
-
-/// A network namespace the calling thread has entered (so a `ferrite` spawned from this
-/// thread creates its TAPs there, never in the host's network); deleted on drop. Needs root
-/// and `ip` (iproute2).
-pub struct Netns {
-    name: String,
-}
-
-impl Netns {
-    /// Create a namespace and move the calling thread into it; None if that is impossible
-    /// here (no `ip`, not root).
-    pub fn enter(tag: &str) -> Option<Self> {
-        let name = format!("ferrite-{tag}-{}", std::process::id());
-        let added = Command::new("ip")
-            .args(["netns", "add", &name])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !added {
-            return None;
-        }
-        let ns = Netns { name };
-        let file = File::open(format!("/run/netns/{}", ns.name)).ok()?;
-        // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        (rc == 0).then_some(ns)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }

@@ -213,18 +213,8 @@ impl VirtioDevice for Vsock {
         self.kick = None;
     }
 
-    fn pause(&mut self) -> Result<()> {
-        match &self.worker {
-            Some(w) => w.pause(),
-            None => Ok(()),
-        }
-    }
-
-    fn resume(&mut self) -> Result<()> {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
-        Ok(())
+    fn worker(&self) -> Option<&Worker> {
+        self.worker.as_ref()
     }
 
     fn state(&self) -> VirtioDeviceState {
