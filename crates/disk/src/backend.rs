@@ -33,6 +33,26 @@ pub trait DiskBackend: Send + Sync {
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()>;
     /// Read from the disk straight into guest memory (no bounce buffer); marks it dirty.
     fn read_to_guest(&self, offset: u64, dst: &GuestSlice<'_>) -> Result<()>;
+    /// Read from the disk straight into guest memory only if that cannot block (the data is
+    /// in the host page cache). `Ok(true)`: `dst` is filled and marked dirty. `Ok(false)`:
+    /// the read would block (or the backend cannot tell); `dst` may be partly written and the
+    /// caller must use [`DiskBackend::read_to_guest`] instead. The default always answers
+    /// `Ok(false)`.
+    fn try_read_to_guest_nowait(&self, offset: u64, dst: &GuestSlice<'_>) -> Result<bool> {
+        let _ = (offset, dst);
+        Ok(false)
+    }
+    /// Write guest memory straight to the disk if that is cheap enough for the caller's
+    /// thread: a buffered write the page cache takes without waiting for the device
+    /// (`RWF_NOWAIT` where the kernel supports it for the file, else a plain buffered write,
+    /// which waits only under dirty-page throttling). `Ok(true)`: written. `Ok(false)`: it
+    /// would block (or the backend cannot tell); part of the range may be written and the
+    /// caller must use [`DiskBackend::write_from_guest`] instead. The default always answers
+    /// `Ok(false)`.
+    fn try_write_from_guest_inline(&self, offset: u64, src: &GuestSlice<'_>) -> Result<bool> {
+        let _ = (offset, src);
+        Ok(false)
+    }
     /// Write guest memory straight to the disk.
     fn write_from_guest(&self, offset: u64, src: &GuestSlice<'_>) -> Result<()>;
     /// Make every completed write durable.

@@ -5,6 +5,7 @@ use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use vm_memory::bitmap::Bitmap;
 
@@ -23,6 +24,11 @@ pub struct RawDisk {
     size: u64,
     read_only: bool,
     serial: String,
+    /// Cleared once the kernel refuses `RWF_NOWAIT` reads (then every read may block).
+    nowait: AtomicBool,
+    /// Cleared once the kernel refuses `RWF_NOWAIT` writes (ext4 before buffered-NOWAIT
+    /// support); inline writes are then plain buffered writes.
+    nowait_write: AtomicBool,
 }
 
 impl RawDisk {
@@ -71,6 +77,8 @@ impl RawDisk {
             size,
             read_only,
             serial,
+            nowait: AtomicBool::new(true),
+            nowait_write: AtomicBool::new(true),
         })
     }
 
@@ -125,6 +133,108 @@ impl RawDisk {
         }
         Ok(())
     }
+}
+
+/// Outcome of [`read_guest_nowait`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Nowait {
+    /// Every byte was read.
+    Done,
+    /// Some data is not in the page cache (or the file ends early).
+    WouldBlock,
+    /// The kernel or file system refuses `RWF_NOWAIT`.
+    Unsupported,
+}
+
+/// Fill `dst` from `file` at `offset` with `preadv2(RWF_NOWAIT)`: only what the page cache
+/// holds, never blocking on the disk. Marks what was read dirty.
+pub(crate) fn read_guest_nowait(file: &File, offset: u64, dst: &GuestSlice<'_>) -> Result<Nowait> {
+    let len = dst.len();
+    let guard = dst.ptr_guard_mut();
+    let base = guard.as_ptr();
+    let mut done = 0usize;
+    let outcome = loop {
+        if done >= len {
+            break Nowait::Done;
+        }
+        let Some(pos) = offset
+            .checked_add(done as u64)
+            .and_then(|p| libc::off_t::try_from(p).ok())
+        else {
+            break Nowait::WouldBlock;
+        };
+        let iov = libc::iovec {
+            // SAFETY: `done < len`, so the pointer stays inside the mapping of `dst`.
+            iov_base: unsafe { base.add(done) }.cast(),
+            iov_len: len - done,
+        };
+        // SAFETY: the iovec describes `base+done..base+len`, a live mapping of guest memory
+        // kept valid by `dst`'s guard for this call; the kernel writes only inside it. Guest
+        // memory may change concurrently, which preadv2 tolerates.
+        let ret = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, pos, libc::RWF_NOWAIT) };
+        if ret < 0 {
+            let err = std::io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => break Nowait::WouldBlock,
+                Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+                    break Nowait::Unsupported
+                }
+                _ => {
+                    dst.bitmap().mark_dirty(0, done);
+                    return Err(DiskError::Io(err));
+                }
+            }
+        }
+        if ret == 0 {
+            // End of file: the blocking path decides what that means.
+            break Nowait::WouldBlock;
+        }
+        done += ret as usize;
+    };
+    dst.bitmap().mark_dirty(0, done);
+    Ok(outcome)
+}
+
+/// Write `src` to `file` at `offset` with `pwritev2(RWF_NOWAIT)`: only if the page cache
+/// takes it without blocking.
+pub(crate) fn write_guest_nowait(file: &File, offset: u64, src: &GuestSlice<'_>) -> Result<Nowait> {
+    let len = src.len();
+    let guard = src.ptr_guard();
+    let base = guard.as_ptr();
+    let mut done = 0usize;
+    while done < len {
+        let Some(pos) = offset
+            .checked_add(done as u64)
+            .and_then(|p| libc::off_t::try_from(p).ok())
+        else {
+            return Ok(Nowait::WouldBlock);
+        };
+        let iov = libc::iovec {
+            // SAFETY: `done < len`, so the pointer stays inside the mapping of `src`.
+            iov_base: unsafe { base.add(done) }.cast_mut().cast(),
+            iov_len: len - done,
+        };
+        // SAFETY: the iovec describes `base+done..base+len`, a live mapping of guest memory
+        // kept valid by `src`'s guard for this call; the kernel only reads it.
+        let ret = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, pos, libc::RWF_NOWAIT) };
+        if ret < 0 {
+            let err = std::io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Ok(Nowait::WouldBlock),
+                Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+                    return Ok(Nowait::Unsupported)
+                }
+                _ => return Err(DiskError::Io(err)),
+            }
+        }
+        if ret == 0 {
+            return Ok(Nowait::WouldBlock);
+        }
+        done += ret as usize;
+    }
+    Ok(Nowait::Done)
 }
 
 fn not_supported(err: &std::io::Error) -> bool {
@@ -200,6 +310,39 @@ impl DiskBackend for RawDisk {
         }
         dst.bitmap().mark_dirty(0, len);
         Ok(())
+    }
+
+    fn try_read_to_guest_nowait(&self, offset: u64, dst: &GuestSlice<'_>) -> Result<bool> {
+        if !self.nowait.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        self.check_range(offset, dst.len() as u64)?;
+        match read_guest_nowait(&self.file, offset, dst)? {
+            Nowait::Done => Ok(true),
+            Nowait::WouldBlock => Ok(false),
+            Nowait::Unsupported => {
+                self.nowait.store(false, Ordering::Relaxed);
+                Ok(false)
+            }
+        }
+    }
+
+    fn try_write_from_guest_inline(&self, offset: u64, src: &GuestSlice<'_>) -> Result<bool> {
+        if self.read_only {
+            return Ok(false);
+        }
+        if !self.nowait_write.load(Ordering::Relaxed) {
+            return self.write_from_guest(offset, src).map(|()| true);
+        }
+        self.check_range(offset, src.len() as u64)?;
+        match write_guest_nowait(&self.file, offset, src)? {
+            Nowait::Done => Ok(true),
+            Nowait::WouldBlock => Ok(false),
+            Nowait::Unsupported => {
+                self.nowait_write.store(false, Ordering::Relaxed);
+                self.write_from_guest(offset, src).map(|()| true)
+            }
+        }
     }
 
     fn write_from_guest(&self, offset: u64, src: &GuestSlice<'_>) -> Result<()> {
@@ -287,6 +430,85 @@ mod tests {
         let f = TempFile::new().unwrap();
         f.as_file().set_len(len).unwrap();
         f
+    }
+
+    type Mem = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+    fn guest_memory() -> Mem {
+        Mem::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap()
+    }
+
+    fn guest_slice(mem: &Mem, addr: u64, len: usize) -> GuestSlice<'_> {
+        use vm_memory::GuestMemoryBackend;
+        mem.get_slice(vm_memory::GuestAddress(addr), len).unwrap()
+    }
+
+    #[test]
+    fn test_raw_nowait_read_of_cached_data_fills_guest_memory() {
+        // Arrange: just written, so the data is in the page cache.
+        let f = image(8192);
+        let disk = RawDisk::open(f.as_path(), false).unwrap();
+        disk.write_at(4096, &[0x3c; 4096]).unwrap();
+        let mem = guest_memory();
+
+        // Act
+        let done = disk
+            .try_read_to_guest_nowait(4096, &guest_slice(&mem, 0x1000, 4096))
+            .unwrap();
+
+        // Assert
+        assert!(done);
+        let mut buf = [0u8; 4096];
+        vm_memory::Bytes::read_slice(&mem, &mut buf, vm_memory::GuestAddress(0x1000)).unwrap();
+        assert_eq!(buf, [0x3c; 4096]);
+    }
+
+    #[test]
+    fn test_raw_nowait_read_past_end_is_refused() {
+        let f = image(4096);
+        let disk = RawDisk::open(f.as_path(), true).unwrap();
+        let mem = guest_memory();
+
+        let r = disk.try_read_to_guest_nowait(2048, &guest_slice(&mem, 0, 4096));
+
+        assert!(matches!(r, Err(DiskError::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn test_raw_inline_write_then_read_roundtrips() {
+        let f = image(8192);
+        let disk = RawDisk::open(f.as_path(), false).unwrap();
+        let mem = guest_memory();
+        vm_memory::Bytes::write_slice(&mem, &[0x77; 512], vm_memory::GuestAddress(0x2000)).unwrap();
+
+        let done = disk
+            .try_write_from_guest_inline(512, &guest_slice(&mem, 0x2000, 512))
+            .unwrap();
+        if !done {
+            // The kernel would block (or lacks RWF_NOWAIT writes): the blocking path serves.
+            disk.write_from_guest(512, &guest_slice(&mem, 0x2000, 512))
+                .unwrap();
+        }
+
+        let mut buf = [0u8; 512];
+        disk.read_at(512, &mut buf).unwrap();
+        assert_eq!(buf, [0x77; 512]);
+    }
+
+    #[test]
+    fn test_raw_inline_write_on_read_only_disk_declines() {
+        let f = image(4096);
+        let disk = RawDisk::open(f.as_path(), true).unwrap();
+        let mem = guest_memory();
+
+        let done = disk
+            .try_write_from_guest_inline(0, &guest_slice(&mem, 0, 512))
+            .unwrap();
+
+        assert!(!done);
+        let mut buf = [1u8; 512];
+        disk.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, [0u8; 512]);
     }
 
     #[test]

@@ -22,7 +22,7 @@ const VM_FAILED: i32 = 1;
 /// Boot `vmlinux` through its PVH entry with ACPI, PCI, 2 vCPUs, 512 MiB and one function of
 /// every virtio device kind (blk, net on a Ferrite-created TAP in a private network
 /// namespace, vsock, rng, balloon, console) for a fixed budget
-/// (`FERRITE_LINUX_BUDGET_SECS`, default 420 s) and check every platform fact the kernel
+/// (`FERRITE_LINUX_BUDGET_SECS`, default 480 s) and check every platform fact the kernel
 /// printed by then, including that it enumerated each virtio function on PCI.
 #[test]
 fn test_linux_pvh_boot_within_budget_reports_ferrite_platform() {
@@ -56,7 +56,7 @@ fn test_linux_pvh_boot_within_budget_reports_ferrite_platform() {
     expected.push(VIRTIO_NET_PCI_ID);
     let args = run_args(&kernel, &initrd, disk.path(), &extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let budget = budget("FERRITE_LINUX_BUDGET_SECS", 420);
+    let budget = budget("FERRITE_LINUX_BUDGET_SECS", 480);
 
     // Act
     let run = run_ferrite_until(&args, budget, is_terminal);

@@ -35,7 +35,6 @@ const VSOCK_BYTES: u32 = 64 << 10;
 /// UDP datagrams echoed by the guest after the attacks.
 const UDP_COUNT: usize = 50;
 
-
 /// A private directory for the VM's sockets and console file, removed at the end.
 struct TempDir(PathBuf);
 

@@ -23,7 +23,6 @@ const UP_GUARD: Duration = Duration::from_secs(60);
 /// Hang guard for one UDP answer.
 const RECV_GUARD: Duration = Duration::from_secs(10);
 
-
 /// Boot the guest with `nets` (`--net` values) running `cmds`, on a thread that inherits
 /// the caller's network namespace.
 fn boot(nets: &[&str], cmds: &[&str]) -> JoinHandle<Guest> {

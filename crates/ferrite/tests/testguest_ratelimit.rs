@@ -291,7 +291,6 @@ fn test_disk_limit_raised_through_control_socket_speeds_up_running_read() {
 
 // ---- Networking: a network namespace per test, as in testguest_net.rs. ----
 
-
 fn ping_once(addr: &str) -> bool {
     Command::new("ping")
         .args(["-c", "1", "-W", "1", addr])

@@ -31,7 +31,7 @@ pub use header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, QCOW_MAGIC};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::{DiskBackend, GuestSlice, SECTOR_SIZE};
@@ -91,6 +91,11 @@ pub struct Qcow2Disk {
     /// fstat per lookup. Raised after every cluster this process appends.
     file_len: AtomicU64,
     meta: Mutex<Meta>,
+    /// Cleared once the kernel refuses `RWF_NOWAIT` reads.
+    nowait: AtomicBool,
+    /// Cleared once the kernel refuses `RWF_NOWAIT` writes (inline writes are then plain
+    /// buffered writes).
+    nowait_write: AtomicBool,
 }
 
 impl std::fmt::Debug for Qcow2Disk {
@@ -200,6 +205,8 @@ impl Qcow2Disk {
                 refcounts,
                 decompressed: None,
             }),
+            nowait: AtomicBool::new(true),
+            nowait_write: AtomicBool::new(true),
         })
     }
 
@@ -510,6 +517,93 @@ impl Qcow2Disk {
         Ok(())
     }
 
+    /// [`DiskBackend::try_read_to_guest_nowait`]: only data clusters whose L2 table is cached,
+    /// read with `RWF_NOWAIT`; anything else (zero, unallocated, compressed clusters, an
+    /// uncached L2 table, data not in the page cache) answers `Ok(false)`.
+    fn read_nowait(&self, offset: u64, dst: &GuestSlice<'_>) -> Result<bool> {
+        if !self.nowait.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let len = dst.len() as u64;
+        self.check_range(offset, len)?;
+        let end = offset + len;
+        let mut guest = offset;
+        while guest < end {
+            let mut meta = self.lock();
+            let (i1, _) = self.indices(guest);
+            let l2_off = meta.l1.get(i1).map_or(0, |e| e & L1_OFFSET_MASK);
+            if l2_off == 0 || meta.l2_cache.get_mut(l2_off).is_none() {
+                return Ok(false);
+            }
+            let Mapping::Data(host) = self.decode(self.l2_entry(&mut meta, guest)?)? else {
+                return Ok(false);
+            };
+            let run = self.data_run(&mut meta, guest, end, host)?;
+            drop(meta);
+            let at = (guest - offset) as usize;
+            let piece = dst
+                .subslice(at, run as usize)
+                .map_err(|_| DiskError::Io(std::io::ErrorKind::InvalidInput.into()))?;
+            let host_off = host + guest % self.cluster_size();
+            match crate::raw::read_guest_nowait(&self.file, host_off, &piece)? {
+                crate::raw::Nowait::Done => {}
+                crate::raw::Nowait::WouldBlock => return Ok(false),
+                crate::raw::Nowait::Unsupported => {
+                    self.nowait.store(false, Ordering::Relaxed);
+                    return Ok(false);
+                }
+            }
+            guest += run;
+        }
+        Ok(true)
+    }
+
+    /// [`DiskBackend::try_write_from_guest_inline`]: only writes into allocated data clusters
+    /// whose L2 table is cached (no metadata changes); anything else answers `Ok(false)`.
+    fn write_inline(&self, offset: u64, src: &GuestSlice<'_>) -> Result<bool> {
+        if self.read_only {
+            return Ok(false);
+        }
+        let len = src.len() as u64;
+        self.check_range(offset, len)?;
+        let end = offset + len;
+        let mut guest = offset;
+        while guest < end {
+            let mut meta = self.lock();
+            let (i1, _) = self.indices(guest);
+            let l2_off = meta.l1.get(i1).map_or(0, |e| e & L1_OFFSET_MASK);
+            if l2_off == 0 || meta.l2_cache.get_mut(l2_off).is_none() {
+                return Ok(false);
+            }
+            let Mapping::Data(host) = self.decode(self.l2_entry(&mut meta, guest)?)? else {
+                return Ok(false);
+            };
+            let run = self.data_run(&mut meta, guest, end, host)?;
+            drop(meta);
+            let at = (guest - offset) as usize;
+            let host_off = host + guest % self.cluster_size();
+            let mut blocking = !self.nowait_write.load(Ordering::Relaxed);
+            if !blocking {
+                let piece = src
+                    .subslice(at, run as usize)
+                    .map_err(|_| DiskError::Io(std::io::ErrorKind::InvalidInput.into()))?;
+                match crate::raw::write_guest_nowait(&self.file, host_off, &piece)? {
+                    crate::raw::Nowait::Done => {}
+                    crate::raw::Nowait::WouldBlock => return Ok(false),
+                    crate::raw::Nowait::Unsupported => {
+                        self.nowait_write.store(false, Ordering::Relaxed);
+                        blocking = true;
+                    }
+                }
+            }
+            if blocking {
+                Src::Guest(src).write_file(&self.file, host_off, at, run as usize)?;
+            }
+            guest += run;
+        }
+        Ok(true)
+    }
+
     /// Drop the references the old L2 entry `old` held (after it was replaced), except for
     /// the cluster `kept` that the new entry still uses.
     fn release(&self, meta: &mut Meta, old: u64, kept: Option<u64>) -> Result<()> {
@@ -667,6 +761,14 @@ impl DiskBackend for Qcow2Disk {
 
     fn read_to_guest(&self, offset: u64, dst: &GuestSlice<'_>) -> Result<()> {
         self.read_into(offset, &Dst::Guest(dst))
+    }
+
+    fn try_read_to_guest_nowait(&self, offset: u64, dst: &GuestSlice<'_>) -> Result<bool> {
+        self.read_nowait(offset, dst)
+    }
+
+    fn try_write_from_guest_inline(&self, offset: u64, src: &GuestSlice<'_>) -> Result<bool> {
+        self.write_inline(offset, src)
     }
 
     fn write_from_guest(&self, offset: u64, src: &GuestSlice<'_>) -> Result<()> {

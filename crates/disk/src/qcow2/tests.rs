@@ -457,3 +457,64 @@ fn test_overlay_reads_backing_and_copies_on_write() {
     assert_eq!(back, expect);
     assert_eq!(std::fs::read(&base).unwrap(), base_bytes);
 }
+
+#[test]
+fn test_nowait_read_serves_allocated_clusters_and_declines_unallocated() {
+    // Arrange: clusters 0 and 1 allocated (and cached: just written), cluster 3 never written.
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+    let d = TempDir::new().unwrap();
+    let p = image(d.as_path(), 4 << 20);
+    let disk = Qcow2Disk::open(&p, false, None).unwrap();
+    let data: Vec<u8> = (0..2 * CS as usize).map(|i| (i % 251) as u8).collect();
+    disk.write_at(0, &data).unwrap();
+    let mem = vm_memory::GuestMemoryMmap::<vm_memory::bitmap::AtomicBitmap>::from_ranges(&[(
+        GuestAddress(0),
+        4 * CS as usize,
+    )])
+    .unwrap();
+    let across = mem.get_slice(GuestAddress(0), 8192).unwrap();
+    let hole = mem.get_slice(GuestAddress(CS), 4096).unwrap();
+
+    // Act: a read that crosses from cluster 0 into cluster 1, and one of cluster 3.
+    let served = disk.try_read_to_guest_nowait(CS - 4096, &across).unwrap();
+    let declined = !disk.try_read_to_guest_nowait(3 * CS, &hole).unwrap();
+
+    // Assert
+    assert!(served);
+    assert!(declined, "unallocated clusters go to the blocking path");
+    let mut back = vec![0u8; 8192];
+    mem.read_slice(&mut back, GuestAddress(0)).unwrap();
+    assert_eq!(back, data[(CS - 4096) as usize..(CS + 4096) as usize]);
+}
+
+#[test]
+fn test_inline_write_updates_allocated_cluster_and_declines_unallocated() {
+    // Arrange: cluster 0 allocated, cluster 2 never written.
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+    let d = TempDir::new().unwrap();
+    let p = image(d.as_path(), 4 << 20);
+    let disk = Qcow2Disk::open(&p, false, None).unwrap();
+    disk.write_at(0, &[1u8; 4096]).unwrap();
+    let size_before = std::fs::metadata(&p).unwrap().len();
+    let mem = vm_memory::GuestMemoryMmap::<vm_memory::bitmap::AtomicBitmap>::from_ranges(&[(
+        GuestAddress(0),
+        0x10000,
+    )])
+    .unwrap();
+    mem.write_slice(&[0xe1; 4096], GuestAddress(0)).unwrap();
+    let src = mem.get_slice(GuestAddress(0), 4096).unwrap();
+
+    // Act
+    let written = disk.try_write_from_guest_inline(0, &src).unwrap();
+    let declined = !disk.try_write_from_guest_inline(2 * CS, &src).unwrap();
+
+    // Assert: in place, no allocation; the unallocated cluster is left to the normal path.
+    assert!(written);
+    assert!(declined);
+    let mut back = [0u8; 4096];
+    disk.read_at(0, &mut back).unwrap();
+    assert_eq!(back, [0xe1; 4096]);
+    disk.read_at(2 * CS, &mut back).unwrap();
+    assert_eq!(back, [0u8; 4096]);
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), size_before);
+}

@@ -19,6 +19,10 @@ use super::metrics::BlockMetrics;
 const HEADER_LEN: u64 = 16;
 /// Bytes per DISCARD / WRITE_ZEROES segment.
 const DWZ_SEGMENT_LEN: u64 = 16;
+/// Largest request [`Executor::try_run_inline`] serves. Past this the copy costs far more than
+/// the hand-off to an I/O thread, and I/O threads overlap large copies where the worker would
+/// do them one after another.
+const INLINE_MAX_LEN: u64 = 64 * 1024;
 
 /// One guest buffer of the chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,6 +214,75 @@ impl Executor<'_> {
             return completion.data_written;
         }
         completion.data_written.saturating_add(1)
+    }
+
+    /// Execute a small well-formed read (IN) or write (OUT) that the disk can serve on this
+    /// thread without waiting for the device (read data in the host page cache, a write the
+    /// page cache takes; see [`DiskBackend::try_read_to_guest_nowait`] and
+    /// [`DiskBackend::try_write_from_guest_inline`]) and write its status byte; returns the
+    /// used length. `None` leaves the request to [`Executor::run`]: any other request type,
+    /// anything invalid (`run` produces the error status) and I/O that would block. Guest
+    /// buffers (or the disk range of a write) may then be partly written; `run` writes them
+    /// again in full.
+    pub fn try_run_inline(&self, chain: &ParsedChain) -> Option<u32> {
+        if chain.misordered {
+            return None;
+        }
+        let mut header = [0u8; HEADER_LEN as usize];
+        self.read_stream(&chain.readable, 0, &mut header)?;
+        let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let mut sector = [0u8; 8];
+        sector.copy_from_slice(&header[8..16]);
+        let sector = u64::from_le_bytes(sector);
+        let w_total = total(&chain.writable);
+        let status_at = w_total.checked_sub(1)?;
+        let data_out = total(&chain.readable) - HEADER_LEN;
+        let (len, segs) = match req_type {
+            VIRTIO_BLK_T_IN if data_out == 0 => {
+                (status_at, sub_range(&chain.writable, 0, status_at)?)
+            }
+            // Without a negotiated FLUSH every write must reach stable storage (blocking).
+            VIRTIO_BLK_T_OUT
+                if status_at == 0 && self.has(VIRTIO_BLK_F_FLUSH) && !self.disk.is_read_only() =>
+            {
+                (data_out, sub_range(&chain.readable, HEADER_LEN, data_out)?)
+            }
+            _ => return None,
+        };
+        if len == 0 || !len.is_multiple_of(SECTOR_SIZE) || len > INLINE_MAX_LEN {
+            return None;
+        }
+        let status = sub_range(&chain.writable, status_at, 1)?.first().copied()?;
+        let mut offset = self.disk_range(sector, len)?;
+        if segs.len() > self.limits.seg_max as usize {
+            return None;
+        }
+        for s in segs {
+            for slice in GuestMemoryBackend::get_slices(self.mem, s.addr, s.len as usize) {
+                let slice = slice.ok()?;
+                let done = if req_type == VIRTIO_BLK_T_IN {
+                    self.disk.try_read_to_guest_nowait(offset, &slice)
+                } else {
+                    self.disk.try_write_from_guest_inline(offset, &slice)
+                };
+                if !matches!(done, Ok(true)) {
+                    return None;
+                }
+                offset += slice.len() as u64;
+            }
+        }
+        self.mem
+            .write_obj(VIRTIO_BLK_S_OK as u8, status.addr)
+            .ok()?;
+        BlockMetrics::add(&self.metrics.requests, 1);
+        if req_type == VIRTIO_BLK_T_IN {
+            BlockMetrics::add(&self.metrics.read_bytes, len);
+            // `len <= INLINE_MAX_LEN` was checked above.
+            Some(len as u32 + 1)
+        } else {
+            BlockMetrics::add(&self.metrics.write_bytes, len);
+            Some(1)
+        }
     }
 
     fn execute(&self, chain: &ParsedChain, data_in_len: u64) -> Completion {
