@@ -50,8 +50,12 @@ mod tests {
     #[test]
     fn test_boot_once_guest_powers_off_all_times_ordered() {
         // Arrange
-        let vmm =
-            sh("printf 'banner\\n'; sleep 0.05; printf 'FERRITE-TESTGUEST READY\\nOK poweroff\\n'");
+        // The pause before exiting keeps the reader thread's timestamp of the last line ahead
+        // of the pidfd thread's exit timestamp even on a loaded host (two threads observe the
+        // two events; without a gap their order is up to the scheduler).
+        let vmm = sh(
+            "printf 'banner\\n'; sleep 0.05; printf 'FERRITE-TESTGUEST READY\\nOK poweroff\\n'; sleep 0.05",
+        );
         let cfg = config();
 
         // Act
