@@ -12,8 +12,10 @@ ROOT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly ROOT_DIR
 # libc6-dev carries the static glibc (libc.a) the static-pie binaries link against.
 # iproute2 and iputils-ping: the network tests (namespaces, TAP, ping); qemu-utils: qemu-img
-# checks the qcow2 images Ferrite writes; fio: the host's own disk ceiling in the benchmark.
-readonly APT_PACKAGES=(shellcheck libc6-dev iproute2 iputils-ping qemu-utils fio)
+# checks the qcow2 images Ferrite writes; fio: the host's own disk ceiling in the benchmark;
+# curl and openssl: the daemon tests talk HTTP over its Unix socket and make TLS certificates;
+# prometheus: its promtool checks the daemon's /metrics.
+readonly APT_PACKAGES=(shellcheck libc6-dev iproute2 iputils-ping qemu-utils fio curl openssl prometheus)
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 
@@ -30,6 +32,10 @@ if ((${#missing[@]})); then
     apt-get -o DPkg::Lock::Timeout=600 update -qq
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
         --no-install-recommends "${missing[@]}" >&2
+    # Only promtool is wanted from the prometheus package, not a server on :9090.
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
 fi
 
 command -v rustup >/dev/null || {

@@ -46,6 +46,10 @@ pub struct Mcfg {
 /// Power-management registers from the FADT.
 #[derive(Clone, Copy, Default)]
 pub struct Fadt {
+    /// PM1a event block port (PM1 status, then PM1 enable; 0 if absent).
+    pub pm1a_evt: u32,
+    /// PM1 event block length in bytes (status and enable are half each).
+    pub pm1_evt_len: u8,
     /// PM1a control block port (0 if absent).
     pub pm1a_cnt: u32,
     /// PM timer port (0 if absent).
@@ -220,6 +224,8 @@ fn gas(a: u64) -> Gas {
 
 fn parse_fadt(t: u64, len: u64) -> Fadt {
     let mut f = Fadt {
+        pm1a_evt: mmio::r32(t + 56),
+        pm1_evt_len: mmio::r8(t + 88),
         pm1a_cnt: mmio::r32(t + 64),
         pm_tmr: mmio::r32(t + 76),
         ..Fadt::default()

@@ -49,12 +49,17 @@ const BENCH_PIO_VALUE: u8 = 0xbe;
 /// claims (Ferrite counts and drops such writes; QEMU q35/microvm ignore them too).
 const BENCH_MMIO_ADDR: u64 = 0xf000_0000;
 
+/// PWRBTN_STS / PWRBTN_EN in PM1 status / enable.
+const PWRBTN: u64 = 1 << 8;
+/// How often the idle console and `spin` look at PWRBTN_STS.
+const POWER_CHECK_MS: u64 = 250;
+
 /// Command names, for `help`.
 const COMMANDS: &str =
     "help,echo,cpus,mem,mem-fill,mem-check,pci,acpi,time,count,count-forever,irqs,poweroff,reboot,\
 blk,blk-id,blk-write,blk-check,blk-sum,blk-flush,blk-discard,blk-zeroes,blk-bench,bench-pio,bench-mmio,\
 rng,vcon,vcon-write,vcon-echo,vsock,vsock-listen,vsock-connect,hostile,net-up,net-serve,net-bench-tx,net-bench-rx,\
-balloon,balloon-run,balloon-wait,balloon-report,touch";
+balloon,balloon-run,balloon-wait,balloon-report,touch,spin";
 
 impl Machine {
     /// Discovers the platform: ACPI, interrupts, TSC, CPUs, PCI, virtio-blk disks.
@@ -194,6 +199,7 @@ impl Machine {
             "time" => self.cmd_time(),
             "count" => self.cmd_count(args),
             "count-forever" => self.cmd_count_forever(args),
+            "spin" => self.cmd_spin(args),
             "mem-fill" | "mem-check" => self.cmd_mem_pattern(cmd, args),
             "irqs" => cmd_irqs(),
             "bench-pio" | "bench-mmio" => self.cmd_bench(cmd, args),
@@ -504,6 +510,90 @@ impl Machine {
         };
         let ns = (cycles as u128 * 1_000_000_000 / self.tsc.hz.max(1) as u128) as u64;
         println!("OK {} n={} tsc={} ns={}", cmd, n, cycles, ns);
+    }
+
+    /// The PM1a status and enable ports, if the FADT has a PM1a event block in port space.
+    fn pm1_ports(&self) -> Option<(u16, u16)> {
+        let f = self.acpi.as_ref()?.fadt?;
+        if f.pm1a_evt == 0 || f.pm1a_evt > 0xfff0 || f.pm1_evt_len < 4 {
+            return None;
+        }
+        let sts = f.pm1a_evt as u16;
+        Some((sts, sts + u16::from(f.pm1_evt_len / 2)))
+    }
+
+    /// Sets PWRBTN_EN in PM1a_EN (at boot), so the VMM reports the button as handled.
+    pub fn enable_power_button(&self) {
+        if let Some((_, en)) = self.pm1_ports() {
+            let v = sys::pio_in(en, 2);
+            sys::pio_out(en, v | PWRBTN, 2);
+        }
+    }
+
+    /// At most every `POWER_CHECK_MS` of TSC time (tracked in `last`): reads PM1a_STS and,
+    /// if PWRBTN_STS is set, clears it, prints `OK power-button` and powers off (S5).
+    pub fn check_power_button(&self, last: &mut u64) {
+        let now = sys::rdtsc();
+        let period = (self.tsc.hz / 1000).saturating_mul(POWER_CHECK_MS);
+        if *last != 0 && now.wrapping_sub(*last) < period {
+            return;
+        }
+        *last = now;
+        let Some((sts, _)) = self.pm1_ports() else {
+            return;
+        };
+        if sys::pio_in(sts, 2) & PWRBTN == 0 {
+            return;
+        }
+        sys::pio_out(sts, PWRBTN, 2);
+        println!("OK power-button");
+        platform::poweroff(self.acpi.as_ref(), self.tsc.hz);
+        println!("ERR power-button still-running");
+    }
+
+    /// `spin SECONDS`: a CPU-bound loop at CPL3; every second of TSC time it prints
+    /// `spin t=<sec> iters=<N>` (loop iterations in that second) and checks the power button.
+    /// 0 spins forever.
+    fn cmd_spin(&self, args: &[&str]) {
+        let secs = match args {
+            [s] => match parse_u64(s) {
+                Some(v) => v,
+                None => {
+                    println!("ERR spin bad-number");
+                    return;
+                }
+            },
+            _ => {
+                println!("ERR spin usage: spin SECONDS");
+                return;
+            }
+        };
+        let period = self.tsc.hz.max(1);
+        let mut next = sys::rdtsc().wrapping_add(period);
+        let mut iters = 0u64;
+        let mut t = 0u64;
+        let mut last_check = 0u64;
+        loop {
+            iters = core::hint::black_box(iters + 1);
+            if iters & 0xffff == 0 {
+                let now = sys::rdtsc();
+                if (now.wrapping_sub(next) as i64) >= 0 {
+                    t += 1;
+                    println!("spin t={} iters={}", t, iters);
+                    iters = 0;
+                    next = next.wrapping_add(period);
+                    if (now.wrapping_sub(next) as i64) >= 0 {
+                        // Paused or descheduled for a while: restart the second from now.
+                        next = now.wrapping_add(period);
+                    }
+                    self.check_power_button(&mut last_check);
+                    if secs != 0 && t >= secs {
+                        break;
+                    }
+                }
+            }
+        }
+        println!("OK spin");
     }
 
     fn cmd_count_forever(&self, args: &[&str]) {

@@ -80,8 +80,8 @@ impl LineReader {
 
     /// Reads serial input into `buf` until a newline; returns the line length (without
     /// CR/LF), or `None` if the line was longer than `buf` (the line is discarded).
-    /// Sleeps (wait service) while no input is pending.
-    pub fn read_line(&mut self, buf: &mut [u8]) -> Option<usize> {
+    /// Sleeps (wait service) while no input is pending, calling `idle` after each wake-up.
+    pub fn read_line(&mut self, buf: &mut [u8], idle: &mut dyn FnMut()) -> Option<usize> {
         let mut len = 0usize;
         let mut overflow = false;
         loop {
@@ -90,6 +90,7 @@ impl LineReader {
                 if n == 0 {
                     crate::platform::arm_wakeup_timer();
                     sys::wait();
+                    idle();
                     continue;
                 }
                 self.pos = 0;

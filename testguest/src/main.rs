@@ -60,6 +60,7 @@ extern "C" fn user_main() -> ! {
     };
     let mut machine = cmd::Machine::init(boot);
     machine.banner();
+    machine.enable_power_button();
     println!("{}", READY);
 
     let mut cmds = [0u8; pvh::CMDLINE_MAX];
@@ -78,8 +79,12 @@ extern "C" fn user_main() -> ! {
 
     let mut reader = console::LineReader::new();
     let mut buf = [0u8; 256];
+    let mut last_check = 0u64;
     loop {
-        match reader.read_line(&mut buf) {
+        let line = reader.read_line(&mut buf, &mut || {
+            machine.check_power_button(&mut last_check);
+        });
+        match line {
             Some(n) => match core::str::from_utf8(&buf[..n]) {
                 Ok(line) => machine.run(line),
                 Err(_) => println!("ERR ? invalid-utf8"),

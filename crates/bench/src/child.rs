@@ -32,7 +32,9 @@ impl CommandSpec {
         let mut out = self.program.display().to_string();
         for arg in &self.args {
             out.push(' ');
-            if arg.contains([' ', '"', ';']) {
+            if arg.is_empty() {
+                out.push_str("''");
+            } else if arg.contains([' ', '"', ';']) {
                 out.push('\'');
                 out.push_str(arg);
                 out.push('\'');

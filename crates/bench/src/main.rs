@@ -165,6 +165,27 @@ struct Args {
     /// UDP payload sizes of the net scenario, bytes (8 to 1472: one frame each).
     #[arg(long, value_delimiter = ',', default_value = "64,1400")]
     net_sizes: Vec<usize>,
+    /// The ferrited binary of the daemon scenario (default: `ferrited` next to `--ferrite`).
+    #[arg(long)]
+    ferrited: Option<PathBuf>,
+    /// How the daemon scenario starts and kills VMs: the `ferrite vm` CLI or curl.
+    #[arg(long, value_enum, default_value = "cli")]
+    daemon_client: scenario::daemon::Client,
+    /// `ferrited --cpu-overcommit` in the daemon scenario.
+    #[arg(long, default_value_t = 64.0)]
+    daemon_cpu_overcommit: f64,
+    /// `ferrited --memory-overcommit` in the daemon scenario.
+    #[arg(long, default_value_t = 4.0)]
+    daemon_memory_overcommit: f64,
+    /// Seconds of the daemon scenario's density window (0: no density run).
+    #[arg(long, default_value_t = 60)]
+    density_window_s: u64,
+    /// VMs defined for the density run: the most it can start.
+    #[arg(long, default_value_t = 1000)]
+    density_max_vms: usize,
+    /// Starts in flight at once in the density run (1: one after another).
+    #[arg(long, default_value_t = 1)]
+    density_concurrency: usize,
     /// Print JSON on stdout instead of Markdown.
     #[arg(long)]
     json: bool,
@@ -219,12 +240,14 @@ fn main() -> ExitCode {
         iterations: args.iterations.max(1),
         warmup: args.warmup,
     };
+    // Before any scenario runs, so the load average is the one at the start.
+    let host = host_description();
     let disk = args.scenarios.contains(&Scenario::Disk);
     args.scenarios.retain(|s| *s != Scenario::Disk);
     let devio = disk.then(|| {
         let mut r = devio::run(&vmms, plan, &disk_plan(&args), &cfg);
         r.reproduce = reproduce_command();
-        r.host = host_description();
+        r.host = host.clone();
         r
     });
     let net = args.scenarios.contains(&Scenario::Net);
@@ -238,7 +261,15 @@ fn main() -> ExitCode {
         };
         let mut r = netio::run(&vmms, plan, &nplan, &cfg);
         r.reproduce = reproduce_command();
-        r.host = host_description();
+        r.host = host.clone();
+        r
+    });
+    let daemon = args.scenarios.contains(&Scenario::Daemon);
+    args.scenarios.retain(|s| *s != Scenario::Daemon);
+    let daemon = daemon.then(|| {
+        let mut r = scenario::daemon::run(plan, &daemon_plan(&args), &cfg);
+        r.reproduce = reproduce_command();
+        r.host = host.clone();
         r
     });
     let reports = if args.scenarios.is_empty() {
@@ -254,7 +285,7 @@ fn main() -> ExitCode {
     };
     let report = Report {
         reproduce: reproduce_command(),
-        host: host_description(),
+        host,
         guest: guest_label,
         memory_mib: args.memory_mib,
         iterations: plan.iterations,
@@ -262,7 +293,7 @@ fn main() -> ExitCode {
         scenarios: args.scenarios.clone(),
         vmms: reports,
     };
-    let value = json_value(&report, devio.as_ref(), netio.as_ref());
+    let value = json_value(&report, devio.as_ref(), netio.as_ref(), daemon.as_ref());
     let json = match value
         .and_then(|v| serde_json::to_string_pretty(&v))
         .map_err(error::BenchError::Json)
@@ -289,6 +320,9 @@ fn main() -> ExitCode {
         for md in [
             devio.as_ref().map(devio::DevioReport::to_markdown),
             netio.as_ref().map(netio::NetReport::to_markdown),
+            daemon
+                .as_ref()
+                .map(scenario::daemon::DaemonReport::to_markdown),
         ]
         .into_iter()
         .flatten()
@@ -308,6 +342,7 @@ fn json_value(
     report: &Report,
     devio: Option<&devio::DevioReport>,
     netio: Option<&netio::NetReport>,
+    daemon: Option<&scenario::daemon::DaemonReport>,
 ) -> serde_json::Result<serde_json::Value> {
     let mut parts = serde_json::Map::new();
     if !report.scenarios.is_empty() {
@@ -318,6 +353,9 @@ fn json_value(
     }
     if let Some(n) = netio {
         parts.insert("net".into(), serde_json::to_value(n)?);
+    }
+    if let Some(d) = daemon {
+        parts.insert("daemon".into(), serde_json::to_value(d)?);
     }
     if parts.len() == 1 {
         return Ok(parts.into_iter().next().map(|(_, v)| v).unwrap_or_default());
@@ -364,6 +402,26 @@ fn disk_plan(args: &Args) -> scenario::disk::DiskPlan {
         qemu_aio: args.qemu_aio.clone(),
         fio: args.fio.clone(),
         fio_engines: args.fio_engines.clone(),
+    }
+}
+
+fn daemon_plan(args: &Args) -> scenario::daemon::DaemonPlan {
+    let ferrite = args.ferrite.clone().unwrap_or_else(default_ferrite);
+    let ferrited = args.ferrited.clone().unwrap_or_else(|| {
+        ferrite
+            .parent()
+            .map(|dir| dir.join("ferrited"))
+            .unwrap_or_else(|| PathBuf::from("ferrited"))
+    });
+    scenario::daemon::DaemonPlan {
+        ferrite,
+        ferrited,
+        client: args.daemon_client,
+        cpu_overcommit: args.daemon_cpu_overcommit,
+        memory_overcommit: args.daemon_memory_overcommit,
+        density_window: Duration::from_secs(args.density_window_s),
+        density_max_vms: args.density_max_vms,
+        density_concurrency: args.density_concurrency.max(1),
     }
 }
 

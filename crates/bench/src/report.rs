@@ -22,6 +22,9 @@ pub enum Scenario {
     Disk,
     /// UDP echo through virtio-net on a TAP (reported in its own table).
     Net,
+    /// Start latency through `ferrited` vs `ferrite run`, and VM density (Ferrite only;
+    /// reported in its own tables).
+    Daemon,
 }
 
 /// One row of the report.

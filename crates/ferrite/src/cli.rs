@@ -65,9 +65,36 @@ finishes them in Ferrite there. Debug logs: FERRITE_LOG=debug.
 #[derive(Debug, Parser)]
 #[command(name = "ferrite", version, after_help = EXIT_STATUS_HELP)]
 pub struct Cli {
+    /// ferrited's API socket, for the management commands (vm, top) [env: FERRITE_SOCKET]
+    /// [default: /run/ferrite/ferrited.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print the API's JSON instead of tables (management commands).
+    #[arg(long)]
+    pub json: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The options of the management commands: `--socket`, else `FERRITE_SOCKET`, else
+    /// the default socket.
+    pub fn global(&self) -> crate::manage::Global {
+        let socket = self
+            .socket
+            .clone()
+            .or_else(|| {
+                std::env::var_os("FERRITE_SOCKET")
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from)
+            })
+            .unwrap_or_else(|| PathBuf::from(api::DEFAULT_SOCKET));
+        crate::manage::Global {
+            socket,
+            json: self.json,
+        }
+    }
 }
 
 /// Subcommands.
@@ -80,6 +107,15 @@ pub enum Command {
     Run(RunArgs),
     /// Create, inspect and convert disk images (raw, qcow2).
     Disk(crate::disk_cmd::DiskArgs),
+    /// Manage the VMs of ferrited: create, start, stop, console, set resources, ...
+    Vm(crate::manage::VmArgs),
+    /// Live CPU, memory, disk and network rates of ferrited's VMs.
+    Top(crate::manage::TopArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Where guest serial output goes.
@@ -89,6 +125,14 @@ pub enum ConsoleArg {
     Stdio,
     /// Appended to a file; no input.
     File(PathBuf),
+    /// A Unix socket serving output to, and input from, any attached clients; output is
+    /// also appended to `log`.
+    Socket {
+        /// The socket to bind.
+        path: PathBuf,
+        /// The console log.
+        log: Option<PathBuf>,
+    },
     /// Discarded; no input.
     None,
 }
@@ -97,10 +141,26 @@ fn parse_console(s: &str) -> Result<ConsoleArg, String> {
     match s {
         "stdio" => Ok(ConsoleArg::Stdio),
         "none" => Ok(ConsoleArg::None),
-        _ => match s.strip_prefix("file:") {
-            Some(p) if !p.is_empty() => Ok(ConsoleArg::File(PathBuf::from(p))),
-            _ => Err("use stdio, file:PATH or none".to_string()),
-        },
+        _ => {
+            if let Some(p) = s.strip_prefix("file:").filter(|p| !p.is_empty()) {
+                return Ok(ConsoleArg::File(PathBuf::from(p)));
+            }
+            if let Some(rest) = s.strip_prefix("socket:") {
+                let (path, log) = match rest.split_once(",log=") {
+                    Some((path, log)) if !log.is_empty() => (path, Some(PathBuf::from(log))),
+                    Some(_) => return Err("socket:PATH,log=FILE needs a FILE".to_string()),
+                    None => (rest, None),
+                };
+                if path.is_empty() {
+                    return Err("socket: needs a PATH (socket:PATH[,log=FILE])".to_string());
+                }
+                return Ok(ConsoleArg::Socket {
+                    path: PathBuf::from(path),
+                    log,
+                });
+            }
+            Err("use stdio, file:PATH, socket:PATH[,log=FILE] or none".to_string())
+        }
     }
 }
 
@@ -139,9 +199,17 @@ fn parse_features(s: &str) -> Result<arch::cpuid::FeatureMask, String> {
 /// `ferrite run` options.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Kernel image: vmlinux with a PVH note, or bzImage.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    /// The whole VM as a JSON file (the VmConfig ferrited writes); replaces the VM flags
+    /// (--kernel, --cpus, --disk, ...), which then may not be given.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "vsock", "rng",
+        "balloon", "virtio_console", "api_socket", "no_reboot", "repair_emulation",
+        "cpu_features",
+    ])]
+    pub config: Option<PathBuf>,
+    /// Kernel image: vmlinux with a PVH note, or bzImage (required unless --config).
+    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -201,9 +269,15 @@ pub struct RunArgs {
     /// CPU features to hide from the guest, e.g. -avx512f,-x2apic.
     #[arg(long, value_name = "-NAME,...", value_parser = parse_features, allow_hyphen_values = true)]
     pub cpu_features: Option<arch::cpuid::FeatureMask>,
-    /// Serial console: stdio, file:PATH or none.
-    #[arg(long, value_name = "stdio|file:PATH|none", default_value = "stdio", value_parser = parse_console)]
+    /// Serial console: stdio, file:PATH (output appended), socket:PATH[,log=FILE] (a Unix
+    /// socket clients attach to and detach from while the VM runs; output also appended to
+    /// FILE) or none.
+    #[arg(long, value_name = "stdio|file:PATH|socket:PATH[,log=FILE]|none", default_value = "stdio", value_parser = parse_console)]
     pub console: ConsoleArg,
+    /// When the run ends, write how (outcome, exit code, detail, reboots, time) as JSON to
+    /// this file, atomically.
+    #[arg(long, value_name = "PATH")]
+    pub status_file: Option<PathBuf>,
     /// Print exit and repair counters on stderr when the VM stops.
     #[arg(long)]
     pub stats: bool,
@@ -248,6 +322,40 @@ mod tests {
         assert_eq!(args.repair_emulation, RepairMode::Off);
         assert!(args.cpu_features.is_some());
         assert_eq!(args.console, ConsoleArg::File("/tmp/x".into()));
+    }
+
+    #[test]
+    fn test_cli_console_socket_with_log_parses() {
+        let cli = Cli::try_parse_from([
+            "ferrite",
+            "run",
+            "--kernel",
+            "k",
+            "--console",
+            "socket:/run/c.sock,log=/var/log/c.log",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not a run command")
+        };
+        assert_eq!(
+            args.console,
+            ConsoleArg::Socket {
+                path: "/run/c.sock".into(),
+                log: Some("/var/log/c.log".into())
+            }
+        );
+    }
+
+    #[test]
+    fn test_cli_config_replaces_kernel_and_conflicts_with_vm_flags() {
+        let ok = Cli::try_parse_from(["ferrite", "run", "--config", "vm.json"]);
+        let clash = Cli::try_parse_from(["ferrite", "run", "--config", "vm.json", "--cpus", "2"]);
+        let neither = Cli::try_parse_from(["ferrite", "run"]);
+
+        assert!(ok.is_ok());
+        assert!(clash.is_err());
+        assert!(neither.is_err());
     }
 
     #[test]

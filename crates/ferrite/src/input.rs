@@ -57,7 +57,7 @@ const ESCAPE_HELP: &str =
     "\r\n[ferrite] Ctrl-A x: quit   Ctrl-A Ctrl-A: send Ctrl-A   Ctrl-A h: this help\r\n";
 
 /// Deliver `bytes` to the guest, waiting for FIFO room; gives up when the VM is stopping.
-fn deliver(input: &ConsoleInput, stop: &StopHandle, mut bytes: &[u8]) {
+pub fn deliver(input: &ConsoleInput, stop: &StopHandle, mut bytes: &[u8]) {
     while !bytes.is_empty() && !stop.requested() {
         let taken = input.send(bytes);
         bytes = &bytes[taken..];

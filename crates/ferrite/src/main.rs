@@ -1,9 +1,12 @@
 //! `ferrite`: run a VM with its serial console on this terminal.
 
 mod cli;
+mod console_socket;
 mod disk_cmd;
 mod input;
+mod manage;
 mod signals;
+mod status_file;
 mod terminal;
 
 use std::io::Write;
@@ -22,9 +25,13 @@ fn main() -> ExitCode {
     };
     init_logging();
     terminal::install_panic_hook();
+    let global = cli.global();
     let code = match cli.command {
         Command::Run(args) => run(args),
         Command::Disk(args) => disk_cmd::run(args),
+        Command::Vm(args) => manage::run_vm(&global, args),
+        Command::Top(args) => manage::run_top(&global, args),
+        Command::Completions { shell } => manage::completions(shell),
     };
     terminal::restore();
     ExitCode::from(code as u8)
@@ -65,9 +72,25 @@ fn init_logging() {
         .try_init();
 }
 
-fn config_from(args: &RunArgs) -> VmConfig {
+/// The VM to run: the `--config` file, else the VM flags.
+fn config_from(args: &RunArgs) -> Result<VmConfig, String> {
+    let Some(path) = &args.config else {
+        return Ok(config_from_flags(args));
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the VM configuration {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "the VM configuration {} is not valid: {e} (it is the JSON form of VmConfig, as \
+             ferrited writes it)",
+            path.display()
+        )
+    })
+}
+
+fn config_from_flags(args: &RunArgs) -> VmConfig {
     VmConfig {
-        kernel: args.kernel.clone(),
+        kernel: args.kernel.clone().unwrap_or_default(),
         initrd: args.initrd.clone(),
         cmdline: args.cmdline.clone(),
         vcpus: args.cpus,
@@ -85,8 +108,15 @@ fn config_from(args: &RunArgs) -> VmConfig {
     }
 }
 
-fn console_sink(arg: &ConsoleArg) -> std::io::Result<Box<dyn Write + Send>> {
-    Ok(match arg {
+/// Where guest output goes, plus the socket console to serve once the input path exists.
+type ConsoleSetup = (Box<dyn Write + Send>, Option<console_socket::SocketConsole>);
+
+fn console_sink(arg: &ConsoleArg) -> std::io::Result<ConsoleSetup> {
+    if let ConsoleArg::Socket { path, log } = arg {
+        let (console, sink) = console_socket::SocketConsole::bind(path, log.as_deref())?;
+        return Ok((Box::new(sink), Some(console)));
+    }
+    let sink: Box<dyn Write + Send> = match arg {
         ConsoleArg::Stdio => Box::new(std::io::stdout()),
         ConsoleArg::File(path) => Box::new(
             std::fs::OpenOptions::new()
@@ -94,42 +124,66 @@ fn console_sink(arg: &ConsoleArg) -> std::io::Result<Box<dyn Write + Send>> {
                 .append(true)
                 .open(path)?,
         ),
-        ConsoleArg::None => Box::new(std::io::sink()),
-    })
+        ConsoleArg::None | ConsoleArg::Socket { .. } => Box::new(std::io::sink()),
+    };
+    Ok((sink, None))
 }
 
+/// `ferrite run`: run the VM, then record how it ended in `--status-file` if asked.
 fn run(args: RunArgs) -> i32 {
-    let config = config_from(&args);
+    let (code, outcome, detail, reboots) = run_vm(&args);
+    if let Some(path) = &args.status_file {
+        let status = status_file::RunStatus::now(outcome, code, detail, reboots);
+        if let Err(e) = status.write(path) {
+            eprintln!(
+                "ferrite: cannot write the status file {}: {e}",
+                path.display()
+            );
+        }
+    }
+    code
+}
+
+/// Run the VM: (exit status, outcome name, one-line detail, reboots).
+fn run_vm(args: &RunArgs) -> (i32, &'static str, String, u32) {
+    let error = |code: i32, line: String| {
+        eprintln!("ferrite: {line}");
+        (code, "error", line, 0)
+    };
+    let config = match config_from(args) {
+        Ok(c) => c,
+        Err(line) => return error(exit::USAGE, line),
+    };
     // Check what needs no KVM first, so bad input fails before anything is set up.
     if let Err(e) = config.validate(None) {
-        eprintln!("ferrite: {}", chain_to_line(&e));
-        return exit::USAGE;
+        return error(exit::USAGE, chain_to_line(&e));
     }
     let stop = match StopHandle::new() {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("ferrite: cannot create stop event: {e}");
-            return exit::VM_FAILED;
-        }
+        Err(e) => return error(exit::VM_FAILED, format!("cannot create stop event: {e}")),
     };
     if let Err(e) = signals::install(stop.clone()) {
-        eprintln!("ferrite: cannot set up signal handling: {e}");
-        return exit::VM_FAILED;
+        return error(
+            exit::VM_FAILED,
+            format!("cannot set up signal handling: {e}"),
+        );
     }
-    let sink = match console_sink(&args.console) {
+    let (sink, socket_console) = match console_sink(&args.console) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("ferrite: cannot open console output: {e}");
-            return exit::USAGE;
-        }
+        Err(e) => return error(exit::USAGE, format!("cannot open console output: {e}")),
     };
     let console = match Console::new(sink) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("ferrite: cannot start the console: {e}");
-            return exit::VM_FAILED;
-        }
+        Err(e) => return error(exit::VM_FAILED, format!("cannot start the console: {e}")),
     };
+    if let Some(socket_console) = socket_console {
+        if let Err(e) = socket_console.serve(console.input(), stop.clone()) {
+            return error(
+                exit::VM_FAILED,
+                format!("cannot serve the console socket: {e}"),
+            );
+        }
+    }
     let stdin_tty = terminal::is_tty(libc::STDIN_FILENO);
     let _raw = if args.console == ConsoleArg::Stdio && stdin_tty {
         match terminal::RawMode::enable(libc::STDIN_FILENO) {
@@ -144,8 +198,10 @@ fn run(args: RunArgs) -> i32 {
     };
     if args.console == ConsoleArg::Stdio {
         if let Err(e) = input::spawn_stdin_thread(console.input(), stop.clone(), stdin_tty) {
-            eprintln!("ferrite: cannot start the input thread: {e}");
-            return exit::VM_FAILED;
+            return error(
+                exit::VM_FAILED,
+                format!("cannot start the input thread: {e}"),
+            );
         }
     }
     let result = vmm::run(&config, &console, &stop);
@@ -159,17 +215,40 @@ fn run(args: RunArgs) -> i32 {
                     console.dropped_bytes()
                 );
             }
-            code
+            // Let queued guest output reach the log before the process ends.
+            console.flush(std::time::Duration::from_secs(2));
+            let (outcome, detail) = match &report.outcome {
+                Outcome::PowerOff => ("poweroff", String::new()),
+                Outcome::Reset => ("reset", "the guest rebooted (--no-reboot)".to_string()),
+                Outcome::Stopped => (
+                    "stopped",
+                    signals::received()
+                        .map(|sig| format!("stopped by {sig}"))
+                        .unwrap_or_else(|| "stopped from the console".to_string()),
+                ),
+                Outcome::Failed(failure) => ("failed", failure_line(failure)),
+            };
+            (code, outcome, detail, report.reboots)
         }
         Err(e) => {
-            eprintln!("ferrite: {}", chain_to_line(&e));
-            if e.is_user_error() {
+            let code = if e.is_user_error() {
                 exit::USAGE
             } else {
                 exit::VM_FAILED
-            }
+            };
+            error(code, chain_to_line(&e))
         }
     }
+}
+
+/// The first line of a failure report (the reason, without the register dump).
+fn failure_line(failure: &vmm::dump::FailureReport) -> String {
+    failure
+        .to_string()
+        .lines()
+        .next()
+        .unwrap_or("the VM failed")
+        .to_string()
 }
 
 fn finish(report: &RunReport, stats: bool) -> i32 {

@@ -43,14 +43,7 @@ fn test_control_socket_rate_limit_info_garbage_and_cleanup() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn ferrite");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
+    let rx = common::stdout_lines(&mut child);
     let mut seen = Vec::new();
     while !seen.iter().any(|l: &String| l.starts_with("OK blk-sum")) {
         match rx.recv_timeout(WATCHDOG) {
@@ -135,14 +128,7 @@ fn test_control_socket_rng_limit_set_and_lifted_while_running() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn ferrite");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
+    let rx = common::stdout_lines(&mut child);
     let mut seen = Vec::new();
     wait_line(&rx, &mut seen, "OK rng");
     let mut conn = BufReader::new(UnixStream::connect(&sock).expect("connect api socket"));

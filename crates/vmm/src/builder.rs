@@ -77,7 +77,9 @@ pub fn run(config: &VmConfig, console: &Console, stop: &StopHandle) -> Result<Ru
     let disks = platform::open_disks(config)?;
     let run_devices = RunDevices::open(config)?;
     // The control socket lives for the whole run (across reboots); dropping it removes PATH.
-    let _control = start_control(config, &disks, &run_devices)?;
+    let live = crate::control::LiveSlot::default();
+    let reboot_count = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let _control = start_control(config, &disks, &run_devices, &live, &reboot_count)?;
     let mut reboots = 0;
     loop {
         let vm = BuiltVm::build(
@@ -89,9 +91,10 @@ pub fn run(config: &VmConfig, console: &Console, stop: &StopHandle) -> Result<Ru
             repairs.clone(),
             repair_enabled,
         )?;
+        vm.publish(&live);
         let outcome = vm.wait(stop);
         let exits = vm.exit_counters();
-        vm.teardown(console);
+        vm.teardown(console, &live);
         let finish = |outcome| RunReport {
             outcome,
             reboots,
@@ -102,6 +105,7 @@ pub fn run(config: &VmConfig, console: &Console, stop: &StopHandle) -> Result<Ru
         match outcome {
             Outcome::Reset if !config.no_reboot && !stop.requested() => {
                 reboots += 1;
+                reboot_count.store(reboots, std::sync::atomic::Ordering::SeqCst);
                 tracing::info!(reboots, "guest reset: rebuilding the VM");
             }
             other => {
@@ -118,6 +122,8 @@ fn start_control(
     config: &VmConfig,
     disks: &[platform::OpenDisk],
     run_devices: &RunDevices,
+    live: &crate::control::LiveSlot,
+    reboots: &Arc<std::sync::atomic::AtomicU32>,
 ) -> Result<Option<crate::control::ControlServer>, VmmError> {
     let Some(path) = &config.api_socket else {
         return Ok(None);
@@ -138,6 +144,8 @@ fn start_control(
         balloon: handles.balloon,
         info: serde_json::to_value(config).unwrap_or_default(),
         started: std::time::Instant::now(),
+        live: live.clone(),
+        reboots: reboots.clone(),
     };
     crate::control::ControlServer::start(path, state)
         .map(Some)
@@ -252,7 +260,7 @@ impl BuiltVm {
                 }
                 Err(e) => {
                     built.vcpus = vcpus;
-                    built.teardown(console);
+                    built.teardown(console, &crate::control::LiveSlot::default());
                     return Err(VmmError::Io(e));
                 }
             }
@@ -260,6 +268,29 @@ impl BuiltVm {
         built.vcpus = vcpus;
         built.counters = counters;
         Ok(built)
+    }
+
+    /// Hand the control socket its handle on this instance (pause, power button, ...).
+    fn publish(&self, live: &crate::control::LiveSlot) {
+        use std::os::unix::thread::JoinHandleExt;
+        let vm = crate::live::LiveVm {
+            control: self.control.clone(),
+            vcpus: self
+                .vcpus
+                .iter()
+                .map(|h| crate::live::LiveVcpu {
+                    id: h.id,
+                    thread: h.thread.as_pthread_t(),
+                    tid: h.tid.clone(),
+                    counters: h.counters.clone(),
+                })
+                .collect(),
+            virtio_devices: self.virtio_devices.clone(),
+            acpi_pm: self._devices.acpi_pm.clone(),
+            shutdown: self.shutdown.clone(),
+            paused: std::sync::atomic::AtomicBool::new(false),
+        };
+        *live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(vm));
     }
 
     /// Block until the guest powers off/resets, a vCPU fails, or the host asks to stop.
@@ -302,9 +333,14 @@ impl BuiltVm {
     }
 
     /// Stop every vCPU thread (kicking it out of KVM_RUN) and detach the console.
-    fn teardown(mut self, console: &Console) {
+    /// Empties `live` first (after any control operation in progress, which the exit request
+    /// cuts short), so the control socket never touches a stopped instance.
+    fn teardown(mut self, console: &Console, live: &crate::control::LiveSlot) {
         console.input().detach();
         self.control.request_exit();
+        let handle = live.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // Resumes paused device workers so they can be shut down below.
+        drop(handle);
         let start = Instant::now();
         for handle in self.vcpus.drain(..) {
             while !handle.thread.is_finished() && start.elapsed() < VCPU_STOP_TIMEOUT {

@@ -23,6 +23,7 @@ pub mod error;
 pub mod gsi;
 pub mod ioevent;
 pub mod kick;
+pub mod live;
 pub mod memory;
 pub mod platform;
 pub mod repair;

@@ -3,9 +3,11 @@
 
 use std::ops::Range;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::AtomicI32;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
@@ -83,6 +85,37 @@ impl RunControl {
         }
     }
 
+    /// Like [`RunControl::wait_parked`] but gives up after `timeout`, calling `kick` about
+    /// every 10 ms meanwhile (to interrupt `KVM_RUN`). Returns whether all `n` are parked or
+    /// gone (or the VM is exiting).
+    pub fn wait_parked_timeout(&self, n: usize, timeout: Duration, mut kick: impl FnMut()) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock_pause();
+        loop {
+            if st.parked + st.exited >= n || self.exit_requested() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            drop(st);
+            kick();
+            st = self.lock_pause();
+            let wait = (deadline - now).min(Duration::from_millis(10));
+            st = self
+                .cond
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Whether a pause is requested (vCPUs parked or parking).
+    pub fn is_pause_requested(&self) -> bool {
+        self.pause_requested()
+    }
+
     /// Let parked vCPUs run again.
     pub fn resume(&self) {
         let mut st = self.lock_pause();
@@ -156,6 +189,7 @@ pub struct Vcpu {
     fd: VcpuFd,
     ctx: Arc<VcpuContext>,
     counters: Arc<ExitCounters>,
+    tid: Arc<AtomicI32>,
 }
 
 /// A running vCPU thread.
@@ -166,6 +200,8 @@ pub struct VcpuHandle {
     pub thread: JoinHandle<()>,
     /// Its exit counters.
     pub counters: Arc<ExitCounters>,
+    /// The thread's kernel thread id (0 until the thread has started).
+    pub tid: Arc<AtomicI32>,
 }
 
 impl VcpuHandle {
@@ -195,6 +231,7 @@ impl Vcpu {
             fd,
             ctx,
             counters: Arc::new(ExitCounters::default()),
+            tid: Arc::new(AtomicI32::new(0)),
         }
     }
 
@@ -202,6 +239,7 @@ impl Vcpu {
     pub fn spawn(self) -> std::io::Result<VcpuHandle> {
         let id = self.id;
         let counters = self.counters.clone();
+        let tid = self.tid.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .stack_size(1 << 20)
@@ -210,10 +248,16 @@ impl Vcpu {
             id,
             thread,
             counters,
+            tid,
         })
     }
 
     fn run(mut self) {
+        // The raw syscall: the static glibc build does not link the gettid() wrapper.
+        // SAFETY: SYS_gettid takes no arguments and cannot fail.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+        self.tid
+            .store(i32::try_from(tid).unwrap_or(0), Ordering::SeqCst);
         let ie = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
         kick::set_immediate_exit_ptr(ie);
         let ctl = self.ctx.control.clone();
@@ -668,6 +712,18 @@ mod tests {
         }
 
         assert_eq!(ctl.lock_pause().exited, 1);
+    }
+
+    #[test]
+    fn test_run_control_wait_parked_timeout_gives_up_when_a_vcpu_never_parks() {
+        let ctl = RunControl::new().unwrap();
+        let mut kicks = 0;
+
+        ctl.request_pause();
+        let parked = ctl.wait_parked_timeout(1, Duration::from_millis(50), || kicks += 1);
+
+        assert!(!parked);
+        assert!(kicks >= 1);
     }
 
     #[test]

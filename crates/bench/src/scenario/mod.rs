@@ -1,6 +1,7 @@
 //! The three measurements, each one guest boot per call, and what they share.
 
 pub mod boot;
+pub mod daemon;
 pub mod disk;
 pub mod exits;
 pub mod idle_memory;

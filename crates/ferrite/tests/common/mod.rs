@@ -123,3 +123,19 @@ pub fn run_ferrite(args: &[&str], timeout: Duration) -> RunOutput {
         elapsed: start.elapsed(),
     }
 }
+
+/// The child's stdout as a channel of lines (`\r` trimmed), read by a thread until EOF.
+pub fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line.trim_end_matches('\r').to_string()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 pub struct BlockMetrics {
     /// Requests completed (any type, any status).
     pub requests: AtomicU64,
+    /// Successful read requests.
+    pub reads: AtomicU64,
+    /// Successful write requests.
+    pub writes: AtomicU64,
     /// Bytes read from the disk into the guest.
     pub read_bytes: AtomicU64,
     /// Bytes written from the guest to the disk.
@@ -32,6 +36,12 @@ pub struct BlockMetrics {
 pub struct BlockMetricsSnapshot {
     /// See [`BlockMetrics::requests`].
     pub requests: u64,
+    /// See [`BlockMetrics::reads`].
+    #[serde(default)]
+    pub reads: u64,
+    /// See [`BlockMetrics::writes`].
+    #[serde(default)]
+    pub writes: u64,
     /// See [`BlockMetrics::read_bytes`].
     pub read_bytes: u64,
     /// See [`BlockMetrics::write_bytes`].
@@ -61,6 +71,8 @@ impl BlockMetrics {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         BlockMetricsSnapshot {
             requests: g(&self.requests),
+            reads: g(&self.reads),
+            writes: g(&self.writes),
             read_bytes: g(&self.read_bytes),
             write_bytes: g(&self.write_bytes),
             flushes: g(&self.flushes),

@@ -276,10 +276,12 @@ impl Executor<'_> {
             .ok()?;
         BlockMetrics::add(&self.metrics.requests, 1);
         if req_type == VIRTIO_BLK_T_IN {
+            BlockMetrics::add(&self.metrics.reads, 1);
             BlockMetrics::add(&self.metrics.read_bytes, len);
             // `len <= INLINE_MAX_LEN` was checked above.
             Some(len as u32 + 1)
         } else {
+            BlockMetrics::add(&self.metrics.writes, 1);
             BlockMetrics::add(&self.metrics.write_bytes, len);
             Some(1)
         }
@@ -381,6 +383,7 @@ impl Executor<'_> {
                 written += slice.len() as u64;
             }
         }
+        BlockMetrics::add(&self.metrics.reads, 1);
         BlockMetrics::add(&self.metrics.read_bytes, written);
         Completion::ok(written as u32)
     }
@@ -410,6 +413,7 @@ impl Executor<'_> {
                 offset += slice.len() as u64;
             }
         }
+        BlockMetrics::add(&self.metrics.writes, 1);
         BlockMetrics::add(&self.metrics.write_bytes, len);
         // Without a negotiated FLUSH the device must behave as write-through.
         if !self.has(VIRTIO_BLK_F_FLUSH) && self.disk.flush().is_err() {

@@ -180,6 +180,7 @@ fn test_blk_read_returns_disk_data_and_interrupts() {
         [InterruptKind::Queue(0)]
     );
     assert_eq!(metrics(&h).read_bytes, 1024);
+    assert_eq!(metrics(&h).reads, 1);
 }
 
 #[test]
@@ -841,4 +842,5 @@ fn test_blk_pool_write_completes_inline_and_reads_back() {
     h.disk.read_at(7 * 512, &mut buf).unwrap();
     assert_eq!(buf, [0x5a; 512]);
     assert_eq!(metrics(&h).write_bytes, 512);
+    assert_eq!(metrics(&h).writes, 1);
 }

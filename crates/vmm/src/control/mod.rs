@@ -4,5 +4,7 @@
 mod protocol;
 mod server;
 
-pub use protocol::{handle_line, BalloonControl, ControlState, StatsFn, MAX_REQUEST_BYTES};
+pub use protocol::{
+    handle_line, BalloonControl, ControlState, LiveSlot, StatsFn, VmOps, MAX_REQUEST_BYTES,
+};
 pub use server::{ControlError, ControlServer};

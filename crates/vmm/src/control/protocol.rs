@@ -4,6 +4,8 @@ use rate_limiter::{RateLimitConfig, SharedRateLimiter};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Longest request line accepted; longer lines get a `too-large` error reply.
@@ -22,6 +24,27 @@ pub trait BalloonControl: Send + Sync {
     fn status(&self) -> Value;
 }
 
+/// What the control socket may do to the running VM instance (implemented by the VM builder
+/// for each instance it builds; kept as a trait so the protocol is unit-testable).
+pub trait VmOps: Send {
+    /// Park every vCPU and pause the device workers. Idempotent. `Err((code, message))` when
+    /// the vCPUs did not park in time (`timeout`) or a device could not pause.
+    fn pause(&self) -> Result<(), (&'static str, String)>;
+    /// Let the vCPUs and device workers run again. Idempotent.
+    fn resume(&self) -> Result<(), (&'static str, String)>;
+    /// Whether [`VmOps::pause`] is in effect.
+    fn paused(&self) -> bool;
+    /// Press the ACPI power button; returns whether the guest enabled the power-button event.
+    fn power_button(&self) -> bool;
+    /// Reset the VM (rebuilt in process unless `--no-reboot`).
+    fn reboot(&self);
+    /// Per-vCPU statistics (`id`, `tid`, `cpu_ns`, `exits`).
+    fn vcpus(&self) -> Value;
+}
+
+/// The running VM instance: filled after each build, emptied before teardown.
+pub type LiveSlot = Arc<Mutex<Option<Box<dyn VmOps>>>>;
+
 /// What the control socket can reach: named rate limiters (`disk0`, `net0.rx`, `rng`), the
 /// devices' counters, the balloon, and the VM's configuration for `info`.
 pub struct ControlState {
@@ -35,6 +58,10 @@ pub struct ControlState {
     pub info: Value,
     /// When the run started (for `uptime_ms`).
     pub started: Instant,
+    /// The running VM instance, if one is up (empty while it is being rebuilt).
+    pub live: LiveSlot,
+    /// Guest resets turned into in-process rebuilds so far.
+    pub reboots: Arc<AtomicU32>,
 }
 
 #[derive(Deserialize)]
@@ -57,6 +84,10 @@ enum Request {
         target_mib: u64,
     },
     BalloonStatus,
+    Pause,
+    Resume,
+    PowerButton,
+    Reboot,
 }
 
 fn error(code: &str, message: impl Into<String>) -> Value {
@@ -93,11 +124,67 @@ pub fn handle_line(state: &ControlState, line: &str) -> String {
     reply.to_string()
 }
 
+fn busy() -> Value {
+    error(
+        "busy",
+        "The VM is not running right now (starting, rebooting or stopping); try again",
+    )
+}
+
+fn state_name(paused: bool) -> &'static str {
+    if paused {
+        "paused"
+    } else {
+        "running"
+    }
+}
+
+/// Runs `f` on the live VM while holding the slot (teardown waits for it), or answers `busy`.
+fn with_live(state: &ControlState, f: impl FnOnce(&dyn VmOps) -> Value) -> Value {
+    let slot = state.live.lock().unwrap_or_else(|e| e.into_inner());
+    match slot.as_deref() {
+        Some(vm) => f(vm),
+        None => busy(),
+    }
+}
+
+fn vm_op(state: &ControlState, req: Request) -> Value {
+    with_live(state, |vm| {
+        let result = match req {
+            Request::Pause => vm.pause().map(|()| json!({"ok": true, "state": "paused"})),
+            Request::Resume => vm
+                .resume()
+                .map(|()| json!({"ok": true, "state": "running"})),
+            Request::PowerButton => Ok(json!({"ok": true, "guest_enabled": vm.power_button()})),
+            Request::Reboot => {
+                vm.reboot();
+                Ok(json!({"ok": true}))
+            }
+            _ => Ok(error("bad-request", "Not a VM operation")),
+        };
+        result.unwrap_or_else(|(code, message)| error(code, message))
+    })
+}
+
 fn dispatch(state: &ControlState, req: Request) -> Value {
     match req {
         Request::Info => json!({"ok": true, "config": state.info, "rate_limits": limits(state)}),
-        Request::Stats => json!({
+        Request::Pause | Request::Resume | Request::PowerButton | Request::Reboot => {
+            vm_op(state, req)
+        }
+        Request::Stats => {
+            let (run_state, vcpus) = {
+                let slot = state.live.lock().unwrap_or_else(|e| e.into_inner());
+                match slot.as_deref() {
+                    Some(vm) => (state_name(vm.paused()), vm.vcpus()),
+                    None => ("starting", json!([])),
+                }
+            };
+            json!({
             "ok": true,
+            "state": run_state,
+            "reboots": state.reboots.load(Ordering::SeqCst),
+            "vcpus": vcpus,
             "uptime_ms": u64::try_from(state.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "rate_limits": limits(state),
             "devices": state
@@ -106,7 +193,8 @@ fn dispatch(state: &ControlState, req: Request) -> Value {
                 .map(|(name, read)| (name.clone(), read()))
                 .collect::<serde_json::Map<String, Value>>(),
             "balloon": state.balloon.as_ref().map(|b| b.status()),
-        }),
+            })
+        }
         Request::RateLimit {
             device,
             direction,
@@ -174,6 +262,8 @@ mod tests {
             balloon: None,
             info: json!({"vcpus": 1}),
             started: Instant::now(),
+            live: LiveSlot::default(),
+            reboots: Arc::default(),
         }
     }
 
@@ -273,5 +363,69 @@ mod tests {
         assert_eq!(set["balloon"]["target_mib"], 64);
         assert_eq!(status["balloon"]["target_mib"], 64);
         assert_eq!(refused["error"], "bad-request");
+    }
+
+    #[derive(Default)]
+    struct FakeVm {
+        paused: std::sync::atomic::AtomicBool,
+        reboots: std::sync::atomic::AtomicU32,
+    }
+
+    impl VmOps for Arc<FakeVm> {
+        fn pause(&self) -> Result<(), (&'static str, String)> {
+            self.paused.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+        fn resume(&self) -> Result<(), (&'static str, String)> {
+            self.paused.store(false, Ordering::SeqCst);
+            Ok(())
+        }
+        fn paused(&self) -> bool {
+            self.paused.load(Ordering::SeqCst)
+        }
+        fn power_button(&self) -> bool {
+            true
+        }
+        fn reboot(&self) {
+            self.reboots.fetch_add(1, Ordering::SeqCst);
+        }
+        fn vcpus(&self) -> Value {
+            json!([{"id": 0, "tid": 1, "cpu_ns": 2, "exits": {}}])
+        }
+    }
+
+    #[test]
+    fn test_vm_ops_are_busy_without_a_live_vm() {
+        let s = state();
+
+        for op in ["pause", "resume", "power-button", "reboot"] {
+            let r = reply(&s, &format!(r#"{{"op":"{op}"}}"#));
+            assert_eq!(r["error"], "busy", "{op}: {r}");
+        }
+        assert_eq!(reply(&s, r#"{"op":"stats"}"#)["vcpus"], json!([]));
+    }
+
+    #[test]
+    fn test_vm_ops_reach_the_live_vm_and_stats_reports_state() {
+        let s = state();
+        let vm = Arc::new(FakeVm::default());
+        *s.live.lock().unwrap() = Some(Box::new(vm.clone()));
+
+        let paused = reply(&s, r#"{"op":"pause"}"#);
+        let stats_paused = reply(&s, r#"{"op":"stats"}"#);
+        let resumed = reply(&s, r#"{"op":"resume"}"#);
+        let button = reply(&s, r#"{"op":"power-button"}"#);
+        let reboot = reply(&s, r#"{"op":"reboot"}"#);
+        let stats = reply(&s, r#"{"op":"stats"}"#);
+
+        assert_eq!(paused, json!({"ok": true, "state": "paused"}));
+        assert_eq!(stats_paused["state"], "paused");
+        assert_eq!(resumed, json!({"ok": true, "state": "running"}));
+        assert_eq!(button, json!({"ok": true, "guest_enabled": true}));
+        assert_eq!(reboot, json!({"ok": true}));
+        assert_eq!(vm.reboots.load(Ordering::SeqCst), 1);
+        assert_eq!(stats["state"], "running");
+        assert_eq!(stats["reboots"], 0);
+        assert_eq!(stats["vcpus"][0]["tid"], 1);
     }
 }

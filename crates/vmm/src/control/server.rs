@@ -148,6 +148,8 @@ mod tests {
             balloon: None,
             info: serde_json::json!({}),
             started: Instant::now(),
+            live: Default::default(),
+            reboots: Default::default(),
         }
     }
 

@@ -1,0 +1,35 @@
+//! Every route `ferrited` serves, as (method, path template) pairs. The daemon's router and
+//! the OpenAPI document are both checked against this list by tests.
+
+/// (HTTP method, path with `{name}` placeholders).
+pub const ALL: &[(&str, &str)] = &[
+    ("GET", "/openapi.json"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/host"),
+    ("GET", "/v1/stats"),
+    ("GET", "/v1/events"),
+    ("GET", "/v1/vms"),
+    ("POST", "/v1/vms"),
+    ("GET", "/v1/vms/{name}"),
+    ("PATCH", "/v1/vms/{name}"),
+    ("DELETE", "/v1/vms/{name}"),
+    ("POST", "/v1/vms/{name}/start"),
+    ("POST", "/v1/vms/{name}/stop"),
+    ("POST", "/v1/vms/{name}/kill"),
+    ("POST", "/v1/vms/{name}/pause"),
+    ("POST", "/v1/vms/{name}/resume"),
+    ("POST", "/v1/vms/{name}/reboot"),
+    ("GET", "/v1/vms/{name}/stats"),
+    ("GET", "/v1/vms/{name}/console"),
+    ("GET", "/v1/vms/{name}/console/log"),
+];
+
+/// Path of a VM's resource.
+pub fn vm(name: &str) -> String {
+    format!("/v1/vms/{name}")
+}
+
+/// Path of a VM action (`start`, `stop`, ...).
+pub fn vm_action(name: &str, action: &str) -> String {
+    format!("/v1/vms/{name}/{action}")
+}

@@ -1,0 +1,68 @@
+//! `ferrited`'s command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// ferrited: runs and supervises Ferrite VMs on this host behind a REST API.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ferrited", version)]
+pub struct DaemonArgs {
+    /// Unix socket the API is served on (created with mode 0660).
+    #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET, env = "FERRITE_SOCKET")]
+    pub socket: PathBuf,
+    /// Persistent state: the database, VM console logs.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/ferrite")]
+    pub state_dir: PathBuf,
+    /// Runtime files: per-VM control and console sockets, configs, status files.
+    #[arg(long, value_name = "DIR", default_value = "/run/ferrite")]
+    pub run_dir: PathBuf,
+    /// The VMM binary (default: `ferrite` next to this executable).
+    #[arg(long, value_name = "PATH")]
+    pub vmm_binary: Option<PathBuf>,
+    /// vCPUs of running VMs allowed per host CPU.
+    #[arg(long, value_name = "RATIO", default_value_t = 4.0)]
+    pub cpu_overcommit: f64,
+    /// Guest RAM of running VMs allowed per byte of host RAM.
+    #[arg(long, value_name = "RATIO", default_value_t = 1.0)]
+    pub memory_overcommit: f64,
+    /// Host RAM in MiB kept for the host and the VMMs' own overhead (not given to guests).
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    pub reserved_memory_mib: u64,
+    /// Name of the cgroup (under ferrited's own) that holds the per-VM cgroups.
+    #[arg(long, value_name = "NAME", default_value = "ferrite")]
+    pub cgroup_parent: String,
+    /// Run VMs without per-VM cgroups (resource limits then refuse to apply).
+    #[arg(long)]
+    pub no_cgroups: bool,
+    /// Also serve the API over TCP with TLS at this address (needs --tls-cert, --tls-key
+    /// and --tls-client-ca: clients must present a certificate signed by that CA).
+    #[arg(long, value_name = "ADDR:PORT", requires_all = ["tls_cert", "tls_key", "tls_client_ca"])]
+    pub tls_listen: Option<SocketAddr>,
+    /// Server certificate chain (PEM).
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to.
+    #[arg(long, value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Seconds between crash restarts of a VM with restart_on_crash (doubles per crash, max 60).
+    #[arg(long, value_name = "SECONDS", default_value_t = 1)]
+    pub restart_backoff_s: u64,
+}
+
+impl DaemonArgs {
+    /// The VMM binary to run.
+    pub fn vmm_binary(&self) -> PathBuf {
+        if let Some(p) = &self.vmm_binary {
+            return p.clone();
+        }
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("ferrite")))
+            .unwrap_or_else(|| PathBuf::from("ferrite"))
+    }
+}
