@@ -16,7 +16,9 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::{ApiError, Event, HostInfo, StopRequest, VmInfo, VmSpec, VmStats};
+use crate::{
+    ApiError, Event, HostInfo, SnapshotInfo, SnapshotRequest, StopRequest, VmInfo, VmSpec, VmStats,
+};
 
 /// The `Upgrade` protocol of a console stream.
 pub const CONSOLE_PROTOCOL: &str = "ferrite-console";
@@ -251,6 +253,28 @@ impl Client {
             None => self.json::<(), _>("POST", &path, None),
             Some(t) => self.json("POST", &path, Some(&StopRequest { timeout_s: Some(t) })),
         }
+    }
+
+    /// `POST /v1/vms/{name}/snapshots`; returns once the snapshot is on disk.
+    pub fn create_snapshot(&self, vm: &str, req: &SnapshotRequest) -> Result<SnapshotInfo> {
+        self.json("POST", &crate::routes::snapshots(vm), Some(req))
+    }
+
+    /// `GET /v1/vms/{name}/snapshots`.
+    pub fn list_snapshots(&self, vm: &str) -> Result<Vec<SnapshotInfo>> {
+        self.json::<(), _>("GET", &crate::routes::snapshots(vm), None)
+    }
+
+    /// `DELETE /v1/vms/{name}/snapshots/{snapshot}`.
+    pub fn delete_snapshot(&self, vm: &str, name: &str) -> Result<()> {
+        self.request("DELETE", &crate::routes::snapshot(vm, name), None)
+            .map(drop)
+    }
+
+    /// `POST /v1/vms/{name}/snapshots/{snapshot}/restore`; returns once the VM runs.
+    pub fn restore_snapshot(&self, vm: &str, name: &str) -> Result<VmInfo> {
+        let path = format!("{}/restore", crate::routes::snapshot(vm, name));
+        self.json::<(), _>("POST", &path, None)
     }
 
     /// `GET /v1/stats`.

@@ -278,6 +278,34 @@ pub struct StopRequest {
     pub timeout_s: Option<u64>,
 }
 
+/// Body of `POST /v1/vms/{name}/snapshots`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The snapshot's name, unique per VM (same rules as VM names, see [`valid_vm_name`]).
+    pub name: String,
+    /// Leave the VM paused after the snapshot (default: it resumes as it was).
+    #[serde(default)]
+    pub stay_paused: bool,
+}
+
+/// A stored snapshot of a VM (`GET /v1/vms/{name}/snapshots`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// The VM it was taken of.
+    pub vm: String,
+    /// Its name.
+    pub name: String,
+    /// Its directory on the daemon's host.
+    pub path: String,
+    /// When it was taken (ms since the Unix epoch).
+    pub created_ms: u64,
+    /// Guest memory bytes written (untouched pages are skipped).
+    pub memory_bytes: u64,
+    /// Bytes of vCPU and device state.
+    pub state_bytes: u64,
+}
+
 /// Per-VM statistics (`GET /v1/vms/{name}/stats`, and each entry of `GET /v1/stats`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VmStats {
@@ -358,7 +386,7 @@ pub struct Event {
     pub vm: String,
     /// `defined`, `starting`, `running`, `paused`, `resumed`, `stopping`, `stopped`,
     /// `crashed`, `restarted`, `restart-failed`, `autostart-failed`, `rebooted`, `updated`,
-    /// `deleted`, `adopted`.
+    /// `deleted`, `adopted`, `snapshot-created`, `snapshot-deleted`, `restored`.
     pub kind: String,
     /// Free text.
     #[serde(default)]

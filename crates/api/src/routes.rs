@@ -22,6 +22,10 @@ pub const ALL: &[(&str, &str)] = &[
     ("GET", "/v1/vms/{name}/stats"),
     ("GET", "/v1/vms/{name}/console"),
     ("GET", "/v1/vms/{name}/console/log"),
+    ("GET", "/v1/vms/{name}/snapshots"),
+    ("POST", "/v1/vms/{name}/snapshots"),
+    ("DELETE", "/v1/vms/{name}/snapshots/{snapshot}"),
+    ("POST", "/v1/vms/{name}/snapshots/{snapshot}/restore"),
 ];
 
 /// Path of a VM's resource.
@@ -32,4 +36,14 @@ pub fn vm(name: &str) -> String {
 /// Path of a VM action (`start`, `stop`, ...).
 pub fn vm_action(name: &str, action: &str) -> String {
     format!("/v1/vms/{name}/{action}")
+}
+
+/// Path of a VM's snapshot collection.
+pub fn snapshots(vm: &str) -> String {
+    format!("/v1/vms/{vm}/snapshots")
+}
+
+/// Path of one snapshot of a VM.
+pub fn snapshot(vm: &str, name: &str) -> String {
+    format!("/v1/vms/{vm}/snapshots/{name}")
 }

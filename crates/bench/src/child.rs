@@ -95,9 +95,37 @@ const STDERR_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 impl VmmProcess {
     /// Start `spec`; the watchdog SIGKILLs it `hard_timeout` after spawn whatever happens.
     pub fn spawn(spec: &CommandSpec, hard_timeout: Duration) -> Result<Self> {
+        Self::spawn_inner(spec, hard_timeout, false).map(|(p, _)| p)
+    }
+
+    /// Like [`VmmProcess::spawn`], with the VMM's stdin (the guest's console input) a pipe
+    /// whose write end is returned.
+    pub fn spawn_with_stdin(
+        spec: &CommandSpec,
+        hard_timeout: Duration,
+    ) -> Result<(Self, std::process::ChildStdin)> {
+        let (p, stdin) = Self::spawn_inner(spec, hard_timeout, true)?;
+        match stdin {
+            Some(stdin) => Ok((p, stdin)),
+            None => Err(BenchError::Spawn {
+                program: spec.program.display().to_string(),
+                source: std::io::Error::other("no stdin pipe"),
+            }),
+        }
+    }
+
+    fn spawn_inner(
+        spec: &CommandSpec,
+        hard_timeout: Duration,
+        pipe_stdin: bool,
+    ) -> Result<(Self, Option<std::process::ChildStdin>)> {
         let mut cmd = Command::new(&spec.program);
         cmd.args(&spec.args)
-            .stdin(Stdio::null())
+            .stdin(if pipe_stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
@@ -125,6 +153,7 @@ impl VmmProcess {
                 return Err(e);
             }
         };
+        let stdin = child.stdin.take();
         let (tx, events) = mpsc::channel();
         let stderr = Arc::new(Mutex::new(Vec::new()));
         if let Some(out) = child.stdout.take() {
@@ -137,19 +166,22 @@ impl VmmProcess {
         // The std handle is dropped without waiting: the watchdog thread reaps the pid.
         drop(child);
         spawn_watchdog(pid, Arc::clone(&pidfd), start + hard_timeout, tx);
-        Ok(Self {
-            pid,
-            pidfd,
-            start,
-            events,
-            partial: Vec::new(),
-            lines: VecDeque::new(),
-            first_byte: None,
-            eof: false,
-            exit: None,
-            stderr,
-            stderr_done,
-        })
+        Ok((
+            Self {
+                pid,
+                pidfd,
+                start,
+                events,
+                partial: Vec::new(),
+                lines: VecDeque::new(),
+                first_byte: None,
+                eof: false,
+                exit: None,
+                stderr,
+                stderr_done,
+            },
+            stdin,
+        ))
     }
 
     /// Process id of the VMM.

@@ -186,6 +186,18 @@ struct Args {
     /// Starts in flight at once in the density run (1: one after another).
     #[arg(long, default_value_t = 1)]
     density_concurrency: usize,
+    /// Guest RAM sizes of the snapshot scenario, MiB.
+    #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
+    snapshot_sizes_mib: Vec<u64>,
+    /// Restores started at once from one snapshot in the snapshot scenario.
+    #[arg(long, default_value_t = 10)]
+    snapshot_clones: usize,
+    /// `count-forever` interval (ms) of the ticking guest in the snapshot scenario.
+    #[arg(long, default_value_t = 100)]
+    snapshot_tick_ms: u64,
+    /// Parent of the snapshot scenario's temporary directory (removed at the end).
+    #[arg(long)]
+    snapshot_dir: Option<PathBuf>,
     /// Print JSON on stdout instead of Markdown.
     #[arg(long)]
     json: bool,
@@ -272,6 +284,20 @@ fn main() -> ExitCode {
         r.host = host.clone();
         r
     });
+    let snapshot = args.scenarios.contains(&Scenario::Snapshot);
+    args.scenarios.retain(|s| *s != Scenario::Snapshot);
+    let snapshot = snapshot.then(|| {
+        let splan = scenario::snapshot::SnapshotPlan {
+            sizes_mib: args.snapshot_sizes_mib.clone(),
+            clones: args.snapshot_clones.max(1),
+            tick_ms: args.snapshot_tick_ms.max(1),
+            dir: args.snapshot_dir.clone().unwrap_or_else(std::env::temp_dir),
+        };
+        let mut r = scenario::snapshot::run(&vmms, plan, &splan, &cfg);
+        r.reproduce = reproduce_command();
+        r.host = host.clone();
+        r
+    });
     let reports = if args.scenarios.is_empty() {
         Vec::new()
     } else {
@@ -293,7 +319,13 @@ fn main() -> ExitCode {
         scenarios: args.scenarios.clone(),
         vmms: reports,
     };
-    let value = json_value(&report, devio.as_ref(), netio.as_ref(), daemon.as_ref());
+    let value = json_value(
+        &report,
+        devio.as_ref(),
+        netio.as_ref(),
+        daemon.as_ref(),
+        snapshot.as_ref(),
+    );
     let json = match value
         .and_then(|v| serde_json::to_string_pretty(&v))
         .map_err(error::BenchError::Json)
@@ -323,6 +355,9 @@ fn main() -> ExitCode {
             daemon
                 .as_ref()
                 .map(scenario::daemon::DaemonReport::to_markdown),
+            snapshot
+                .as_ref()
+                .map(scenario::snapshot::SnapshotReport::to_markdown),
         ]
         .into_iter()
         .flatten()
@@ -343,6 +378,7 @@ fn json_value(
     devio: Option<&devio::DevioReport>,
     netio: Option<&netio::NetReport>,
     daemon: Option<&scenario::daemon::DaemonReport>,
+    snapshot: Option<&scenario::snapshot::SnapshotReport>,
 ) -> serde_json::Result<serde_json::Value> {
     let mut parts = serde_json::Map::new();
     if !report.scenarios.is_empty() {
@@ -356,6 +392,9 @@ fn json_value(
     }
     if let Some(d) = daemon {
         parts.insert("daemon".into(), serde_json::to_value(d)?);
+    }
+    if let Some(s) = snapshot {
+        parts.insert("snapshot".into(), serde_json::to_value(s)?);
     }
     if parts.len() == 1 {
         return Ok(parts.into_iter().next().map(|(_, v)| v).unwrap_or_default());

@@ -25,6 +25,9 @@ pub enum Scenario {
     /// Start latency through `ferrited` vs `ferrite run`, and VM density (Ferrite only;
     /// reported in its own tables).
     Daemon,
+    /// Snapshot size and creation time, restore latency and clone rate vs QEMU migration to a
+    /// file (reported in its own tables).
+    Snapshot,
 }
 
 /// One row of the report.

@@ -111,6 +111,7 @@ fn run_one(
         Scenario::Disk => return Err(crate::error::BenchError::Unsupported("disk")),
         Scenario::Net => return Err(crate::error::BenchError::Unsupported("net")),
         Scenario::Daemon => return Err(crate::error::BenchError::Unsupported("daemon")),
+        Scenario::Snapshot => return Err(crate::error::BenchError::Unsupported("snapshot")),
         Scenario::Memory => {
             let idle = idle_memory::memory_once(command, cfg)?;
             let m = idle.memory;

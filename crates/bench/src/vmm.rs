@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::child::CommandSpec;
 
 /// Which VMM (and machine type) a column of the report is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum VmmKind {
     /// `ferrite run`.

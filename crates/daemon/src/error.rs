@@ -30,8 +30,21 @@ pub fn store_error(e: store::StoreError) -> ApiError {
             format!("A VM named {name:?} already exists: choose another name or delete it first"),
         ),
         store::StoreError::NotFound(name) => ApiError::no_vm(name),
+        store::StoreError::SnapshotExists { vm, name } => ApiError::new(
+            ErrorCode::Conflict,
+            format!("VM {vm:?} already has a snapshot named {name:?}: choose another name or delete it first"),
+        ),
+        store::StoreError::SnapshotNotFound { vm, name } => no_snapshot(vm, name),
         _ => internal(e),
     }
+}
+
+/// `not-found` for snapshot `name` of VM `vm`.
+pub fn no_snapshot(vm: &str, name: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("VM {vm:?} has no snapshot named {name:?} (see GET /v1/vms/{vm}/snapshots)"),
+    )
 }
 
 /// A 500 with `e`'s whole source chain as the message.

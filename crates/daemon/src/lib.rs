@@ -14,6 +14,7 @@ pub mod procfs;
 pub mod resources;
 pub mod routes;
 pub mod server;
+pub mod snapshots;
 pub mod spec;
 pub mod stats;
 pub mod supervisor;
@@ -131,7 +132,7 @@ async fn autostart(daemon: &Arc<Daemon>) {
             continue;
         }
         let _guard = slot.op_lock.lock().await;
-        if let Err(e) = daemon.start_locked(&slot, true).await {
+        if let Err(e) = daemon.start_locked(&slot, true, None).await {
             daemon.event(&slot.name, "autostart-failed", e.message);
         }
     }

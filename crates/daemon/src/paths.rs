@@ -1,5 +1,5 @@
 //! Where each VM's files live: runtime files (sockets, the VMM's config and exit status) under
-//! the run directory, logs under the state directory.
+//! the run directory, logs and snapshots under the state directory.
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +20,8 @@ pub struct VmPaths {
     pub console_log: PathBuf,
     /// The VMM process's own stderr/stdout.
     pub vmm_log: PathBuf,
+    /// `<state>/snapshots/<name>`: one directory per snapshot of the VM.
+    pub snapshots: PathBuf,
 }
 
 impl VmPaths {
@@ -34,6 +36,7 @@ impl VmPaths {
             status: dir.join("status.json"),
             console_log: logs.join(format!("{name}.console.log")),
             vmm_log: logs.join(format!("{name}.vmm.log")),
+            snapshots: state_dir.join("snapshots").join(name),
             dir,
         }
     }

@@ -4,7 +4,10 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::{ApiError, ErrorCode, StopRequest, VmInfo, VmSpec, VmState, VmUpdate};
+use api::{
+    ApiError, ErrorCode, SnapshotInfo, SnapshotRequest, StopRequest, VmInfo, VmSpec, VmState,
+    VmUpdate,
+};
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
@@ -45,6 +48,18 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/vms/{name}/stats", get(vm_stats))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/vms/{name}/console/log", get(console_log))
+        .route(
+            "/v1/vms/{name}/snapshots",
+            get(list_snapshots).post(create_snapshot),
+        )
+        .route(
+            "/v1/vms/{name}/snapshots/{snapshot}",
+            axum::routing::delete(delete_snapshot),
+        )
+        .route(
+            "/v1/vms/{name}/snapshots/{snapshot}/restore",
+            post(restore_snapshot),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(daemon)
@@ -193,6 +208,7 @@ async fn delete(
     let _ = std::fs::remove_dir_all(&slot.paths.dir);
     let _ = std::fs::remove_file(&slot.paths.console_log);
     let _ = std::fs::remove_file(&slot.paths.vmm_log);
+    crate::snapshots::remove_dir(&slot.paths.snapshots);
     if let Some(cg) = d.cgroups.as_ref().and_then(|m| m.open(&name)) {
         let _ = cg.remove_when_empty(std::time::Duration::from_secs(2));
     }
@@ -301,7 +317,7 @@ async fn update(
 
 async fn start(State(d): AppState, Path(name): Path<String>) -> HttpResult<Json<VmInfo>> {
     let (slot, _guard) = lock_vm(&d, &name).await?;
-    d.start_locked(&slot, true).await?;
+    d.start_locked(&slot, true, None).await?;
     Ok(Json(slot.info()))
 }
 
@@ -320,6 +336,52 @@ async fn stop(
     let task = tokio::spawn(async move {
         let (slot, _guard) = lock_vm(&d, &name).await?;
         d.stop_locked(&slot, timeout).await?;
+        Ok::<_, ApiError>(slot.info())
+    });
+    let info = task.await.map_err(internal)??;
+    Ok(Json(info))
+}
+
+async fn list_snapshots(
+    State(d): AppState,
+    Path(name): Path<String>,
+) -> HttpResult<Json<Vec<SnapshotInfo>>> {
+    let slot = d.slot(&name)?;
+    Ok(Json(d.list_snapshots(&slot)?))
+}
+
+async fn create_snapshot(
+    State(d): AppState,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> HttpResult<(StatusCode, Json<SnapshotInfo>)> {
+    let req: SnapshotRequest = parse_body(&body)?;
+    crate::snapshots::check_name("name", &req.name)?;
+    // Its own task: the snapshot completes (and is recorded) even if the client goes away.
+    let task = tokio::spawn(async move {
+        let (slot, _guard) = lock_vm(&d, &name).await?;
+        d.snapshot_locked(&slot, &req).await
+    });
+    let info = task.await.map_err(internal)??;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn delete_snapshot(
+    State(d): AppState,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> HttpResult<StatusCode> {
+    let (slot, _guard) = lock_vm(&d, &name).await?;
+    d.delete_snapshot_locked(&slot, &snapshot)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn restore_snapshot(
+    State(d): AppState,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> HttpResult<Json<VmInfo>> {
+    let task = tokio::spawn(async move {
+        let (slot, _guard) = lock_vm(&d, &name).await?;
+        d.restore_locked(&slot, &snapshot).await?;
         Ok::<_, ApiError>(slot.info())
     });
     let info = task.await.map_err(internal)??;

@@ -4,6 +4,7 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,12 +49,14 @@ fn last_stderr_line(slot: &VmSlot) -> String {
 }
 
 impl Daemon {
-    /// Start VM `slot` (caller holds its op lock). Returns once the VMM answers on its
-    /// control socket.
+    /// Start VM `slot` (caller holds its op lock): a fresh boot of its definition, or, with
+    /// `restore`, the snapshot in that directory (`ferrite run --restore`). Returns once the
+    /// VMM answers on its control socket.
     pub async fn start_locked(
         self: &Arc<Self>,
         slot: &Arc<VmSlot>,
         user: bool,
+        restore: Option<&Path>,
     ) -> Result<(), ApiError> {
         let rt = slot.runtime();
         if rt.state.is_active() {
@@ -64,7 +67,11 @@ impl Daemon {
             )));
         }
         let spec = slot.spec();
-        let config = spec::to_vm_config(&spec, &slot.paths.control)?;
+        // A restored VM's configuration comes from its snapshot.
+        let config = match restore {
+            None => Some(spec::to_vm_config(&spec, &slot.paths.control)?),
+            Some(_) => None,
+        };
         self.check_capacity(&slot.name, spec.vcpus, spec.memory_mib)?;
 
         std::fs::create_dir_all(&slot.paths.dir).map_err(internal)?;
@@ -74,8 +81,10 @@ impl Daemon {
         for stale in [&slot.paths.status, &slot.paths.control, &slot.paths.console] {
             let _ = std::fs::remove_file(stale);
         }
-        let config_json = serde_json::to_vec_pretty(&config).map_err(internal)?;
-        std::fs::write(&slot.paths.config, config_json).map_err(internal)?;
+        if let Some(config) = &config {
+            let config_json = serde_json::to_vec_pretty(config).map_err(internal)?;
+            std::fs::write(&slot.paths.config, config_json).map_err(internal)?;
+        }
 
         let cgroup = match &self.cgroups {
             Some(mgr) => {
@@ -96,10 +105,16 @@ impl Daemon {
             .map_err(internal)?;
         let log2 = log.try_clone().map_err(internal)?;
         let mut cmd = Command::new(&self.vmm_binary);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&slot.paths.config)
-            .arg("--console")
+        cmd.arg("run");
+        match restore {
+            None => cmd.arg("--config").arg(&slot.paths.config),
+            Some(dir) => cmd
+                .arg("--restore")
+                .arg(dir)
+                .arg("--api-socket")
+                .arg(&slot.paths.control),
+        };
+        cmd.arg("--console")
             .arg(format!(
                 "socket:{},log={}",
                 slot.paths.console.display(),
@@ -323,7 +338,7 @@ impl Daemon {
             if slot.runtime().state != VmState::Crashed {
                 return;
             }
-            match daemon.start_locked(&slot, false).await {
+            match daemon.start_locked(&slot, false, None).await {
                 Ok(()) => daemon.event(&slot.name, "restarted", format!("after crash {n}")),
                 Err(e) => daemon.event(&slot.name, "restart-failed", e.message),
             }

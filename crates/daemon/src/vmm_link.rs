@@ -17,9 +17,14 @@ const MAX_REPLY: usize = 1 << 20;
 /// Send `request` to the control socket at `path` and return the reply object. A reply with
 /// `"ok": false` becomes an error carrying the VMM's message.
 pub async fn call(path: &Path, request: &Value) -> Result<Value, ApiError> {
-    let reply = tokio::time::timeout(REQUEST_TIMEOUT, raw_call(path, request))
+    call_within(path, request, REQUEST_TIMEOUT).await
+}
+
+/// [`call`] with its own time limit (a snapshot writes all of guest memory).
+pub async fn call_within(path: &Path, request: &Value, limit: Duration) -> Result<Value, ApiError> {
+    let reply = tokio::time::timeout(limit, raw_call(path, request))
         .await
-        .map_err(|_| unavailable(path, "no answer within 10 s"))??;
+        .map_err(|_| unavailable(path, &format!("no answer within {} s", limit.as_secs())))??;
     if reply.get("ok").and_then(Value::as_bool) == Some(true) {
         return Ok(reply);
     }
@@ -33,6 +38,7 @@ pub async fn call(path: &Path, request: &Value) -> Result<Value, ApiError> {
         "not-supported" => ErrorCode::NotSupported,
         "busy" => ErrorCode::Conflict,
         "bad-request" | "unknown-device" => ErrorCode::BadRequest,
+        "snapshot-failed" => ErrorCode::Internal,
         _ => ErrorCode::VmmUnavailable,
     };
     Err(ApiError::new(code, message))

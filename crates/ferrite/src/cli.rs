@@ -65,7 +65,7 @@ finishes them in Ferrite there. Debug logs: FERRITE_LOG=debug.
 #[derive(Debug, Parser)]
 #[command(name = "ferrite", version, after_help = EXIT_STATUS_HELP)]
 pub struct Cli {
-    /// ferrited's API socket, for the management commands (vm, top) [env: FERRITE_SOCKET]
+    /// ferrited's API socket, for the management commands (vm, snapshot, top) [env: FERRITE_SOCKET]
     /// [default: /run/ferrite/ferrited.sock].
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -109,6 +109,8 @@ pub enum Command {
     Disk(crate::disk_cmd::DiskArgs),
     /// Manage the VMs of ferrited: create, start, stop, console, set resources, ...
     Vm(crate::manage::VmArgs),
+    /// Snapshot ferrited's VMs and restore them: create, ls, restore, rm.
+    Snapshot(crate::manage::SnapshotArgs),
     /// Live CPU, memory, disk and network rates of ferrited's VMs.
     Top(crate::manage::TopArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -204,11 +206,21 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "vsock", "rng",
         "balloon", "virtio_console", "api_socket", "no_reboot", "repair_emulation",
-        "cpu_features",
+        "cpu_features", "track_dirty_pages",
     ])]
     pub config: Option<PathBuf>,
-    /// Kernel image: vmlinux with a PVH note, or bzImage (required unless --config).
-    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    /// Continue the VM saved in this snapshot directory (taken with the control socket's
+    /// `snapshot` request) instead of booting; its configuration comes from the snapshot, only
+    /// --api-socket and the console options may be given.
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "config", "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "vsock",
+        "rng", "balloon", "virtio_console", "no_reboot", "repair_emulation", "cpu_features",
+        "track_dirty_pages",
+    ])]
+    pub restore: Option<PathBuf>,
+    /// Kernel image: vmlinux with a PVH note, or bzImage (required unless --config or
+    /// --restore).
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["config", "restore"])]
     pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
@@ -263,6 +275,10 @@ pub struct RunArgs {
     /// Exit with status 3 when the guest reboots instead of restarting it.
     #[arg(long)]
     pub no_reboot: bool,
+    /// Log the pages the guest writes, for diff snapshots (`"diff":true`) and so that a VM
+    /// restored from a snapshot can be snapshotted again (kept by snapshots of this VM).
+    #[arg(long)]
+    pub track_dirty_pages: bool,
     /// Finish instructions the host's KVM cannot emulate (auto: only on kvm_pvm hosts).
     #[arg(long, value_name = "on|off|auto", default_value = "auto")]
     pub repair_emulation: RepairMode,

@@ -6,6 +6,7 @@ mod disk_cmd;
 mod input;
 mod manage;
 mod signals;
+mod snapshot_merge;
 mod status_file;
 mod terminal;
 
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Disk(args) => disk_cmd::run(args),
         Command::Vm(args) => manage::run_vm(&global, args),
+        Command::Snapshot(args) => manage::run_snapshot(&global, args),
         Command::Top(args) => manage::run_top(&global, args),
         Command::Completions { shell } => manage::completions(shell),
     };
@@ -105,6 +107,7 @@ fn config_from_flags(args: &RunArgs) -> VmConfig {
         balloon: args.balloon.clone(),
         virtio_console: args.virtio_console.clone(),
         api_socket: args.api_socket.clone(),
+        track_dirty_pages: args.track_dirty_pages,
     }
 }
 
@@ -150,9 +153,26 @@ fn run_vm(args: &RunArgs) -> (i32, &'static str, String, u32) {
         eprintln!("ferrite: {line}");
         (code, "error", line, 0)
     };
-    let config = match config_from(args) {
-        Ok(c) => c,
-        Err(line) => return error(exit::USAGE, line),
+    let (config, restore) = match &args.restore {
+        Some(dir) => match vmm::vm_snapshot::load(dir) {
+            Ok(snap) => {
+                tracing::debug!("snapshot loaded");
+                let mut config = snap.meta.config.clone();
+                // The original's control socket may still be in use: only --api-socket names one.
+                config.api_socket = args.api_socket.clone();
+                (config, Some(snap))
+            }
+            Err(e) => {
+                return error(
+                    exit::USAGE,
+                    format!("{}: {}", dir.display(), chain_to_line(&e)),
+                )
+            }
+        },
+        None => match config_from(args) {
+            Ok(c) => (c, None),
+            Err(line) => return error(exit::USAGE, line),
+        },
     };
     // Check what needs no KVM first, so bad input fails before anything is set up.
     if let Err(e) = config.validate(None) {
@@ -204,7 +224,7 @@ fn run_vm(args: &RunArgs) -> (i32, &'static str, String, u32) {
             );
         }
     }
-    let result = vmm::run(&config, &console, &stop);
+    let result = vmm::run_with(&config, restore, &console, &stop);
     terminal::restore();
     match result {
         Ok(report) => {

@@ -7,120 +7,12 @@
 mod common;
 mod testguest_common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use testguest_common::control::Vm;
+
+use std::io::Write;
+use std::process::Command;
 use std::time::{Duration, Instant};
-use testguest_common::{READY, WATCHDOG};
-
-/// A `ferrite run` of the test guest with a control socket, its console lines on a channel.
-struct Vm {
-    child: Child,
-    sock: PathBuf,
-    rx: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    conn: Option<BufReader<UnixStream>>,
-}
-
-impl Vm {
-    fn start(name: &str, cmds: &str) -> Vm {
-        common::require_kvm();
-        let sock =
-            std::env::temp_dir().join(format!("ferrite-tgctl-{name}-{}.sock", std::process::id()));
-        let mut cmd = Command::new(common::ferrite_bin());
-        cmd.args(["run", "--kernel"])
-            .arg(common::asset("testguest.elf"))
-            .args(["--memory", "128M"]);
-        if !cmds.is_empty() {
-            cmd.arg("--cmdline").arg(format!("cmds=\"{cmds}\""));
-        }
-        let mut child = cmd
-            .arg("--api-socket")
-            .arg(&sock)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn ferrite");
-        let rx = common::stdout_lines(&mut child);
-        Vm {
-            child,
-            sock,
-            rx,
-            seen: Vec::new(),
-            conn: None,
-        }
-    }
-
-    /// Waits (within the watchdog) for a console line starting with `prefix`.
-    fn wait_line(&mut self, prefix: &str) -> String {
-        let deadline = Instant::now() + WATCHDOG;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.starts_with(prefix) {
-                        return l;
-                    }
-                }
-                Err(_) => {
-                    let _ = self.child.kill();
-                    panic!("no {prefix:?} line: {:?}", self.seen);
-                }
-            }
-        }
-    }
-
-    /// Console lines that arrive within `d`.
-    fn lines_within(&mut self, d: Duration) -> Vec<String> {
-        let deadline = Instant::now() + d;
-        let mut got = Vec::new();
-        while let Ok(l) = self
-            .rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            self.seen.push(l.clone());
-            got.push(l);
-        }
-        got
-    }
-
-    fn request(&mut self, line: &str) -> serde_json::Value {
-        let conn = self.conn.get_or_insert_with(|| {
-            BufReader::new(UnixStream::connect(&self.sock).expect("connect api socket"))
-        });
-        conn.get_mut().write_all(line.as_bytes()).unwrap();
-        conn.get_mut().write_all(b"\n").unwrap();
-        let mut reply = String::new();
-        conn.read_line(&mut reply).unwrap();
-        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad reply {reply:?}: {e}"))
-    }
-
-    /// Waits for ferrite to exit (within `limit`), killing it otherwise.
-    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("ferrite did not exit within {limit:?}: {:?}", self.seen);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use testguest_common::READY;
 
 fn spin_lines(lines: &[String]) -> Vec<&String> {
     lines.iter().filter(|l| l.starts_with("spin t=")).collect()

@@ -67,6 +67,18 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX events_vm ON events (vm, id);
     "#,
+    // 2: snapshots of VMs (deleted with their VM).
+    r#"
+    CREATE TABLE snapshots (
+        vm           TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+        name         TEXT NOT NULL,
+        path         TEXT NOT NULL,
+        created_ms   INTEGER NOT NULL,
+        memory_bytes INTEGER NOT NULL,
+        state_bytes  INTEGER NOT NULL,
+        PRIMARY KEY (vm, name)
+    );
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -138,6 +150,22 @@ pub enum StoreError {
     /// No VM has that name.
     #[error("No VM named {0:?}")]
     NotFound(String),
+    /// VM `vm` already has a snapshot named `name`.
+    #[error("VM {vm:?} already has a snapshot named {name:?}")]
+    SnapshotExists {
+        /// The VM.
+        vm: String,
+        /// The snapshot.
+        name: String,
+    },
+    /// VM `vm` has no snapshot named `name`.
+    #[error("VM {vm:?} has no snapshot named {name:?}")]
+    SnapshotNotFound {
+        /// The VM.
+        vm: String,
+        /// The snapshot.
+        name: String,
+    },
     /// A value does not fit the database (an integer over `i64::MAX`).
     #[error("Value of {field} for VM {vm:?} is out of range")]
     OutOfRange {
@@ -229,6 +257,23 @@ pub struct Event {
     pub kind: String,
     /// Free text.
     pub detail: String,
+}
+
+/// One stored snapshot of a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The VM it was taken of.
+    pub vm: String,
+    /// Its name (unique per VM).
+    pub name: String,
+    /// Its directory.
+    pub path: String,
+    /// When it was taken (ms since the epoch).
+    pub created_ms: i64,
+    /// Guest memory bytes written to it.
+    pub memory_bytes: i64,
+    /// Bytes of device and vCPU state.
+    pub state_bytes: i64,
 }
 
 /// The daemon's persistent state. Cheap to share (`Send + Sync`): wrap it in an `Arc`.
@@ -364,10 +409,32 @@ impl Store {
         self.transaction(|tx| tx.set_runtime(name, runtime))
     }
 
-    /// Deletes a VM and its runtime state (its events stay); [`StoreError::NotFound`] if
+    /// Deletes a VM, its runtime state and its snapshot records (its events stay; the
+    /// snapshot directories are the caller's to remove); [`StoreError::NotFound`] if
     /// it does not exist.
     pub fn delete_vm(&self, name: &str) -> Result<(), StoreError> {
         self.transaction(|tx| tx.delete_vm(name))
+    }
+
+    /// Records a snapshot; [`StoreError::SnapshotExists`] if the VM has one of that name,
+    /// [`StoreError::NotFound`] if the VM does not exist.
+    pub fn add_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        self.transaction(|tx| tx.add_snapshot(snapshot))
+    }
+
+    /// The snapshots of VM `vm`, oldest first.
+    pub fn list_snapshots(&self, vm: &str) -> Result<Vec<Snapshot>, StoreError> {
+        self.transaction(|tx| tx.list_snapshots(vm))
+    }
+
+    /// Snapshot `name` of VM `vm`, if it exists.
+    pub fn get_snapshot(&self, vm: &str, name: &str) -> Result<Option<Snapshot>, StoreError> {
+        self.transaction(|tx| tx.get_snapshot(vm, name))
+    }
+
+    /// Forgets snapshot `name` of VM `vm`; [`StoreError::SnapshotNotFound`] if there is none.
+    pub fn delete_snapshot(&self, vm: &str, name: &str) -> Result<(), StoreError> {
+        self.transaction(|tx| tx.delete_snapshot(vm, name))
     }
 
     /// Appends an event, pruning the log to the last [`MAX_EVENTS`].
@@ -587,6 +654,20 @@ fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
     })
 }
 
+const SNAPSHOT_COLUMNS: &str =
+    "SELECT vm, name, path, created_ms, memory_bytes, state_bytes FROM snapshots";
+
+fn snapshot_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Snapshot> {
+    Ok(Snapshot {
+        vm: r.get(0)?,
+        name: r.get(1)?,
+        path: r.get(2)?,
+        created_ms: r.get(3)?,
+        memory_bytes: r.get(4)?,
+        state_bytes: r.get(5)?,
+    })
+}
+
 fn limit_sql(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
@@ -714,6 +795,89 @@ impl Tx<'_> {
             .map_err(|e| self.sql(e))?;
         if n == 0 {
             return Err(StoreError::NotFound(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// See [`Store::add_snapshot`].
+    pub fn add_snapshot(&self, snap: &Snapshot) -> Result<(), StoreError> {
+        let exists = self
+            .tx
+            .query_row("SELECT 1 FROM vms WHERE name = ?1", [&snap.vm], |_| Ok(()))
+            .optional()
+            .map_err(|e| self.sql(e))?
+            .is_some();
+        if !exists {
+            return Err(StoreError::NotFound(snap.vm.clone()));
+        }
+        self.tx
+            .execute(
+                "INSERT INTO snapshots (vm, name, path, created_ms, memory_bytes, state_bytes) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    snap.vm,
+                    snap.name,
+                    snap.path,
+                    snap.created_ms,
+                    snap.memory_bytes,
+                    snap.state_bytes
+                ],
+            )
+            .map_err(|e| {
+                if is_extended(&e, rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY) {
+                    StoreError::SnapshotExists {
+                        vm: snap.vm.clone(),
+                        name: snap.name.clone(),
+                    }
+                } else {
+                    self.sql(e)
+                }
+            })?;
+        Ok(())
+    }
+
+    /// See [`Store::list_snapshots`].
+    pub fn list_snapshots(&self, vm: &str) -> Result<Vec<Snapshot>, StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare(&format!(
+                "{SNAPSHOT_COLUMNS} WHERE vm = ?1 ORDER BY created_ms, name"
+            ))
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([vm], snapshot_from_row)
+            .map_err(|e| self.sql(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.sql(e));
+        rows
+    }
+
+    /// See [`Store::get_snapshot`].
+    pub fn get_snapshot(&self, vm: &str, name: &str) -> Result<Option<Snapshot>, StoreError> {
+        self.tx
+            .query_row(
+                &format!("{SNAPSHOT_COLUMNS} WHERE vm = ?1 AND name = ?2"),
+                [vm, name],
+                snapshot_from_row,
+            )
+            .optional()
+            .map_err(|e| self.sql(e))
+    }
+
+    /// See [`Store::delete_snapshot`].
+    pub fn delete_snapshot(&self, vm: &str, name: &str) -> Result<(), StoreError> {
+        let n = self
+            .tx
+            .execute(
+                "DELETE FROM snapshots WHERE vm = ?1 AND name = ?2",
+                [vm, name],
+            )
+            .map_err(|e| self.sql(e))?;
+        if n == 0 {
+            return Err(StoreError::SnapshotNotFound {
+                vm: vm.to_string(),
+                name: name.to_string(),
+            });
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use store::{Runtime, Store, StoreError, MAX_EVENTS, SCHEMA_VERSION};
+use store::{Runtime, Snapshot, Store, StoreError, MAX_EVENTS, MIGRATIONS, SCHEMA_VERSION};
 
 /// A fresh directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -486,4 +486,85 @@ fn committed_rows_survive_kill_9() {
             .execute_batch("DELETE FROM runtime; DELETE FROM vms; DELETE FROM events;")
             .unwrap();
     }
+}
+
+fn snapshot(vm: &str, name: &str, created_ms: i64) -> Snapshot {
+    Snapshot {
+        vm: vm.into(),
+        name: name.into(),
+        path: format!("/var/lib/ferrite/snapshots/{vm}/{name}"),
+        created_ms,
+        memory_bytes: 5 << 20,
+        state_bytes: 12_345,
+    }
+}
+
+#[test]
+fn snapshots_round_trip_refuse_duplicates_and_go_with_their_vm() {
+    let t = TempDir::new("snap");
+    let s = Store::open(t.db()).unwrap();
+    s.create_vm("a", &json!({})).unwrap();
+    s.create_vm("b", &json!({})).unwrap();
+
+    s.add_snapshot(&snapshot("a", "s2", 20)).unwrap();
+    s.add_snapshot(&snapshot("a", "s1", 10)).unwrap();
+    s.add_snapshot(&snapshot("b", "s1", 30)).unwrap();
+    let dup = s.add_snapshot(&snapshot("a", "s1", 40)).unwrap_err();
+    let orphan = s.add_snapshot(&snapshot("gone", "s1", 50)).unwrap_err();
+
+    assert!(
+        matches!(&dup, StoreError::SnapshotExists { vm, name } if vm == "a" && name == "s1"),
+        "{dup:?}"
+    );
+    assert!(
+        matches!(&orphan, StoreError::NotFound(n) if n == "gone"),
+        "{orphan:?}"
+    );
+    let listed: Vec<_> = s.list_snapshots("a").unwrap();
+    assert_eq!(listed, [snapshot("a", "s1", 10), snapshot("a", "s2", 20)]);
+    assert_eq!(
+        s.get_snapshot("b", "s1").unwrap(),
+        Some(snapshot("b", "s1", 30))
+    );
+    assert_eq!(s.get_snapshot("b", "s2").unwrap(), None);
+
+    s.delete_snapshot("a", "s2").unwrap();
+    let missing = s.delete_snapshot("a", "s2").unwrap_err();
+    assert!(
+        matches!(&missing, StoreError::SnapshotNotFound { vm, name } if vm == "a" && name == "s2"),
+        "{missing:?}"
+    );
+    assert_eq!(s.list_snapshots("a").unwrap().len(), 1);
+
+    s.delete_vm("a").unwrap();
+    assert!(s.list_snapshots("a").unwrap().is_empty());
+    assert_eq!(s.list_snapshots("b").unwrap().len(), 1);
+    s.create_vm("a", &json!({})).unwrap();
+    assert!(s.list_snapshots("a").unwrap().is_empty());
+    s.check().unwrap();
+}
+
+#[test]
+fn version_1_database_gains_snapshots_and_keeps_its_vms() {
+    let t = TempDir::new("v1");
+    let db = t.db();
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    {
+        let c = raw(&db);
+        c.execute_batch(MIGRATIONS[0]).unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+        c.execute(
+            "INSERT INTO vms (name, spec, created_ms, updated_ms) VALUES ('old', '{}', 1, 1)",
+            [],
+        )
+        .unwrap();
+    }
+
+    let s = Store::open(&db).unwrap();
+    s.add_snapshot(&snapshot("old", "s1", 1)).unwrap();
+
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+    assert!(s.get_vm("old").unwrap().is_some());
+    assert_eq!(s.list_snapshots("old").unwrap().len(), 1);
+    s.check().unwrap();
 }

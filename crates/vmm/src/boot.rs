@@ -70,13 +70,14 @@ fn load_image<T>(
     Ok(load(&mut file)?)
 }
 
-/// Set up one vCPU: CPUID, MSRs, LAPIC LINTs, FPU; on the boot vCPU also the entry registers.
+/// Set up one vCPU: CPUID, MSRs, LAPIC LINTs, FPU; on the boot vCPU also the entry registers
+/// of `kernel` (none when restoring a snapshot, which sets every register itself).
 pub fn configure_vcpu(
     fd: &VcpuFd,
     id: u32,
     supported: &kvm_bindings::CpuId,
     cpuid_config: &CpuidConfig,
-    kernel: &KernelEntry,
+    kernel: Option<&KernelEntry>,
 ) -> Result<(), VmmError> {
     let cpuid = arch::cpuid::vcpu_cpuid(supported, id, cpuid_config).map_err(VmmError::boot)?;
     fd.set_cpuid2(&cpuid)
@@ -95,7 +96,7 @@ pub fn configure_vcpu(
         .map_err(|e| VmmError::vcpu(id, "KVM_SET_LAPIC", e))?;
     fd.set_fpu(&arch::regs::boot_fpu())
         .map_err(|e| VmmError::vcpu(id, "KVM_SET_FPU", e))?;
-    if id == 0 {
+    if let (0, Some(kernel)) = (id, kernel) {
         let sregs = fd
             .get_sregs()
             .map_err(|e| VmmError::vcpu(id, "KVM_GET_SREGS", e))?;

@@ -28,6 +28,7 @@ use crate::repair::RepairStats;
 use crate::stop::StopHandle;
 use crate::vcpu::{RunControl, Vcpu, VcpuContext, VcpuHandle};
 use crate::vm::Hypervisor;
+use crate::vm_snapshot::{LoadedSnapshot, VmSnapshotError};
 use crate::{kick, stats::ExitCounters};
 
 /// How long teardown keeps kicking a vCPU thread before giving up on joining it.
@@ -64,6 +65,18 @@ pub struct RunReport {
 /// Run the VM described by `config` until it powers off, fails, is stopped, or (with
 /// `no_reboot`) resets. Guest resets otherwise rebuild the VM in this process.
 pub fn run(config: &VmConfig, console: &Console, stop: &StopHandle) -> Result<RunReport, VmmError> {
+    run_with(config, None, console, stop)
+}
+
+/// Like [`run`], but the first VM instance continues from `restore` (a snapshot of a VM built
+/// from `config`) instead of booting; a later guest reset boots it afresh.
+pub fn run_with(
+    config: &VmConfig,
+    restore: Option<crate::vm_snapshot::LoadedSnapshot>,
+    console: &Console,
+    stop: &StopHandle,
+) -> Result<RunReport, VmmError> {
+    let mut restore = restore;
     let hv = Hypervisor::open()?;
     config.validate(Some(hv.max_vcpus()))?;
     kick::install_handler().map_err(VmmError::Signal)?;
@@ -88,10 +101,13 @@ pub fn run(config: &VmConfig, console: &Console, stop: &StopHandle) -> Result<Ru
             console,
             &disks,
             &run_devices,
-            repairs.clone(),
-            repair_enabled,
+            Repair {
+                stats: repairs.clone(),
+                enabled: repair_enabled,
+            },
+            restore.take().as_ref(),
         )?;
-        vm.publish(&live);
+        vm.publish(config, &live);
         let outcome = vm.wait(stop);
         let exits = vm.exit_counters();
         vm.teardown(console, &live);
@@ -114,6 +130,36 @@ pub fn run(config: &VmConfig, console: &Console, stop: &StopHandle) -> Result<Ru
             }
         }
     }
+}
+
+/// Load a snapshot's device states into freshly attached devices: the legacy devices, then
+/// every virtio function (which re-activates the ones the driver had started), then the BAR
+/// mappings their restored configuration spaces name.
+fn restore_devices(
+    snap: &LoadedSnapshot,
+    legacy: &LegacyDevices,
+    virtio_devices: &[Arc<Mutex<VirtioPciDevice>>],
+    pci: &PciRoot,
+) -> Result<(), VmmError> {
+    legacy
+        .restore(&snap.legacy)
+        .map_err(VmmError::LegacyDevices)?;
+    if snap.virtio.len() != virtio_devices.len() {
+        return Err(VmSnapshotError::Mismatch(format!(
+            "it has {} virtio functions, the configuration gives {}",
+            snap.virtio.len(),
+            virtio_devices.len()
+        ))
+        .into());
+    }
+    for (index, (dev, state)) in virtio_devices.iter().zip(&snap.virtio).enumerate() {
+        dev.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(state)
+            .map_err(|source| VmmError::RestoreDevice { index, source })?;
+    }
+    pci.sync_mappings();
+    Ok(())
 }
 
 /// Start `--api-socket` (if given) with the run's rate limiters (`disk0`, `net0.rx`, ...),
@@ -156,18 +202,26 @@ fn start_control(
         })
 }
 
+/// The instruction-repair hook of a run: its counters (`None`: off) and whether it is on.
+struct Repair {
+    stats: Option<Arc<RepairStats>>,
+    enabled: bool,
+}
+
 /// One built and running VM instance.
 struct BuiltVm {
     _vm: Arc<VmFd>,
     _memory: GuestMemoryMmap,
     _router: Arc<GsiRouter>,
-    _devices: LegacyDevices,
+    _devices: Arc<LegacyDevices>,
     _pci: PciRoot,
     virtio_devices: Vec<Arc<Mutex<VirtioPciDevice>>>,
     control: Arc<RunControl>,
     shutdown: ShutdownSignal,
     vcpus: Vec<VcpuHandle>,
     counters: Vec<(u32, Arc<ExitCounters>)>,
+    /// The snapshot this instance continues, if it was restored.
+    restored_from: Option<std::path::PathBuf>,
 }
 
 impl BuiltVm {
@@ -177,24 +231,40 @@ impl BuiltVm {
         console: &Console,
         disks: &[OpenDisk],
         run_devices: &RunDevices,
-        repairs: Option<Arc<RepairStats>>,
-        repair_enabled: bool,
+        repair: Repair,
+        restore: Option<&LoadedSnapshot>,
     ) -> Result<Self, VmmError> {
         let layout = MemoryLayout::new(config.memory_bytes, Some(arch::e820::host_phys_bits()))
             .map_err(VmmError::Layout)?;
-        let mem = memory::create_guest_memory(&layout.ram_ranges())?;
+        let ranges = layout.ram_ranges();
+        let mem = match restore {
+            Some(snap) => {
+                let offsets = snap.file_offsets(&ranges)?;
+                memory::create_guest_memory_from_file(&ranges, &snap.memory_file, &offsets)?
+            }
+            None => memory::create_guest_memory(&ranges)?,
+        };
+        tracing::debug!(restore = restore.is_some(), "guest memory mapped");
         let vm = hv.create_vm_with(|vm| {
-            memory::register_guest_memory(vm, &mem).map_err(VmmError::Memory)
+            memory::register_guest_memory(vm, &mem, config.track_dirty_pages)
+                .map_err(VmmError::Memory)
         })?;
+        tracing::debug!("VM created");
 
-        let kernel = boot::load_guest(config, &layout, &mem)?;
+        // A restored guest's kernel, tables and boot data are already in its memory.
+        let kernel = match restore {
+            Some(_) => None,
+            None => Some(boot::load_guest(config, &layout, &mem)?),
+        };
 
         // Interrupts and devices.
         let router = Arc::new(GsiRouter::new(vm.clone())?);
         let shutdown = ShutdownSignal::new().map_err(VmmError::Io)?;
         let pio = Bus::new();
         let mmio = Bus::new();
-        let devices = platform::legacy_devices(config, console, &router, &shutdown)?;
+        let devices = Arc::new(platform::legacy_devices(
+            config, console, &router, &shutdown,
+        )?);
         let pci = platform::attach_pci(&pio, &mmio, &layout, &devices)?;
         devices.insert_into(&pio).map_err(VmmError::Bus)?;
         let ioevents: Arc<dyn IoEventRegistrar> = Arc::new(KvmIoEvents::new(vm.clone()));
@@ -205,10 +275,10 @@ impl BuiltVm {
             router: &router,
             ioevents: &ioevents,
         })?);
-        console
-            .input()
-            .attach(devices.serial.clone())
-            .map_err(VmmError::Io)?;
+        if let Some(snap) = restore {
+            restore_devices(snap, &devices, &virtio_devices, &pci)?;
+            tracing::debug!("devices restored");
+        }
 
         // vCPUs.
         let control = Arc::new(RunControl::new().map_err(VmmError::Io)?);
@@ -218,7 +288,7 @@ impl BuiltVm {
             memory: mem.clone(),
             shutdown: shutdown.clone(),
             control: control.clone(),
-            repair: repairs,
+            repair: repair.stats,
         });
         let supported = hv
             .kvm
@@ -227,7 +297,7 @@ impl BuiltVm {
         let cpuid_config = CpuidConfig {
             vcpu_count: config.vcpus,
             // `vmcall` hangs vCPUs on emulating hosts whatever the repair mode.
-            hide_pv_hypercalls: repair_enabled || Hypervisor::needs_repair(),
+            hide_pv_hypercalls: repair.enabled || Hypervisor::needs_repair(),
             feature_mask: config.cpu_features.clone(),
         };
         let mut fds = Vec::with_capacity(config.vcpus as usize);
@@ -235,8 +305,19 @@ impl BuiltVm {
             let fd = vm
                 .create_vcpu(u64::from(id))
                 .map_err(|e| VmmError::vcpu(id, "KVM_CREATE_VCPU", e))?;
-            boot::configure_vcpu(&fd, id, &supported, &cpuid_config, &kernel)?;
+            boot::configure_vcpu(&fd, id, &supported, &cpuid_config, kernel.as_ref())?;
+            if let Some(snap) = restore {
+                let state = snap.vcpus.get(id as usize).ok_or_else(|| {
+                    VmSnapshotError::Mismatch(format!("no saved state for vCPU {id}"))
+                })?;
+                crate::persist::restore_vcpu(&fd, state).map_err(VmSnapshotError::from)?;
+            }
             fds.push(fd);
+        }
+        if let Some(snap) = restore {
+            // After the vCPUs (their LAPICs), with the clock last, right before they run.
+            crate::persist::restore_vm(&vm, &snap.kvm_vm).map_err(VmSnapshotError::from)?;
+            tracing::debug!("vCPUs and VM state restored");
         }
         let mut vcpus = Vec::with_capacity(fds.len());
         let mut counters = Vec::with_capacity(fds.len());
@@ -251,7 +332,14 @@ impl BuiltVm {
             shutdown,
             vcpus: Vec::new(),
             counters: Vec::new(),
+            restored_from: restore.map(|snap| snap.dir.clone()),
         };
+        // Host input reaches COM1 only now: a byte arriving earlier would raise its interrupt
+        // into an irqchip that a restore then overwrites, and the guest would miss it.
+        if let Err(e) = console.input().attach(built._devices.serial.clone()) {
+            built.teardown(console, &crate::control::LiveSlot::default());
+            return Err(VmmError::Io(e));
+        }
         for (id, fd) in fds.into_iter().enumerate() {
             match Vcpu::new(id as u32, fd, ctx.clone()).spawn() {
                 Ok(handle) => {
@@ -267,11 +355,12 @@ impl BuiltVm {
         }
         built.vcpus = vcpus;
         built.counters = counters;
+        tracing::debug!("vCPUs started");
         Ok(built)
     }
 
     /// Hand the control socket its handle on this instance (pause, power button, ...).
-    fn publish(&self, live: &crate::control::LiveSlot) {
+    fn publish(&self, config: &VmConfig, live: &crate::control::LiveSlot) {
         use std::os::unix::thread::JoinHandleExt;
         let vm = crate::live::LiveVm {
             control: self.control.clone(),
@@ -289,6 +378,20 @@ impl BuiltVm {
             acpi_pm: self._devices.acpi_pm.clone(),
             shutdown: self.shutdown.clone(),
             paused: std::sync::atomic::AtomicBool::new(false),
+            snapshot: crate::live::SnapshotHandles {
+                vm: self._vm.clone(),
+                memory: self._memory.clone(),
+                legacy: self._devices.clone(),
+                config: config.clone(),
+                restored_from: self.restored_from.clone(),
+                dirty: Mutex::new(crate::live::DirtyTracker::new(
+                    config.track_dirty_pages,
+                    self.restored_from.as_deref(),
+                    &vm_memory::GuestMemoryBackend::iter(&self._memory)
+                        .map(vm_memory::GuestMemoryRegion::len)
+                        .collect::<Vec<_>>(),
+                )),
+            },
         };
         *live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(vm));
     }

@@ -258,6 +258,11 @@ pub struct VmConfig {
     pub virtio_console: Option<ConsoleConfig>,
     /// The per-VM control socket (JSON requests: rate limits, balloon target, statistics).
     pub api_socket: Option<PathBuf>,
+    /// Log the pages the guest writes (KVM dirty logging) so snapshots can be diffs, and a VM
+    /// restored from a snapshot can be snapshotted again. Costs a write fault per page the
+    /// first time it is written after each snapshot.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 impl Default for VmConfig {
@@ -278,6 +283,7 @@ impl Default for VmConfig {
             balloon: None,
             virtio_console: None,
             api_socket: None,
+            track_dirty_pages: false,
         }
     }
 }

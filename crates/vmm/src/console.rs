@@ -3,7 +3,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use devices::serial::DEFAULT_CONSOLE_BUFFER;
@@ -74,6 +74,9 @@ struct InputTarget {
 #[derive(Clone, Default)]
 pub struct ConsoleInput {
     target: Arc<Mutex<Option<InputTarget>>>,
+    /// Signalled when a VM attaches, so input typed while none is (during a build or a
+    /// restore) goes in as soon as one is.
+    attached: Arc<Condvar>,
 }
 
 impl ConsoleInput {
@@ -81,6 +84,7 @@ impl ConsoleInput {
     pub fn attach(&self, serial: Arc<Mutex<Serial>>) -> io::Result<()> {
         let room = lock(&serial).input_space_event()?;
         *lock(&self.target) = Some(InputTarget { serial, room });
+        self.attached.notify_all();
         Ok(())
     }
 
@@ -121,7 +125,12 @@ impl ConsoleInput {
                 unsafe { libc::poll(&mut pfd, 1, ms) };
                 let _ = ev.read();
             }
-            None => std::thread::sleep(timeout),
+            None => {
+                let guard = lock(&self.target);
+                let _ = self
+                    .attached
+                    .wait_timeout_while(guard, timeout, |t| t.is_none());
+            }
         }
     }
 }

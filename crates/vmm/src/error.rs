@@ -98,7 +98,19 @@ pub enum VmmError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    /// The vCPU kick signal handler could not be installed.
+    /// A snapshot cannot be read or does not fit the VM.
+    #[error("Cannot restore the snapshot")]
+    Restore(#[from] crate::vm_snapshot::VmSnapshotError),
+    /// A virtio function refused its saved state.
+    #[error("Cannot restore the state of virtio function {index}")]
+    RestoreDevice {
+        /// Position among the virtio functions (PCI slot order).
+        index: usize,
+        /// Why.
+        #[source]
+        source: virtio::VirtioError,
+    },
+    /// Cannot install the vCPU kick signal handler.
     #[error("Cannot install the vCPU signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
     /// A host resource (eventfd, thread) could not be created.
@@ -166,6 +178,7 @@ impl VmmError {
                 | Self::Layout(_)
                 | Self::DeviceOpen { .. }
                 | Self::NotSupported(_)
+                | Self::Restore(_)
         )
     }
 }

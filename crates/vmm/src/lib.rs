@@ -25,14 +25,16 @@ pub mod ioevent;
 pub mod kick;
 pub mod live;
 pub mod memory;
+pub mod persist;
 pub mod platform;
 pub mod repair;
 pub mod stats;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;
+pub mod vm_snapshot;
 
-pub use builder::{run, Outcome, RunReport};
+pub use builder::{run, run_with, Outcome, RunReport};
 pub use config::{ConfigError, DiskConfig, RepairMode, VmConfig};
 pub use console::{Console, ConsoleInput};
 pub use error::VmmError;

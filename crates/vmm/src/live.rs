@@ -45,7 +45,57 @@ pub struct LiveVm {
     pub shutdown: ShutdownSignal,
     /// Whether `pause` is in effect.
     pub paused: AtomicBool,
+    /// What a snapshot is taken from.
+    pub snapshot: SnapshotHandles,
 }
+
+/// Handles on the parts of a running instance a snapshot reads.
+pub struct SnapshotHandles {
+    /// The KVM VM.
+    pub vm: Arc<kvm_ioctls::VmFd>,
+    /// Guest RAM.
+    pub memory: vm_device::GuestMemoryMmap,
+    /// Legacy devices.
+    pub legacy: Arc<devices::LegacyDevices>,
+    /// The configuration the instance was built from.
+    pub config: crate::config::VmConfig,
+    /// The snapshot this instance was restored from (its RAM is a private mapping of that
+    /// snapshot's memory file).
+    pub restored_from: Option<std::path::PathBuf>,
+    /// Dirty-page bookkeeping between snapshots.
+    pub dirty: Mutex<DirtyTracker>,
+}
+
+/// What the dirty-page log is relative to.
+#[derive(Debug, Default)]
+pub struct DirtyTracker {
+    /// KVM dirty logging is on (`track_dirty_pages`).
+    pub enabled: bool,
+    /// The snapshot the log is relative to: the last one taken, or the restore source.
+    pub base: Option<std::path::PathBuf>,
+    /// For a restored VM: every page written since the restore (one bitmap per region).
+    pub since_restore: Option<Vec<Vec<u64>>>,
+}
+
+impl DirtyTracker {
+    /// Bookkeeping for an instance with `enabled` dirty logging over `regions` bytes each,
+    /// restored from `restored_from` if it was.
+    pub fn new(enabled: bool, restored_from: Option<&std::path::Path>, regions: &[u64]) -> Self {
+        Self {
+            enabled,
+            base: restored_from.map(|p| p.to_path_buf()),
+            since_restore: restored_from.map(|_| {
+                regions
+                    .iter()
+                    .map(|len| vec![0u64; (*len as usize / 4096).div_ceil(64)])
+                    .collect()
+            }),
+        }
+    }
+}
+
+/// How long the vCPUs get to save their state once parked.
+const VCPU_SAVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl LiveVm {
     fn resume_devices(&self) -> Result<(), (&'static str, String)> {
@@ -57,6 +107,103 @@ impl LiveVm {
         }
         first_err.map_or(Ok(()), Err)
     }
+}
+
+impl LiveVm {
+    /// Save every parked vCPU on its own thread, then write the snapshot (all paused).
+    fn write_snapshot(
+        &self,
+        path: &std::path::Path,
+        diff: bool,
+    ) -> Result<crate::vm_snapshot::SnapshotSummary, crate::vm_snapshot::VmSnapshotError> {
+        use crate::vm_snapshot::{MemoryCapture, VmSnapshotError::Capture};
+        let msrs = Arc::new(snapshot_msrs()?);
+        type Saved = BTreeMap<u32, Result<crate::persist::VcpuState, String>>;
+        let saved: Arc<Mutex<Saved>> = Arc::default();
+        let sink = saved.clone();
+        let task: crate::vcpu::ParkedTask = Arc::new(move |id, fd| {
+            let state = crate::persist::vcpu_state::save_vcpu(fd, &msrs).map_err(|e| e.to_string());
+            sink.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, state);
+        });
+        if !self.control.run_on_parked(task, VCPU_SAVE_TIMEOUT) {
+            return Err(Capture("the vCPUs did not save their state in time".into()));
+        }
+        let mut saved = std::mem::take(&mut *saved.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            match saved.remove(&v.id) {
+                Some(Ok(state)) => vcpus.push(state),
+                Some(Err(e)) => return Err(Capture(format!("vCPU {}: {e}", v.id))),
+                None => return Err(Capture(format!("vCPU {} is not running", v.id))),
+            }
+        }
+        let mut tracker = self
+            .snapshot
+            .dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let dirty = if tracker.enabled {
+            let pages = crate::memory::dirty_pages(&self.snapshot.vm, &self.snapshot.memory)
+                .map_err(|e| Capture(e.to_string()))?;
+            if let Some(acc) = tracker.since_restore.as_mut() {
+                for (acc, new) in acc.iter_mut().zip(&pages) {
+                    for (a, n) in acc.iter_mut().zip(new) {
+                        *a |= n;
+                    }
+                }
+            }
+            Some(pages)
+        } else {
+            None
+        };
+        let capture = match (diff, &self.snapshot.restored_from, dirty) {
+            (true, _, Some(dirty)) => MemoryCapture::Diff {
+                base: tracker.base.clone().ok_or_else(|| {
+                    Capture(
+                        "a diff snapshot needs an earlier snapshot of this VM to be a diff to"
+                            .into(),
+                    )
+                })?,
+                dirty,
+            },
+            (false, Some(base), Some(_)) => MemoryCapture::BasePlusDirty {
+                base: base.clone(),
+                dirty: tracker.since_restore.clone().unwrap_or_default(),
+            },
+            (false, None, _) => MemoryCapture::Touched,
+            _ => return Err(Capture("this VM does not track dirty pages".into())),
+        };
+        let summary = crate::vm_snapshot::write(
+            path,
+            crate::vm_snapshot::SnapshotSources {
+                vm: &self.snapshot.vm,
+                memory: &self.snapshot.memory,
+                legacy: &self.snapshot.legacy,
+                virtio: &self.virtio_devices,
+                config: &self.snapshot.config,
+                vcpus,
+                capture,
+            },
+        )?;
+        tracker.base = Some(summary.path.clone());
+        Ok(summary)
+    }
+}
+
+/// The MSRs a snapshot saves on this host: probed once per process (the probe builds a
+/// scratch VM, ~10 ms) and reused by every later snapshot.
+fn snapshot_msrs() -> Result<Vec<u32>, crate::vm_snapshot::VmSnapshotError> {
+    static LIST: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    if let Some(list) = LIST.get() {
+        return Ok(list.clone());
+    }
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| {
+        crate::vm_snapshot::VmSnapshotError::Capture(format!("cannot open /dev/kvm: {e}"))
+    })?;
+    let list = crate::persist::vcpu_state::snapshot_msr_list(&kvm)?;
+    Ok(LIST.get_or_init(|| list).clone())
 }
 
 /// CPU time of thread `tid` in ns: the first field of `/proc/self/task/TID/schedstat`.
@@ -125,6 +272,51 @@ impl VmOps for LiveVm {
 
     fn reboot(&self) {
         self.shutdown.request(ShutdownKind::Reset);
+    }
+
+    fn snapshot(
+        &self,
+        path: &std::path::Path,
+        stay_paused: bool,
+        diff: bool,
+    ) -> Result<Value, (&'static str, String)> {
+        if let Some(base) = &self.snapshot.restored_from {
+            if !self.snapshot.config.track_dirty_pages {
+                // Pages of the base's memory file the guest has not touched yet are not
+                // resident, so a snapshot would silently miss them.
+                return Err((
+                    "not-supported",
+                    format!(
+                        "This VM was restored from {} without dirty-page tracking; \
+                         snapshotting it again needs the original to run with \
+                         --track-dirty-pages. Reboot it (it then boots afresh) or restore the \
+                         original snapshot instead",
+                        base.display()
+                    ),
+                ));
+            }
+        }
+        if diff && !self.snapshot.config.track_dirty_pages {
+            return Err((
+                "not-supported",
+                "Diff snapshots need dirty-page tracking: start the VM with \
+                 --track-dirty-pages"
+                    .to_string(),
+            ));
+        }
+        let was_paused = self.paused();
+        self.pause()?;
+        let result = self.write_snapshot(path, diff);
+        if !was_paused && !stay_paused {
+            self.resume()?;
+        }
+        let summary = result.map_err(|e| ("snapshot-failed", e.to_string()))?;
+        Ok(json!({
+            "ok": true,
+            "state": if was_paused || stay_paused { "paused" } else { "running" },
+            "diff": diff,
+            "snapshot": summary,
+        }))
     }
 
     fn vcpus(&self) -> Value {

@@ -35,12 +35,23 @@ pub struct RunControl {
     failure_evt: EventFd,
 }
 
+/// Work for each parked vCPU on its own thread (vCPU ioctls such as saving its state must
+/// come from the thread that runs it): called with the vCPU index and its fd.
+pub type ParkedTask = Arc<dyn Fn(u32, &VcpuFd) + Send + Sync>;
+
 #[derive(Default)]
 struct PauseState {
     requested: bool,
     parked: usize,
     /// vCPU loops that have returned (they will never park).
     exited: usize,
+    /// The current task for parked vCPUs and its generation (each vCPU runs a generation once).
+    task: Option<(u64, ParkedTask)>,
+    /// Parked vCPUs that finished the current task.
+    task_done: usize,
+    /// The last task generation handed out (never reused, so a vCPU that ran generation N
+    /// never mistakes the next task for one it already ran).
+    task_gen: u64,
 }
 
 impl RunControl {
@@ -102,6 +113,11 @@ impl RunControl {
             drop(st);
             kick();
             st = self.lock_pause();
+            // The vCPUs may have parked between the kick and this lock: their notification
+            // is gone, so look before waiting.
+            if st.parked + st.exited >= n || self.exit_requested() {
+                return true;
+            }
             let wait = (deadline - now).min(Duration::from_millis(10));
             st = self
                 .cond
@@ -134,14 +150,60 @@ impl RunControl {
         self.cond.notify_all();
     }
 
-    fn park(&self) {
+    /// Park until resumed, running each new [`ParkedTask`] once through `run_task`.
+    fn park(&self, mut run_task: impl FnMut(&ParkedTask)) {
         let mut st = self.lock_pause();
         st.parked += 1;
         self.cond.notify_all();
+        // A task handed out before this vCPU parked is not for it (it was not parked then).
+        let mut done_gen = st.task_gen;
         while st.requested && !self.exit_requested() {
+            if let Some((gen, task)) = st.task.clone().filter(|(gen, _)| *gen != done_gen) {
+                done_gen = gen;
+                drop(st);
+                run_task(&task);
+                st = self.lock_pause();
+                if st.task.as_ref().is_some_and(|(g, _)| *g == gen) {
+                    st.task_done += 1;
+                }
+                self.cond.notify_all();
+                continue;
+            }
             st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         st.parked -= 1;
+    }
+
+    /// With all `n` vCPUs parked (see [`RunControl::wait_parked_timeout`]), run `task` on
+    /// each parked vCPU's thread and wait up to `timeout` for all of them. Returns whether
+    /// every parked vCPU ran it (vCPUs whose loop has ended are skipped).
+    pub fn run_on_parked(&self, task: ParkedTask, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock_pause();
+        if !st.requested {
+            return false;
+        }
+        st.task_gen += 1;
+        let gen = st.task_gen;
+        st.task = Some((gen, task));
+        st.task_done = 0;
+        self.cond.notify_all();
+        loop {
+            if st.task_done >= st.parked {
+                st.task = None;
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline || self.exit_requested() {
+                st.task = None;
+                return false;
+            }
+            st = self
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Record a failure (the first one wins) and wake the main loop.
@@ -266,8 +328,9 @@ impl Vcpu {
                 break;
             }
             if ctl.pause_requested() {
-                self.fd.set_kvm_immediate_exit(0);
-                ctl.park();
+                self.complete_pending_io();
+                let (id, fd) = (self.id, &self.fd);
+                ctl.park(|task| task(id, fd));
                 continue;
             }
             // A panic while handling an exit (in kvm-ioctls' decoding of kvm_run, a device, or
@@ -287,6 +350,15 @@ impl Vcpu {
         }
         kick::set_immediate_exit_ptr(std::ptr::null_mut());
         ctl.loop_exited();
+    }
+
+    /// Finish an I/O or MMIO exit the guest is still inside before parking, so a parked
+    /// vCPU's registers are at an instruction boundary (as a snapshot needs); see
+    /// [`crate::persist::vcpu_state::complete_pending_io`].
+    fn complete_pending_io(&mut self) {
+        if let Err(e) = crate::persist::vcpu_state::complete_pending_io(&mut self.fd) {
+            tracing::warn!(vcpu = self.id, "before parking: {e}");
+        }
     }
 
     /// Run the guest until the next exit and handle it. Returns false once the loop must end
@@ -665,19 +737,59 @@ mod tests {
     use super::*;
 
     fn spin_threads(ctl: &Arc<RunControl>, n: usize) -> Vec<std::thread::JoinHandle<()>> {
+        spin_threads_counting(ctl, n, Arc::default())
+    }
+
+    fn spin_threads_counting(
+        ctl: &Arc<RunControl>,
+        n: usize,
+        ran: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Vec<std::thread::JoinHandle<()>> {
         (0..n)
             .map(|_| {
                 let ctl = ctl.clone();
+                let ran = ran.clone();
                 std::thread::spawn(move || {
                     while !ctl.exit_requested() {
                         if ctl.pause_requested() {
-                            ctl.park();
+                            // The fake vCPUs have no fd: count the tasks instead of running them.
+                            ctl.park(|_task| {
+                                ran.fetch_add(1, Ordering::SeqCst);
+                            });
                         }
                         std::thread::yield_now();
                     }
                 })
             })
             .collect()
+    }
+
+    #[test]
+    fn test_run_on_parked_runs_the_task_once_on_every_parked_vcpu() {
+        let ctl = Arc::new(RunControl::new().unwrap());
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let threads = spin_threads_counting(&ctl, 3, ran.clone());
+        ctl.request_pause();
+        ctl.wait_parked(3);
+        let task: ParkedTask = Arc::new(|_, _| {});
+
+        let first = ctl.run_on_parked(task.clone(), Duration::from_secs(5));
+        let second = ctl.run_on_parked(task, Duration::from_secs(5));
+        ctl.resume();
+        ctl.request_exit();
+        for t in threads {
+            t.join().unwrap();
+        }
+
+        assert!(first && second);
+        assert_eq!(ran.load(Ordering::SeqCst), 6);
+    }
+
+    #[test]
+    fn test_run_on_parked_refuses_when_not_paused() {
+        let ctl = RunControl::new().unwrap();
+
+        assert!(!ctl.run_on_parked(Arc::new(|_, _| {}), Duration::from_millis(10)));
     }
 
     #[test]

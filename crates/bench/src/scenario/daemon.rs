@@ -17,11 +17,12 @@
 //! Everything runs under a temporary directory; the daemon, every VMM it started and their
 //! cgroups are removed at the end, also on errors, panics and SIGINT/SIGTERM.
 
+use super::interrupt::{check_interrupted, interrupted, SignalGuard};
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -212,50 +213,6 @@ const LATENCY: &[(&str, &str)] = &[
     ),
     ("daemon.kill", "daemon: duration of the kill command"),
 ];
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
-fn check_interrupted() -> Result<(), String> {
-    if interrupted() {
-        Err("interrupted".to_string())
-    } else {
-        Ok(())
-    }
-}
-
-/// SIGINT/SIGTERM set a flag instead of killing the harness, so the daemon's VMs (which are in
-/// their own sessions, out of reach of `PR_SET_PDEATHSIG`) are always cleaned up.
-struct SignalGuard;
-
-impl SignalGuard {
-    fn install() -> Self {
-        let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe {
-            libc::signal(libc::SIGINT, handler);
-            libc::signal(libc::SIGTERM, handler);
-        }
-        SignalGuard
-    }
-}
-
-impl Drop for SignalGuard {
-    fn drop(&mut self) {
-        // SAFETY: restoring the default disposition.
-        unsafe {
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
-            libc::signal(libc::SIGTERM, libc::SIG_DFL);
-        }
-    }
-}
 
 /// Run the scenario.
 pub fn run(plan: Plan, dplan: &DaemonPlan, cfg: &RunConfig) -> DaemonReport {

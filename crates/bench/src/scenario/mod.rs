@@ -5,7 +5,9 @@ pub mod daemon;
 pub mod disk;
 pub mod exits;
 pub mod idle_memory;
+pub mod interrupt;
 pub mod net;
+pub mod snapshot;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,9 @@
-//! Management commands: `ferrite vm ...` and `ferrite top`, clients of `ferrited`'s API.
+//! Management commands: `ferrite vm ...`, `ferrite snapshot ...` and `ferrite top`, clients
+//! of `ferrited`'s API.
 
 mod console;
 mod set;
+mod snapshot;
 mod spinner;
 mod top;
 
@@ -17,6 +19,7 @@ use api::{VmInfo, VmSpec};
 use clap::{Args, Subcommand};
 
 pub use set::SetArgs;
+pub use snapshot::{run_snapshot, SnapshotArgs};
 pub use top::{run_top, TopArgs};
 
 /// Options shared by all management commands (given before the subcommand).

@@ -242,7 +242,9 @@ impl TestDaemon {
                 continue;
             };
             let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.contains(&needle) && cmd.contains("run\0--config") {
+            if cmd.contains(&needle)
+                && (cmd.contains("run\0--config") || cmd.contains("run\0--restore"))
+            {
                 pids.push(pid);
             }
         }

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use crate::common::{self, pattern, RunOutput};
 
+pub mod control;
+
 /// Marker the guest prints once it takes commands.
 pub const READY: &str = "FERRITE-TESTGUEST READY";
 

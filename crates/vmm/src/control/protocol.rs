@@ -40,6 +40,16 @@ pub trait VmOps: Send {
     fn reboot(&self);
     /// Per-vCPU statistics (`id`, `tid`, `cpu_ns`, `exits`).
     fn vcpus(&self) -> Value;
+    /// Pause, write a snapshot to the new directory `path`, and resume unless `stay_paused`
+    /// (or the VM was paused before). Returns the reply (`snapshot`: what was written).
+    /// With `diff`, only the pages written since the previous snapshot go into the memory
+    /// file (needs dirty-page tracking).
+    fn snapshot(
+        &self,
+        path: &std::path::Path,
+        stay_paused: bool,
+        diff: bool,
+    ) -> Result<Value, (&'static str, String)>;
 }
 
 /// The running VM instance: filled after each build, emptied before teardown.
@@ -88,6 +98,13 @@ enum Request {
     Resume,
     PowerButton,
     Reboot,
+    Snapshot {
+        path: String,
+        #[serde(default)]
+        stay_paused: bool,
+        #[serde(default)]
+        diff: bool,
+    },
 }
 
 fn error(code: &str, message: impl Into<String>) -> Value {
@@ -160,6 +177,11 @@ fn vm_op(state: &ControlState, req: Request) -> Value {
                 vm.reboot();
                 Ok(json!({"ok": true}))
             }
+            Request::Snapshot {
+                path,
+                stay_paused,
+                diff,
+            } => vm.snapshot(std::path::Path::new(&path), stay_paused, diff),
             _ => Ok(error("bad-request", "Not a VM operation")),
         };
         result.unwrap_or_else(|(code, message)| error(code, message))
@@ -169,9 +191,11 @@ fn vm_op(state: &ControlState, req: Request) -> Value {
 fn dispatch(state: &ControlState, req: Request) -> Value {
     match req {
         Request::Info => json!({"ok": true, "config": state.info, "rate_limits": limits(state)}),
-        Request::Pause | Request::Resume | Request::PowerButton | Request::Reboot => {
-            vm_op(state, req)
-        }
+        Request::Pause
+        | Request::Resume
+        | Request::PowerButton
+        | Request::Reboot
+        | Request::Snapshot { .. } => vm_op(state, req),
         Request::Stats => {
             let (run_state, vcpus) = {
                 let slot = state.live.lock().unwrap_or_else(|e| e.into_inner());
@@ -391,6 +415,14 @@ mod tests {
         }
         fn vcpus(&self) -> Value {
             json!([{"id": 0, "tid": 1, "cpu_ns": 2, "exits": {}}])
+        }
+        fn snapshot(
+            &self,
+            path: &std::path::Path,
+            stay_paused: bool,
+            diff: bool,
+        ) -> Result<Value, (&'static str, String)> {
+            Ok(json!({"ok": true, "path": path, "stay_paused": stay_paused, "diff": diff}))
         }
     }
 
