@@ -7,6 +7,7 @@ mod common;
 mod testguest_common;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use testguest_common::control::Vm;
 use testguest_common::{READY, WATCHDOG};
@@ -374,4 +375,48 @@ fn test_restored_vm_with_dirty_tracking_snapshots_again_and_that_restores() {
     for d in [&a, &b] {
         let _ = std::fs::remove_dir_all(d);
     }
+}
+
+#[test]
+fn test_snapshot_with_disk_writes_in_flight_restores_to_a_consistent_disk() {
+    // Arrange: a guest writing 256 MiB of its checksummed pattern (about 0.7 s here), then
+    // checking it; the snapshot is taken in the middle and the original never runs again.
+    let dir = snapshot_dir("inflight");
+    let disk = testguest_common::ScratchDisk::zeroed("snap-inflight", 256 << 20);
+    let mut original = Vm::spawn(
+        "snap-inflight",
+        &[
+            "--kernel".into(),
+            common::asset("testguest.elf").display().to_string(),
+            "--memory".into(),
+            "128M".into(),
+            "--disk".into(),
+            format!("{},format=raw", disk.arg()),
+            "--cmdline".into(),
+            "cmds=\"blk-write 0 0 524288 11;blk-check 0 0 524288 11\"".into(),
+        ],
+    );
+    original.wait_line(READY);
+    std::thread::sleep(Duration::from_millis(100));
+    let reply = original.request(&format!(
+        r#"{{"op":"snapshot","path":"{}","stay_paused":true}}"#,
+        dir.display()
+    ));
+    let before = original.lines_within(Duration::from_millis(100));
+    drop(original);
+
+    // Act: the restored guest finishes its writes and verifies the whole pattern.
+    let mut restored = Vm::spawn("snap-inflight-r", &restore_args(&dir));
+    let write = restored.wait_line("OK blk-write");
+    let check = restored.wait_line("OK blk-check");
+
+    // Assert
+    assert_eq!(reply["state"], "paused", "{reply}");
+    assert!(
+        !before.iter().any(|l| l.starts_with("OK blk-write")),
+        "the snapshot must fall inside the writes: {before:?}"
+    );
+    assert!(write.contains("count=524288"), "{write}");
+    assert!(check.contains("result=match"), "{check}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
