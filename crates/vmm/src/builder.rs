@@ -101,10 +101,7 @@ pub fn run_with(
             console,
             &disks,
             &run_devices,
-            Repair {
-                stats: repairs.clone(),
-                enabled: repair_enabled,
-            },
+            repairs.clone(),
             restore.take().as_ref(),
         )?;
         vm.publish(config, &live);
@@ -202,12 +199,6 @@ fn start_control(
         })
 }
 
-/// The instruction-repair hook of a run: its counters (`None`: off) and whether it is on.
-struct Repair {
-    stats: Option<Arc<RepairStats>>,
-    enabled: bool,
-}
-
 /// One built and running VM instance.
 struct BuiltVm {
     _vm: Arc<VmFd>,
@@ -231,7 +222,7 @@ impl BuiltVm {
         console: &Console,
         disks: &[OpenDisk],
         run_devices: &RunDevices,
-        repair: Repair,
+        repairs: Option<Arc<RepairStats>>,
         restore: Option<&LoadedSnapshot>,
     ) -> Result<Self, VmmError> {
         let layout = MemoryLayout::new(config.memory_bytes, Some(arch::e820::host_phys_bits()))
@@ -288,7 +279,7 @@ impl BuiltVm {
             memory: mem.clone(),
             shutdown: shutdown.clone(),
             control: control.clone(),
-            repair: repair.stats,
+            repair: repairs.clone(),
         });
         let supported = hv
             .kvm
@@ -297,7 +288,7 @@ impl BuiltVm {
         let cpuid_config = CpuidConfig {
             vcpu_count: config.vcpus,
             // `vmcall` hangs vCPUs on emulating hosts whatever the repair mode.
-            hide_pv_hypercalls: repair.enabled || Hypervisor::needs_repair(),
+            hide_pv_hypercalls: repairs.is_some() || Hypervisor::needs_repair(),
             feature_mask: config.cpu_features.clone(),
         };
         let mut fds = Vec::with_capacity(config.vcpus as usize);

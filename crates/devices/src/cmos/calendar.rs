@@ -6,13 +6,17 @@ const DAY_SECONDS: i64 = 86_400;
 /// A broken-down UTC date and time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DateTime {
+    /// Year (proleptic Gregorian).
     pub year: i64,
     /// 1..=12
     pub month: u8,
     /// 1..=31
     pub day: u8,
+    /// 0..=23
     pub hour: u8,
+    /// 0..=59
     pub minute: u8,
+    /// 0..=59
     pub second: u8,
     /// 0 = Sunday .. 6 = Saturday
     pub weekday: u8,

@@ -12,6 +12,7 @@ mod device;
 mod metrics;
 mod state;
 
+pub use calendar::DateTime;
 pub use clock::{HostClock, WallClock};
 pub use core::CMOS_SIZE;
 pub use device::{Cmos, CmosMemory, CMOS_PORT_LEN};

@@ -61,9 +61,6 @@ pub enum SnapshotCommand {
 
 /// Run `ferrite snapshot ...`.
 pub fn run_snapshot(g: &Global, args: SnapshotArgs) -> i32 {
-    if let SnapshotCommand::Merge { diff, output } = &args.command {
-        return crate::snapshot_merge::run(diff, output, g.json);
-    }
     finish(snapshot(g, &g.client(), args.command))
 }
 
@@ -129,20 +126,11 @@ fn snapshot(g: &Global, c: &Client, cmd: SnapshotCommand) -> Res {
 
 /// UTC `YYYY-MM-DD HH:MM:SS` of a Unix time in ms.
 fn format_date_ms(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86400) as i64;
-    let (h, m, s) = (secs / 3600 % 24, secs / 60 % 60, secs % 60);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {h:02}:{m:02}:{s:02}")
+    let t = devices::cmos::DateTime::from_unix((ms / 1000) as i64);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        t.year, t.month, t.day, t.hour, t.minute, t.second
+    )
 }
 
 /// The `snapshot ls` table.
