@@ -222,7 +222,7 @@ impl Machine {
             "net-serve" => crate::virtio_net::cmd_serve(self.tsc.hz, args),
             "net-bench-tx" => crate::netbench::cmd_tx(&self.pci, self.tsc.hz, args),
             "net-bench-rx" => crate::netbench::cmd_rx(&self.pci, self.tsc.hz, args),
-            "vsock" => crate::virtio_vsock::cmd_info(&self.pci),
+            "vsock" => crate::virtio_vsock::cmd_info(&self.pci, self.tsc.hz),
             "vsock-listen" => crate::virtio_vsock::cmd_listen(&self.pci, self.tsc.hz, args),
             "vsock-connect" => crate::virtio_vsock::cmd_connect(&self.pci, self.tsc.hz, args),
             "hostile" => {

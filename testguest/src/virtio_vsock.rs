@@ -635,10 +635,14 @@ impl VsockDev {
     }
 }
 
-/// `vsock`: `OK vsock cid=N`.
-pub fn cmd_info(pci: &Pci) {
+/// `vsock`: `OK vsock cid=N transport_resets=R` (pending events are taken first, so a
+/// reset the device sent since the last command is counted and the CID re-read).
+pub fn cmd_info(pci: &Pci, tsc_hz: u64) {
     match device(pci) {
-        Ok(d) => println!("OK vsock cid={}", d.cid),
+        Ok(d) => {
+            d.poll(tsc_hz);
+            println!("OK vsock cid={} transport_resets={}", d.cid, d.transport_resets)
+        }
         Err(e) => println!("ERR vsock {}", e),
     }
 }

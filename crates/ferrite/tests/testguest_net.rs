@@ -7,19 +7,17 @@
 
 mod common;
 
-use common::netns::Netns;
+use common::netns::{ping, wait_up, Netns};
 mod testguest_common;
 
 use std::collections::BTreeSet;
 use std::net::UdpSocket;
 use std::process::Command;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use testguest_common::{num, Guest, GuestRun};
 
-/// Hang guard while waiting for the guest to answer its first ping (not a threshold).
-const UP_GUARD: Duration = Duration::from_secs(60);
 /// Hang guard for one UDP answer.
 const RECV_GUARD: Duration = Duration::from_secs(10);
 
@@ -41,23 +39,6 @@ fn boot(nets: &[&str], cmds: &[&str]) -> JoinHandle<Guest> {
         }
         .run()
     })
-}
-
-fn ping(addr: &str, count: u32) -> bool {
-    Command::new("ping")
-        .args(["-c", &count.to_string(), "-W", "1", "-i", "0.2", addr])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run ping (iputils-ping)")
-        .success()
-}
-
-/// Ping until the guest answers (it needs a moment to boot), within the hang guard.
-fn wait_up(addr: &str) {
-    let start = Instant::now();
-    while !ping(addr, 1) {
-        assert!(start.elapsed() < UP_GUARD, "{addr} never answered a ping");
-    }
 }
 
 fn fnv(bytes: &[u8]) -> u64 {

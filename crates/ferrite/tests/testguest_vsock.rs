@@ -9,48 +9,12 @@ mod testguest_common;
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
+use testguest_common::vsock::{
+    assert_ok_line, connect_vm, echo_through, hybrid_connect, read_line, SockDir, HANG,
+};
 use testguest_common::{num, Guest, GuestRun};
-
-/// Hang guard for host-side socket waits (not a performance threshold).
-const HANG: Duration = Duration::from_secs(100);
-
-/// A private directory for one VM's sockets, removed at the end.
-struct SockDir(PathBuf);
-
-impl SockDir {
-    fn new(name: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "fvs-{}-{}-{}",
-            name,
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        SockDir(dir)
-    }
-
-    fn vm_socket(&self) -> PathBuf {
-        self.0.join("vm.sock")
-    }
-
-    /// Where guest connections to host port `port` arrive.
-    fn host_port(&self, port: u32) -> PathBuf {
-        self.0.join(format!("vm.sock_{port}"))
-    }
-}
-
-impl Drop for SockDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Boot the guest with `--vsock cid=3,socket=...` and run `cmds`.
 fn run_guest(dir: &SockDir, cmds: &[&str]) -> Guest {
@@ -63,72 +27,10 @@ fn run_guest(dir: &SockDir, cmds: &[&str]) -> Guest {
     .run()
 }
 
-/// Connect to the VM's socket once Ferrite has created it.
-fn connect_vm(path: &Path) -> UnixStream {
-    let end = Instant::now() + HANG;
-    loop {
-        match UnixStream::connect(path) {
-            Ok(s) => {
-                s.set_read_timeout(Some(HANG)).unwrap();
-                return s;
-            }
-            Err(e) => {
-                assert!(Instant::now() < end, "VM socket never came up: {e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
-/// Read one line byte by byte (so nothing after it is consumed); "" at end of stream.
-fn read_line(s: &mut UnixStream) -> std::io::Result<String> {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match s.read(&mut b)? {
-            0 => break,
-            _ => {
-                line.push(b[0]);
-                if b[0] == b'\n' {
-                    break;
-                }
-            }
-        }
-    }
-    Ok(String::from_utf8_lossy(&line).into_owned())
-}
-
 fn data_for(conn: usize, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(13).wrapping_add(conn as u8) ^ (i >> 9) as u8)
         .collect()
-}
-
-/// `CONNECT <port>\n` on a fresh connection; returns the stream and the answer line.
-fn hybrid_connect(path: &Path, port: u32) -> (UnixStream, String) {
-    let mut s = connect_vm(path);
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
-    let line = read_line(&mut s).unwrap_or_default();
-    (s, line)
-}
-
-/// Send `data`, half-close, read everything back.
-fn echo_through(s: &mut UnixStream, data: &[u8]) -> Vec<u8> {
-    s.write_all(data).unwrap();
-    s.shutdown(Shutdown::Write).unwrap();
-    let mut back = Vec::new();
-    s.read_to_end(&mut back).unwrap();
-    back
-}
-
-fn assert_ok_line(line: &str) -> u64 {
-    let port = line
-        .strip_prefix("OK ")
-        .and_then(|p| p.strip_suffix('\n'))
-        .and_then(|p| p.parse::<u64>().ok());
-    let port = port.unwrap_or_else(|| panic!("expected `OK <port>`, got {line:?}"));
-    assert!(port >= 1 << 30, "{line:?}");
-    port
 }
 
 /// Accept `count` connections on `listener` and echo each until its peer closes.

@@ -88,4 +88,7 @@ pub trait VirtioDevice: Send {
     }
     /// Device-specific serialisable state.
     fn state(&self) -> VirtioDeviceState;
+    /// The transport has just loaded a snapshot's state into this (not yet active) device:
+    /// drop or announce what a snapshot cannot carry (host sockets, in-flight bytes).
+    fn restored(&mut self) {}
 }

@@ -130,8 +130,9 @@ pub fn run_with(
 }
 
 /// Load a snapshot's device states into freshly attached devices: the legacy devices, then
-/// every virtio function (which re-activates the ones the driver had started), then the BAR
-/// mappings their restored configuration spaces name.
+/// every virtio function, then the BAR mappings their restored configuration spaces name.
+/// The virtio functions the driver had started serve their queues again only at
+/// [`activate_restored`], after the irqchip restore.
 fn restore_devices(
     snap: &LoadedSnapshot,
     legacy: &LegacyDevices,
@@ -156,6 +157,18 @@ fn restore_devices(
             .map_err(|source| VmmError::RestoreDevice { index, source })?;
     }
     pci.sync_mappings();
+    Ok(())
+}
+
+/// Re-activate the restored virtio functions: last, once the vCPUs and the irqchip hold
+/// their saved state, so no completion interrupt is raised into state a restore overwrites.
+fn activate_restored(virtio_devices: &[Arc<Mutex<VirtioPciDevice>>]) -> Result<(), VmmError> {
+    for (index, dev) in virtio_devices.iter().enumerate() {
+        dev.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .activate_restored()
+            .map_err(|source| VmmError::RestoreDevice { index, source })?;
+    }
     Ok(())
 }
 
@@ -308,7 +321,8 @@ impl BuiltVm {
         if let Some(snap) = restore {
             // After the vCPUs (their LAPICs), with the clock last, right before they run.
             crate::persist::restore_vm(&vm, &snap.kvm_vm).map_err(VmSnapshotError::from)?;
-            tracing::debug!("vCPUs and VM state restored");
+            activate_restored(&virtio_devices)?;
+            tracing::debug!("vCPUs, VM state and devices restored");
         }
         let mut vcpus = Vec::with_capacity(fds.len());
         let mut counters = Vec::with_capacity(fds.len());

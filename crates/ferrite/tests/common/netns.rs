@@ -6,6 +6,10 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Hang guard while waiting for a guest to answer its first ping (not a threshold).
+const UP_GUARD: Duration = Duration::from_secs(60);
 
 /// Run `ip ARGS`, failing the test if it fails.
 pub fn ip(args: &[&str]) {
@@ -54,5 +58,23 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+    }
+}
+
+/// `ping -c COUNT ADDR` (from the calling thread's namespace); whether it was answered.
+pub fn ping(addr: &str, count: u32) -> bool {
+    Command::new("ping")
+        .args(["-c", &count.to_string(), "-W", "1", "-i", "0.2", addr])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run ping (iputils-ping)")
+        .success()
+}
+
+/// Ping until the guest answers (it needs a moment to boot), within the hang guard.
+pub fn wait_up(addr: &str) {
+    let start = Instant::now();
+    while !ping(addr, 1) {
+        assert!(start.elapsed() < UP_GUARD, "{addr} never answered a ping");
     }
 }

@@ -96,6 +96,8 @@ pub struct VirtioPciDevice {
     /// Where the BAR is mapped (doorbell ioeventfds are registered relative to it).
     bar_base: Option<u64>,
     activated: bool,
+    /// Restored from a snapshot and not yet through [`VirtioPciDevice::activate_restored`].
+    restore_pending: bool,
 }
 
 /// PCI class/subclass for a virtio device type.
@@ -215,6 +217,7 @@ impl VirtioPciDevice {
             config_generation: 0,
             bar_base: None,
             activated: false,
+            restore_pending: false,
         })
     }
 
@@ -329,9 +332,11 @@ impl VirtioPciDevice {
         }
     }
 
-    /// Load a snapshot into a freshly created (never activated) device of the same kind and
-    /// re-activate it if the snapshot was taken with DRIVER_OK set. The BAR mapping is taken
-    /// from the restored configuration space: call `PciRoot::sync_mappings` afterwards.
+    /// Load a snapshot into a freshly created (never activated) device of the same kind. The
+    /// BAR mapping is taken from the restored configuration space: call
+    /// `PciRoot::sync_mappings` afterwards. The device starts serving its queues only at
+    /// [`VirtioPciDevice::activate_restored`], once the vCPUs and the irqchip are restored:
+    /// an interrupt raised earlier would land in a LAPIC the restore then overwrites.
     pub fn restore(&mut self, state: &VirtioPciState) -> Result<()> {
         let bad = |m: &str| VirtioError::InvalidSnapshot(m.to_string());
         if self.activated {
@@ -384,7 +389,20 @@ impl VirtioPciDevice {
         self.isr.store(state.isr, Ordering::Release);
         self.needs_reset.store(state.needs_reset, Ordering::Release);
         self.device_status = state.device_status;
-        if state.device_status & status::DRIVER_OK != 0 && !state.needs_reset {
+        self.restore_pending = true;
+        Ok(())
+    }
+
+    /// Second half of [`VirtioPciDevice::restore`]: tell the device it was restored, and
+    /// re-activate it if the snapshot was taken with DRIVER_OK set. Does nothing for a
+    /// device that was not restored.
+    pub fn activate_restored(&mut self) -> Result<()> {
+        if !std::mem::take(&mut self.restore_pending) {
+            return Ok(());
+        }
+        self.device.restored();
+        if self.device_status & status::DRIVER_OK != 0 && !self.needs_reset.load(Ordering::Acquire)
+        {
             self.activate()?;
         }
         Ok(())

@@ -561,6 +561,11 @@ fn test_state_roundtrip_restores_active_device() {
     let file = temp_disk();
     let mut other = block_device(&file, &rig.mem, rig.router.clone(), rig.ioevents.clone());
     other.restore(&back).unwrap();
+    assert!(
+        !other.is_activated(),
+        "no queue is served before activate_restored"
+    );
+    other.activate_restored().unwrap();
     assert!(other.is_activated());
     assert_eq!(other.state().queues, state.queues);
     other.shutdown();

@@ -11,8 +11,9 @@
 //!
 //! Snapshots: the device state ([`VsockState`]) describes each connection's protocol view
 //! ([`ConnectionInfo`]), but host sockets and bytes in flight cannot be saved. On restore the
-//! connections are gone: call [`Vsock::request_transport_reset`] before activation and the
-//! guest receives VIRTIO_VSOCK_EVENT_TRANSPORT_RESET and drops its sockets (as on Firecracker).
+//! connections are gone: the transport's restore calls [`VirtioDevice::restored`], which
+//! requests a transport reset, and on activation the guest receives
+//! VIRTIO_VSOCK_EVENT_TRANSPORT_RESET and drops its sockets (as on Firecracker).
 
 mod chain;
 pub mod connection;
@@ -223,6 +224,11 @@ impl VirtioDevice for Vsock {
             avail_features: self.avail_features,
             config: self.guest_cid.to_le_bytes().to_vec(),
         }
+    }
+
+    /// The guest's connections went with the snapshot's host sockets: tell it so.
+    fn restored(&mut self) {
+        self.request_transport_reset();
     }
 }
 
