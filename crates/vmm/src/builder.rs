@@ -27,7 +27,7 @@ use crate::platform::{self, OpenDisk};
 use crate::repair::RepairStats;
 use crate::stop::StopHandle;
 use crate::vcpu::{RunControl, Vcpu, VcpuContext, VcpuHandle};
-use crate::vm::Hypervisor;
+use crate::vm::{Hypervisor, PitCreation};
 use crate::vm_snapshot::{LoadedSnapshot, VmSnapshotError};
 use crate::{kick, stats::ExitCounters};
 
@@ -249,11 +249,19 @@ impl BuiltVm {
             None => memory::create_guest_memory(&ranges)?,
         };
         tracing::debug!(restore = restore.is_some(), "guest memory mapped");
-        let vm = hv.create_vm_with(|vm| {
+        let vm = hv.create_vm_without_pit(|vm| {
             memory::register_guest_memory(vm, &mem, config.track_dirty_pages)
                 .map_err(VmmError::Memory)
         })?;
-        tracing::debug!("VM created");
+        let mut fds = Vec::with_capacity(config.vcpus as usize);
+        for id in 0..config.vcpus {
+            fds.push(
+                vm.create_vcpu(u64::from(id))
+                    .map_err(|e| VmmError::vcpu(id, "KVM_CREATE_VCPU", e))?,
+            );
+        }
+        let pit = PitCreation::start(vm.clone()).map_err(VmmError::Io)?;
+        tracing::debug!("VM and vCPUs created");
 
         // A restored guest's kernel, tables and boot data are already in its memory.
         let kernel = match restore {
@@ -294,30 +302,33 @@ impl BuiltVm {
             control: control.clone(),
             repair: repairs.clone(),
         });
-        let supported = hv
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| VmmError::vcpu(0, "KVM_GET_SUPPORTED_CPUID", e))?;
-        let cpuid_config = CpuidConfig {
-            vcpu_count: config.vcpus,
-            // `vmcall` hangs vCPUs on emulating hosts whatever the repair mode.
-            hide_pv_hypercalls: repairs.is_some() || Hypervisor::needs_repair(),
-            feature_mask: config.cpu_features.clone(),
-        };
-        let mut fds = Vec::with_capacity(config.vcpus as usize);
-        for id in 0..config.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(id))
-                .map_err(|e| VmmError::vcpu(id, "KVM_CREATE_VCPU", e))?;
-            boot::configure_vcpu(&fd, id, &supported, &cpuid_config, kernel.as_ref())?;
-            if let Some(snap) = restore {
-                let state = snap.vcpus.get(id as usize).ok_or_else(|| {
-                    VmSnapshotError::Mismatch(format!("no saved state for vCPU {id}"))
-                })?;
-                crate::persist::restore_vcpu(&fd, state).map_err(VmSnapshotError::from)?;
+        match restore {
+            // The snapshot holds every register, CPUID and MSR the boot set-up would write.
+            Some(snap) => {
+                for (id, fd) in fds.iter().enumerate() {
+                    let state = snap.vcpus.get(id).ok_or_else(|| {
+                        VmSnapshotError::Mismatch(format!("no saved state for vCPU {id}"))
+                    })?;
+                    crate::persist::restore_vcpu(fd, state).map_err(VmSnapshotError::from)?;
+                }
             }
-            fds.push(fd);
+            None => {
+                let supported = hv
+                    .kvm
+                    .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(|e| VmmError::vcpu(0, "KVM_GET_SUPPORTED_CPUID", e))?;
+                let cpuid_config = CpuidConfig {
+                    vcpu_count: config.vcpus,
+                    // `vmcall` hangs vCPUs on emulating hosts whatever the repair mode.
+                    hide_pv_hypercalls: repairs.is_some() || Hypervisor::needs_repair(),
+                    feature_mask: config.cpu_features.clone(),
+                };
+                for (id, fd) in (0u32..).zip(&fds) {
+                    boot::configure_vcpu(fd, id, &supported, &cpuid_config, kernel.as_ref())?;
+                }
+            }
         }
+        pit.finish()?;
         if let Some(snap) = restore {
             // After the vCPUs (their LAPICs), with the clock last, right before they run.
             crate::persist::restore_vm(&vm, &snap.kvm_vm).map_err(VmSnapshotError::from)?;

@@ -32,6 +32,9 @@ pub use vm_state::{restore_vm, save_vm, VmKvmState};
 /// Errors saving or restoring KVM state.
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
+    /// The saved vCPU state has no CPUID table (a restored vCPU gets no other).
+    #[error("Saved vCPU state has no CPUID entries")]
+    NoCpuid,
     /// A saved LAPIC register page has the wrong size.
     #[error("Saved LAPIC register page is {0} bytes (need 1024)")]
     BadLapicSize(usize),

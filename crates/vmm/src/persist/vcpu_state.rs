@@ -215,9 +215,10 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<()> {
     let cpuid =
         CpuId::from_entries(&state.cpuid).map_err(|_| PersistError::TooManyEntries("CPUID"))?;
 
-    if !state.cpuid.is_empty() {
-        vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+    if state.cpuid.is_empty() {
+        return Err(PersistError::NoCpuid);
     }
+    vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
     vcpu.set_mp_state(state.mp_state)
         .map_err(ioctl("KVM_SET_MP_STATE"))?;
     vcpu.set_regs(&state.regs).map_err(ioctl("KVM_SET_REGS"))?;
