@@ -44,7 +44,7 @@ fn test_restored_guest_is_told_of_the_vsock_reset_and_answers_on_vsock_and_net()
         &guest_args("fsnap0", &socks.vm_socket(), "net-up 0 10.0.5.2/24"),
     );
     original.wait_line("OK net-up");
-    original.send("vsock-listen 1234 2");
+    original.send("vsock-listen 1234 1");
     original.wait_line("vsock listening port=1234");
     let (mut before, before_ok) = hybrid_connect(&socks.vm_socket(), 1234);
     assert_ok_line(&before_ok);
@@ -56,30 +56,111 @@ fn test_restored_guest_is_told_of_the_vsock_reset_and_answers_on_vsock_and_net()
     assert_eq!(reply["ok"], true, "{reply}");
     drop(original);
 
-    // Act: restore; open a new vsock connection and echo through it, then serve pings.
+    // Act: restore. The reset alone ends the guest's listen (its one connection is gone);
+    // then a new connection echoes, and the NIC serves pings.
     let mut restored = Vm::spawn(
         "snap-devices-r",
         &["--restore".into(), dir.display().to_string()],
     );
+    let ended = restored.wait_line("OK vsock-listen");
+    restored.send("vsock");
+    let info = restored.wait_line("OK vsock ");
+    restored.send("vsock-listen 1234 1");
+    restored.wait_line("vsock listening port=1234");
     let (mut after, after_ok) = hybrid_connect(&socks.vm_socket(), 1234);
     let echoed = echo_through(&mut after, b"hello after restore");
     let listen = restored.wait_line("OK vsock-listen");
-    restored.send("vsock");
-    let info = restored.wait_line("OK vsock ");
     restored.send("net-serve 60");
     restored.wait_line("OK net-serve started");
     wait_up("10.0.5.2");
 
     // Assert: the old connection ended by the reset, the new one echoed, the NIC answers.
-    assert_ok_line(&after_ok);
-    assert_eq!(echoed, b"hello after restore");
     assert!(
-        listen.contains("conns=2") && listen.contains("resets=1"),
-        "the guest should count the pre-snapshot connection as reset and the new one as done: {listen}"
+        ended.contains("conns=1") && ended.contains("resets=1"),
+        "the pre-snapshot connection should end by the transport reset: {ended}"
     );
     assert!(
         info.contains("cid=7") && info.contains("transport_resets=1"),
         "{info}"
+    );
+    assert_ok_line(&after_ok);
+    assert_eq!(echoed, b"hello after restore");
+    assert!(
+        listen.contains("conns=1") && listen.contains("resets=0"),
+        "{listen}"
+    );
+    drop(restored);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn test_restored_balloon_keeps_its_target_and_pages_and_its_statistics_keep_flowing() {
+    // Arrange: a guest with 32 MiB in its balloon (host target 32 MiB), snapshotted.
+    let dir = std::env::temp_dir().join(format!("ferrite-snap-balloon-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut original = Vm::spawn(
+        "snap-balloon",
+        &[
+            "--kernel".into(),
+            common::asset("testguest.elf").display().to_string(),
+            "--memory".into(),
+            "256M".into(),
+            "--balloon=".into(),
+            "--cmdline".into(),
+            "cmds=\"balloon\"".into(),
+        ],
+    );
+    original.wait_line("OK balloon");
+    let set = original.request(r#"{"op":"balloon-set","target_mib":32}"#);
+    assert_eq!(set["ok"], true, "{set}");
+    original.send("balloon-wait 32");
+    original.wait_line("OK balloon-wait");
+    let reply = original.request(&format!(
+        r#"{{"op":"snapshot","path":"{}"}}"#,
+        dir.display()
+    ));
+    assert_eq!(reply["ok"], true, "{reply}");
+    drop(original);
+
+    // Act: restore; read the host's view, then have the guest deflate to a new target.
+    let mut restored = Vm::spawn(
+        "snap-balloon-r",
+        &["--restore".into(), dir.display().to_string()],
+    );
+    let after_restore = restored.request(r#"{"op":"balloon-status"}"#);
+    let lowered = restored.request(r#"{"op":"balloon-set","target_mib":8}"#);
+    restored.send("balloon-wait 8");
+    let waited = restored.wait_line("OK balloon-wait");
+    // Asking for the status asks the guest for fresh statistics; its driver answers while
+    // it runs.
+    restored.request(r#"{"op":"balloon-status"}"#);
+    restored.send("balloon-run 1");
+    restored.wait_line("OK balloon-run");
+    let later = restored.request(r#"{"op":"balloon-status"}"#);
+
+    // Assert: target and actual came back; the guest deflated from 32 to 8 MiB; and the
+    // statistics buffer the device held at the snapshot came back into use.
+    assert_eq!(
+        after_restore["balloon"]["target_mib"], 32,
+        "{after_restore}"
+    );
+    assert_eq!(
+        after_restore["balloon"]["actual_mib"], 32,
+        "{after_restore}"
+    );
+    assert_eq!(lowered["ok"], true, "{lowered}");
+    assert_eq!(later["balloon"]["actual_mib"], 8, "{later} / {waited}");
+    assert_eq!(
+        later["balloon"]["counters"]["deflated_pages"],
+        24 * 256,
+        "{later}"
+    );
+    assert!(
+        later["balloon"]["stats"]["total_memory"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "statistics after the restore: {later}"
     );
     drop(restored);
     let _ = std::fs::remove_dir_all(&dir);

@@ -52,6 +52,18 @@ pub struct VirtioDeviceState {
     pub avail_features: u64,
     /// Raw device configuration space.
     pub config: Vec<u8>,
+    /// Host-side state a device needs back after a restore (absent in snapshots of
+    /// devices that keep none, and in snapshots written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub specific: Option<DeviceSpecificState>,
+}
+
+/// Device-kind state beyond the configuration space, by device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceSpecificState {
+    /// virtio-balloon: target, actual and the statistics buffer the device holds.
+    Balloon(crate::balloon::BalloonState),
 }
 
 /// A virtio device model, independent of the transport.
@@ -89,6 +101,10 @@ pub trait VirtioDevice: Send {
     /// Device-specific serialisable state.
     fn state(&self) -> VirtioDeviceState;
     /// The transport has just loaded a snapshot's state into this (not yet active) device:
-    /// drop or announce what a snapshot cannot carry (host sockets, in-flight bytes).
-    fn restored(&mut self) {}
+    /// take back the device's own part of it (`state`, as [`VirtioDevice::state`] saved it)
+    /// and drop or announce what a snapshot cannot carry (host sockets, in-flight bytes).
+    fn restored(&mut self, state: &VirtioDeviceState) -> Result<()> {
+        let _ = state;
+        Ok(())
+    }
 }

@@ -92,7 +92,12 @@ pub fn run_with(
     // The control socket lives for the whole run (across reboots); dropping it removes PATH.
     let live = crate::control::LiveSlot::default();
     let reboot_count = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let _control = start_control(config, &disks, &run_devices, &live, &reboot_count)?;
+    // A restored VM's socket appears only once the VM is live: a request served earlier
+    // (a balloon target, say) would be overwritten by the snapshot's device state.
+    let mut control = match restore {
+        Some(_) => None,
+        None => start_control(config, &disks, &run_devices, &live, &reboot_count)?,
+    };
     let mut reboots = 0;
     loop {
         let vm = BuiltVm::build(
@@ -105,6 +110,15 @@ pub fn run_with(
             restore.take().as_ref(),
         )?;
         vm.publish(config, &live);
+        if control.is_none() && config.api_socket.is_some() {
+            match start_control(config, &disks, &run_devices, &live, &reboot_count) {
+                Ok(started) => control = started,
+                Err(e) => {
+                    vm.teardown(console, &live);
+                    return Err(e);
+                }
+            }
+        }
         let outcome = vm.wait(stop);
         let exits = vm.exit_counters();
         vm.teardown(console, &live);

@@ -107,9 +107,10 @@ impl Vm {
     }
 
     pub fn request(&mut self, line: &str) -> serde_json::Value {
-        let conn = self.conn.get_or_insert_with(|| {
-            BufReader::new(UnixStream::connect(&self.sock).expect("connect api socket"))
-        });
+        let sock = &self.sock;
+        let conn = self
+            .conn
+            .get_or_insert_with(|| BufReader::new(connect_when_up(sock)));
         conn.get_mut().write_all(line.as_bytes()).unwrap();
         conn.get_mut().write_all(b"\n").unwrap();
         let mut reply = String::new();
@@ -129,6 +130,22 @@ impl Vm {
                 panic!("ferrite did not exit within {limit:?}: {:?}", self.seen);
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Connect to a control socket, waiting (within the watchdog) for a just-spawned VMM to
+/// create it.
+fn connect_when_up(sock: &std::path::Path) -> UnixStream {
+    let deadline = Instant::now() + WATCHDOG;
+    loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => return s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("connect api socket {}: {e}", sock.display()),
         }
     }
 }

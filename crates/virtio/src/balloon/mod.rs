@@ -31,7 +31,8 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{
-    ActivateContext, InterruptKind, VirtioDevice, VirtioDeviceState, VirtioInterrupt,
+    ActivateContext, DeviceSpecificState, InterruptKind, VirtioDevice, VirtioDeviceState,
+    VirtioInterrupt,
 };
 use crate::features::VIRTIO_F_VERSION_1;
 use crate::worker::Worker;
@@ -405,7 +406,38 @@ impl VirtioDevice for Balloon {
             device_type: device_type::BALLOON,
             avail_features: self.avail_features,
             config: self.config_bytes().to_vec(),
+            specific: Some(DeviceSpecificState::Balloon(self.balloon_state())),
         }
+    }
+
+    /// Target, actual and the held statistics buffer come back, so the guest's view of its
+    /// balloon stays true and the statistics keep flowing (the device gives the buffer it
+    /// held back at the next request).
+    fn restored(&mut self, state: &VirtioDeviceState) -> Result<()> {
+        let Some(DeviceSpecificState::Balloon(saved)) = &state.specific else {
+            // A snapshot without balloon state: start from zero, as a fresh device.
+            return Ok(());
+        };
+        if saved.avail_features != self.avail_features {
+            return Err(VirtioError::InvalidSnapshot(format!(
+                "balloon features {:#x} differ from this device's {:#x}: start it with the \
+                 same --balloon options",
+                saved.avail_features, self.avail_features
+            )));
+        }
+        if saved.stats_head.is_some_and(|h| h >= QUEUE_SIZE) {
+            return Err(VirtioError::InvalidSnapshot(
+                "balloon statistics buffer index outside the queue".into(),
+            ));
+        }
+        self.shared
+            .target_pages
+            .store(saved.target_pages, Ordering::Release);
+        self.shared
+            .actual_pages
+            .store(saved.actual_pages, Ordering::Release);
+        self.shared.replace_stats_head(saved.stats_head);
+        Ok(())
     }
 }
 

@@ -473,6 +473,54 @@ fn test_balloon_state_records_held_stats_buffer_and_round_trips() {
 }
 
 #[test]
+fn test_balloon_restored_from_its_state_has_target_actual_and_held_stats_buffer() {
+    // Arrange: a balloon holding the driver's statistics buffer, target 300 pages.
+    let mut h = harness();
+    let bytes = stat_bytes(&[(5, 1)]);
+    h.mem.write_slice(&bytes, GuestAddress(BUF)).unwrap();
+    let dev = Balloon::new(h.shared.clone());
+    h.shared.set_target_pages(300);
+    run(
+        &h.mem.clone(),
+        &mut h,
+        STATS,
+        &[desc(BUF, bytes.len() as u32, 0, 0)],
+    );
+    let saved = dev.state();
+
+    // Act: a fresh device of the same options takes the state back.
+    let fresh = BalloonShared::new(h.shared.options()).unwrap();
+    let mut restored = Balloon::new(fresh.clone());
+    restored.restored(&saved).unwrap();
+
+    // Assert
+    assert_eq!(fresh.target_pages(), 300);
+    assert_eq!(fresh.stats_head(), Some(0));
+    assert_eq!(restored.state().specific, saved.specific);
+}
+
+#[test]
+fn test_balloon_restore_refuses_other_features_and_bad_buffer_index() {
+    let h = harness();
+    let dev = Balloon::new(h.shared.clone());
+    let mut other_features = dev.state();
+    let mut bad_head = dev.state();
+    if let Some(DeviceSpecificState::Balloon(b)) = other_features.specific.as_mut() {
+        b.avail_features ^= 1 << features::VIRTIO_BALLOON_F_STATS_VQ;
+    }
+    if let Some(DeviceSpecificState::Balloon(b)) = bad_head.specific.as_mut() {
+        b.stats_head = Some(QUEUE_SIZE);
+    }
+
+    let mut fresh = Balloon::new(BalloonShared::new(h.shared.options()).unwrap());
+    let features_err = fresh.restored(&other_features).unwrap_err().to_string();
+    let head_err = fresh.restored(&bad_head).unwrap_err().to_string();
+
+    assert!(features_err.contains("--balloon"), "{features_err}");
+    assert!(head_err.contains("outside the queue"), "{head_err}");
+}
+
+#[test]
 fn test_balloon_inflate_run_leaving_ram_still_releases_its_ram_pages() {
     let mut h = harness();
     let last = (MEM_SIZE as u64 >> PAGE_SHIFT) as u32 - 1;

@@ -245,6 +245,7 @@ impl VirtioDevice for Block {
             device_type: device_type::BLOCK,
             avail_features: self.avail_features,
             config: self.config.to_vec(),
+            specific: None,
         }
     }
 }

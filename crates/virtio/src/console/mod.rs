@@ -155,6 +155,7 @@ impl VirtioDevice for Console {
             device_type: device_type::CONSOLE,
             avail_features: self.avail_features,
             config: self.config().to_vec(),
+            specific: None,
         }
     }
 }

@@ -212,6 +212,7 @@ impl VirtioDevice for Net {
             device_type: device_type::NET,
             avail_features: self.avail_features,
             config: self.config.bytes().to_vec(),
+            specific: None,
         }
     }
 }

@@ -139,6 +139,7 @@ impl VirtioDevice for Rng {
             device_type: device_type::RNG,
             avail_features: self.avail_features,
             config: Vec::new(),
+            specific: None,
         }
     }
 }

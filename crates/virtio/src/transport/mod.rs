@@ -96,8 +96,9 @@ pub struct VirtioPciDevice {
     /// Where the BAR is mapped (doorbell ioeventfds are registered relative to it).
     bar_base: Option<u64>,
     activated: bool,
-    /// Restored from a snapshot and not yet through [`VirtioPciDevice::activate_restored`].
-    restore_pending: bool,
+    /// The device's own saved state while it is restored from a snapshot and not yet
+    /// through [`VirtioPciDevice::activate_restored`].
+    restore_pending: Option<VirtioDeviceState>,
 }
 
 /// PCI class/subclass for a virtio device type.
@@ -217,7 +218,7 @@ impl VirtioPciDevice {
             config_generation: 0,
             bar_base: None,
             activated: false,
-            restore_pending: false,
+            restore_pending: None,
         })
     }
 
@@ -389,7 +390,7 @@ impl VirtioPciDevice {
         self.isr.store(state.isr, Ordering::Release);
         self.needs_reset.store(state.needs_reset, Ordering::Release);
         self.device_status = state.device_status;
-        self.restore_pending = true;
+        self.restore_pending = Some(state.device.clone());
         Ok(())
     }
 
@@ -397,10 +398,10 @@ impl VirtioPciDevice {
     /// re-activate it if the snapshot was taken with DRIVER_OK set. Does nothing for a
     /// device that was not restored.
     pub fn activate_restored(&mut self) -> Result<()> {
-        if !std::mem::take(&mut self.restore_pending) {
+        let Some(device_state) = self.restore_pending.take() else {
             return Ok(());
-        }
-        self.device.restored();
+        };
+        self.device.restored(&device_state)?;
         if self.device_status & status::DRIVER_OK != 0 && !self.needs_reset.load(Ordering::Acquire)
         {
             self.activate()?;

@@ -181,6 +181,7 @@ impl VirtioDevice for Vsock {
             }
         }
         let kick = EventFd::new(EFD_NONBLOCK)?;
+        let reset_owed = self.reset_requested.load(Ordering::Acquire);
         let handler = Arc::new(Mutex::new(VsockHandler::new(
             ctx.mem,
             ctx.queues,
@@ -200,6 +201,10 @@ impl VirtioDevice for Vsock {
             ctx.queue_events,
             SharedHandler(handler.clone()),
         )?);
+        if reset_owed {
+            // Deliver it now, not at the guest's next doorbell.
+            kick.write(1)?;
+        }
         self.handler = Some(handler);
         self.kick = Some(kick);
         Ok(())
@@ -223,12 +228,14 @@ impl VirtioDevice for Vsock {
             device_type: device_type::VSOCK,
             avail_features: self.avail_features,
             config: self.guest_cid.to_le_bytes().to_vec(),
+            specific: None,
         }
     }
 
     /// The guest's connections went with the snapshot's host sockets: tell it so.
-    fn restored(&mut self) {
+    fn restored(&mut self, _state: &VirtioDeviceState) -> Result<()> {
         self.request_transport_reset();
+        Ok(())
     }
 }
 

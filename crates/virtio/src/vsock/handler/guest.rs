@@ -197,6 +197,9 @@ impl VsockHandler {
     }
 
     pub(super) fn process_rx(&mut self) {
+        // A transport reset owed to the guest goes first: a packet delivered before it would
+        // belong to a connection the reset then ends.
+        self.process_event_queue();
         if self.broken || (self.rst_q.is_empty() && self.rxq.is_empty()) {
             return;
         }
