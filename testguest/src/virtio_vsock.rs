@@ -638,7 +638,11 @@ impl VsockDev {
 /// `vsock`: `OK vsock cid=N`.
 pub fn cmd_info(pci: &Pci) {
     match device(pci) {
-        Ok(d) => println!("OK vsock cid={}", d.cid),
+        Ok(d) => {
+            // Re-read, as a driver does on a transport reset: a restored clone has a new CID.
+            d.cid = d.t.cfg_r64(0);
+            println!("OK vsock cid={}", d.cid)
+        }
         Err(e) => println!("ERR vsock {}", e),
     }
 }

@@ -74,19 +74,25 @@ impl Vm {
 
     /// Waits (within the watchdog) for a console line starting with `prefix`.
     pub fn wait_line(&mut self, prefix: &str) -> String {
+        self.wait_any(&[prefix])
+    }
+
+    /// Waits (within the watchdog) for a console line starting with any of `prefixes` (e.g. a
+    /// command's `OK` and `ERR` answers).
+    pub fn wait_any(&mut self, prefixes: &[&str]) -> String {
         let deadline = Instant::now() + WATCHDOG;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
                 Ok(l) => {
                     self.seen.push(l.clone());
-                    if l.starts_with(prefix) {
+                    if prefixes.iter().any(|p| l.starts_with(p)) {
                         return l;
                     }
                 }
                 Err(_) => {
                     let _ = self.child.kill();
-                    panic!("no {prefix:?} line: {:?}", self.seen);
+                    panic!("no {prefixes:?} line: {:?}", self.seen);
                 }
             }
         }

@@ -1,0 +1,264 @@
+//! Restoring a snapshot as a clone: a new VM that continues the snapshot's guest with its own
+//! identity, so any number of clones of one snapshot can run side by side (and next to the
+//! VM the snapshot was taken of).
+//!
+//! What a clone changes ([`CloneIdentity`], given as JSON to `ferrite run --restore DIR
+//! --clone-identity FILE`):
+//! - every NIC gets a new TAP (given, or created per process) and a new MAC (given, or random);
+//! - the vsock device gets a new guest CID and its own host socket;
+//! - every disk becomes a new qcow2 overlay whose backing file is the image the snapshot's
+//!   configuration names, created here (so a clone's writes never reach the base or a sibling);
+//! - the VM generation ID (`crate::vmgenid`) is replaced and the guest notified.
+//!
+//! Guest RAM needs no change: a restore maps `memory.bin` privately, so clones share the
+//! snapshot's pages until they write them.
+//!
+//! The base images must not change while clones use them: the source VM must be stopped (or
+//! its disks frozen by a disk snapshot). An image some VM holds open read-write is refused.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+use crate::devices::vsock::VsockConfig;
+use crate::vm_snapshot::LoadedSnapshot;
+
+/// Why a snapshot cannot be restored as a clone with the given identity.
+#[derive(Debug, thiserror::Error)]
+pub enum CloneError {
+    /// The snapshot's guest booted without the VM generation ID device.
+    #[error(
+        "Snapshot {0} has no VM generation ID (its VM was booted by an older Ferrite): boot the \
+         source VM with this Ferrite and take a new snapshot to clone it"
+    )]
+    NoGenerationId(PathBuf),
+    /// The identity lists a different number of NICs or disks than the snapshot has.
+    #[error("The clone identity gives {given} {what} but the snapshot's VM has {expected}: give one entry per {what_one}, in order")]
+    CountMismatch {
+        /// "nets" or "disks".
+        what: &'static str,
+        /// Singular, for the fix.
+        what_one: &'static str,
+        /// Entries in the identity.
+        given: usize,
+        /// Devices in the snapshot.
+        expected: usize,
+    },
+    /// The snapshot's VM has vsock but the identity gives no new CID and socket.
+    #[error("The snapshot's VM has vsock (cid {0}): give the clone its own \"vsock\": {{\"cid\": N, \"socket\": PATH}}")]
+    VsockMissing(u64),
+    /// The identity gives vsock to a VM without it.
+    #[error("The clone identity gives vsock but the snapshot's VM has none: remove \"vsock\"")]
+    VsockUnexpected,
+    /// The identity reuses the source's CID or MAC.
+    #[error("The clone identity reuses the source VM's {0}: give the clone its own")]
+    SameAsSource(&'static str),
+    /// The overlay path is taken.
+    #[error("Overlay {0} already exists: give each clone disk a new path")]
+    OverlayExists(PathBuf),
+    /// The base image is open read-write (the source VM still runs on it).
+    #[error(
+        "Disk image {0} is open read-write by a running VM: a clone's base image must not \
+         change, so stop the source VM (or take a disk snapshot and clone that) first"
+    )]
+    BaseInUse(PathBuf),
+    /// The base image cannot be resolved.
+    #[error("Cannot find the snapshot's disk image {path}: {source}")]
+    BaseMissing {
+        /// The path in the snapshot's configuration.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Creating the overlay failed.
+    #[error("Cannot create the clone overlay {path}")]
+    Overlay {
+        /// The overlay path.
+        path: PathBuf,
+        /// The disk crate's error.
+        #[source]
+        source: disk::DiskError,
+    },
+    /// A random MAC could not be chosen.
+    #[error("Cannot read random bytes for a MAC address: {0}")]
+    Random(#[source] std::io::Error),
+    /// The identity file cannot be read or parsed.
+    #[error("Cannot read the clone identity {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and where.
+        reason: String,
+    },
+}
+
+/// One NIC of a clone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetIdentity {
+    /// TAP to use or create (None: create `fe<pid>n<index>`, removed on exit).
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// The clone's MAC (None: a random locally administered unicast address).
+    #[serde(default)]
+    pub mac: Option<net::MacAddr>,
+}
+
+/// One disk of a clone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskIdentity {
+    /// Where to create the clone's qcow2 overlay (must not exist yet).
+    pub overlay: PathBuf,
+}
+
+/// What makes a clone distinct from its snapshot's VM and its sibling clones.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneIdentity {
+    /// One entry per NIC of the snapshot's VM, in order.
+    #[serde(default)]
+    pub nets: Vec<NetIdentity>,
+    /// New guest CID and host socket; required exactly when the snapshot's VM has vsock.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// One entry per disk of the snapshot's VM, in order.
+    #[serde(default)]
+    pub disks: Vec<DiskIdentity>,
+}
+
+impl CloneIdentity {
+    /// Read an identity from a JSON file.
+    pub fn from_file(path: &Path) -> Result<Self, CloneError> {
+        let file_err = |reason: String| CloneError::File {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| file_err(e.to_string()))
+    }
+}
+
+fn count_check(
+    what: &'static str,
+    what_one: &'static str,
+    given: usize,
+    expected: usize,
+) -> Result<(), CloneError> {
+    if given == expected {
+        return Ok(());
+    }
+    Err(CloneError::CountMismatch {
+        what,
+        what_one,
+        given,
+        expected,
+    })
+}
+
+fn random_mac() -> Result<net::MacAddr, CloneError> {
+    let mut seed = [0u8; 16];
+    virtio::rng::fill::getrandom_fill(&mut seed).map_err(CloneError::Random)?;
+    Ok(net::MacAddr::from_seed(&seed))
+}
+
+/// Turn `config` (the snapshot's configuration) into the clone's and mark `snap` to be
+/// restored with a new VM generation ID. Creates the disk overlays; on error, none is left
+/// behind and nothing is changed.
+pub fn apply(
+    snap: &mut LoadedSnapshot,
+    config: &mut VmConfig,
+    identity: &CloneIdentity,
+) -> Result<(), CloneError> {
+    if snap.vmgenid.is_none() {
+        return Err(CloneError::NoGenerationId(snap.dir.clone()));
+    }
+    count_check("nets", "NIC", identity.nets.len(), config.nets.len())?;
+    count_check("disks", "disk", identity.disks.len(), config.disks.len())?;
+    let mut next = config.clone();
+    for (net, id) in next.nets.iter_mut().zip(&identity.nets) {
+        if id.mac.is_some() && id.mac == net.mac {
+            return Err(CloneError::SameAsSource("MAC address"));
+        }
+        net.tap = id.tap.clone();
+        net.mac = Some(match id.mac {
+            Some(mac) => mac,
+            None => random_mac()?,
+        });
+    }
+    next.vsock = match (&config.vsock, &identity.vsock) {
+        (Some(old), Some(new)) if old.cid == new.cid => {
+            return Err(CloneError::SameAsSource("vsock CID"))
+        }
+        (Some(_), Some(new)) => Some(new.clone()),
+        (Some(old), None) => return Err(CloneError::VsockMissing(old.cid)),
+        (None, Some(_)) => return Err(CloneError::VsockUnexpected),
+        (None, None) => None,
+    };
+    let mut created = Overlays::default();
+    for (disk, id) in next.disks.iter_mut().zip(&identity.disks) {
+        created.create(&disk.path, disk.format, &id.overlay)?;
+        disk.path = id.overlay.clone();
+        disk.format = Some(disk::ImageFormat::Qcow2);
+    }
+    created.keep();
+    *config = next;
+    snap.new_identity = true;
+    Ok(())
+}
+
+/// Overlays created so far; removed again unless [`Overlays::keep`] is called.
+#[derive(Default)]
+struct Overlays {
+    paths: Vec<PathBuf>,
+}
+
+impl Overlays {
+    fn create(
+        &mut self,
+        base: &Path,
+        base_format: Option<disk::ImageFormat>,
+        overlay: &Path,
+    ) -> Result<(), CloneError> {
+        if overlay.exists() {
+            return Err(CloneError::OverlayExists(overlay.to_path_buf()));
+        }
+        let base = base
+            .canonicalize()
+            .map_err(|source| CloneError::BaseMissing {
+                path: base.to_path_buf(),
+                source,
+            })?;
+        let spec = disk::CreateSpec {
+            format: disk::ImageFormat::Qcow2,
+            size: None,
+            backing: Some(base.to_string_lossy().into_owned()),
+            backing_format: base_format,
+            force: false,
+        };
+        // Opening the base for the size takes a shared lock, which a writer's lock refuses.
+        disk::create_image(overlay, &spec).map_err(|source| match source {
+            disk::DiskError::Locked { path } => CloneError::BaseInUse(path),
+            source => CloneError::Overlay {
+                path: overlay.to_path_buf(),
+                source,
+            },
+        })?;
+        self.paths.push(overlay.to_path_buf());
+        Ok(())
+    }
+
+    fn keep(mut self) {
+        self.paths.clear();
+    }
+}
+
+impl Drop for Overlays {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
