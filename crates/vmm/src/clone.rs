@@ -158,7 +158,8 @@ fn count_check(
     })
 }
 
-fn random_mac() -> Result<net::MacAddr, CloneError> {
+/// A random, locally administered unicast MAC address.
+pub fn random_mac() -> Result<net::MacAddr, CloneError> {
     let mut seed = [0u8; 16];
     virtio::rng::fill::getrandom_fill(&mut seed).map_err(CloneError::Random)?;
     Ok(net::MacAddr::from_seed(&seed))
