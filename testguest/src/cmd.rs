@@ -289,18 +289,13 @@ impl Machine {
     /// The GPE0 status and enable ports, if the FADT has a GPE0 block in port space.
     fn gpe0_ports(&self) -> Option<(u16, u16)> {
         let f = self.acpi.as_ref()?.fadt?;
-        if f.gpe0_blk == 0 || f.gpe0_blk > 0xfff0 || f.gpe0_len < 2 {
-            return None;
-        }
-        let sts = f.gpe0_blk as u16;
-        Some((sts, sts + u16::from(f.gpe0_len / 2)))
+        event_block_ports(f.gpe0_blk, f.gpe0_len, 2)
     }
 
     /// Sets GPE0 bit 0 (the VM generation ID change) in GPE0_EN, at boot.
     pub fn enable_vmgenid_gpe(&self) {
         if let Some((_, en)) = self.gpe0_ports() {
-            let v = sys::pio_in(en, 1);
-            sys::pio_out(en, v | 1, 1);
+            set_enable_bit(en, 1, 1);
         }
     }
 
@@ -566,18 +561,13 @@ impl Machine {
     /// The PM1a status and enable ports, if the FADT has a PM1a event block in port space.
     fn pm1_ports(&self) -> Option<(u16, u16)> {
         let f = self.acpi.as_ref()?.fadt?;
-        if f.pm1a_evt == 0 || f.pm1a_evt > 0xfff0 || f.pm1_evt_len < 4 {
-            return None;
-        }
-        let sts = f.pm1a_evt as u16;
-        Some((sts, sts + u16::from(f.pm1_evt_len / 2)))
+        event_block_ports(f.pm1a_evt, f.pm1_evt_len, 4)
     }
 
     /// Sets PWRBTN_EN in PM1a_EN (at boot), so the VMM reports the button as handled.
     pub fn enable_power_button(&self) {
         if let Some((_, en)) = self.pm1_ports() {
-            let v = sys::pio_in(en, 2);
-            sys::pio_out(en, v | PWRBTN, 2);
+            set_enable_bit(en, PWRBTN, 2);
         }
     }
 
@@ -878,4 +868,20 @@ pub fn parse_u64(s: &str) -> Option<u64> {
         v = v.checked_mul(radix as u64)?.checked_add(d)?;
     }
     Some(v)
+}
+
+/// (status, enable) ports of an ACPI event block at port `blk` of `len` bytes (status and
+/// enable registers are half each), if it is in port space and at least `min_len` long.
+fn event_block_ports(blk: u32, len: u8, min_len: u8) -> Option<(u16, u16)> {
+    if blk == 0 || blk > 0xfff0 || len < min_len {
+        return None;
+    }
+    let sts = blk as u16;
+    Some((sts, sts + u16::from(len / 2)))
+}
+
+/// Sets `bit` in the `width`-byte enable register at port `en`.
+fn set_enable_bit(en: u16, bit: u64, width: u64) {
+    let v = sys::pio_in(en, width);
+    sys::pio_out(en, v | bit, width);
 }

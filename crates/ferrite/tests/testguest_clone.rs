@@ -32,13 +32,9 @@ fn scratch_dir(name: &str) -> PathBuf {
 
 /// Boot the source: one auto-created TAP, vsock CID 3, a raw disk, `cmds` at boot.
 fn start_source(name: &str, dir: &Path, disk: &ScratchDisk, cmds: &str) -> Vm {
-    Vm::spawn(
+    Vm::boot(
         name,
         &[
-            "--kernel".into(),
-            common::asset("testguest.elf").display().to_string(),
-            "--memory".into(),
-            "128M".into(),
             "--net".into(),
             "--vsock".into(),
             format!("cid=3,socket={}", dir.join("src.vsock").display()),

@@ -26,15 +26,23 @@ pub struct Vm {
 impl Vm {
     /// Boot the test guest (128 MiB) running `cmds`, with a control socket named after `name`.
     pub fn start(name: &str, cmds: &str) -> Vm {
+        let mut extra: Vec<String> = Vec::new();
+        if !cmds.is_empty() {
+            extra.extend(["--cmdline".into(), format!("cmds=\"{cmds}\"")]);
+        }
+        Vm::boot(name, &extra)
+    }
+
+    /// Boot the test guest (128 MiB) with the `ferrite run` flags `extra` (devices,
+    /// `--cmdline`), with a control socket named after `name`.
+    pub fn boot(name: &str, extra: &[String]) -> Vm {
         let mut args: Vec<String> = vec![
             "--kernel".into(),
             common::asset("testguest.elf").display().to_string(),
             "--memory".into(),
             "128M".into(),
         ];
-        if !cmds.is_empty() {
-            args.extend(["--cmdline".into(), format!("cmds=\"{cmds}\"")]);
-        }
+        args.extend_from_slice(extra);
         Vm::spawn(name, &args)
     }
 
