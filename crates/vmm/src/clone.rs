@@ -84,6 +84,9 @@ pub enum CloneError {
     /// A random MAC could not be chosen.
     #[error("Cannot read random bytes for a MAC address: {0}")]
     Random(#[source] std::io::Error),
+    /// The clone's configuration is invalid (e.g. its vsock socket path).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The identity file cannot be read or parsed.
     #[error("Cannot read the clone identity {path}: {reason}")]
     File {
@@ -101,9 +104,39 @@ pub struct NetIdentity {
     /// TAP to use or create (None: create `fe<pid>n<index>`, removed on exit).
     #[serde(default)]
     pub tap: Option<String>,
-    /// The clone's MAC (None: a random locally administered unicast address).
-    #[serde(default)]
+    /// The clone's MAC, as text `02:aa:00:00:00:01` (None: a random locally administered
+    /// unicast address).
+    #[serde(default, with = "mac_text")]
     pub mac: Option<net::MacAddr>,
+}
+
+/// An optional MAC address as `xx:xx:xx:xx:xx:xx` text in JSON.
+mod mac_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(mac: &Option<net::MacAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match mac {
+            Some(m) => s.serialize_str(&m.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<net::MacAddr>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let mac: net::MacAddr = text.parse().map_err(|_| {
+            serde::de::Error::custom(format!(
+                "mac {text:?} is not a MAC address: use e.g. \"02:aa:00:00:00:01\""
+            ))
+        })?;
+        if mac.is_multicast() {
+            return Err(serde::de::Error::custom(format!(
+                "mac {text} is a multicast address: clear the low bit of the first byte"
+            )));
+        }
+        Ok(Some(mac))
+    }
 }
 
 /// One disk of a clone.
@@ -198,6 +231,8 @@ pub fn apply(
         (None, Some(_)) => return Err(CloneError::VsockUnexpected),
         (None, None) => None,
     };
+    // Everything but the overlays (which do not exist yet) is checked before any is created.
+    next.validate(None)?;
     let mut created = Overlays::default();
     for (disk, id) in next.disks.iter_mut().zip(&identity.disks) {
         created.create(&disk.path, disk.format, &id.overlay)?;
@@ -261,5 +296,72 @@ impl Drop for Overlays {
         for p in &self.paths {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_identity(name: &str, text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "ferrite-clone-id-{name}-{}.json",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn test_identity_file_parses_nets_vsock_and_disks() {
+        let path = write_identity(
+            "ok",
+            r#"{"nets":[{},{"tap":"t1","mac":"02:00:00:00:00:01"}],
+                "vsock":{"cid":9,"socket":"/run/c.vsock"},
+                "disks":[{"overlay":"/v/c.qcow2"}]}"#,
+        );
+
+        let id = CloneIdentity::from_file(&path).unwrap();
+
+        assert_eq!(id.nets.len(), 2);
+        assert_eq!(id.nets[1].tap.as_deref(), Some("t1"));
+        assert_eq!(
+            id.nets[1].mac.map(|m| m.to_string()).as_deref(),
+            Some("02:00:00:00:00:01")
+        );
+        assert_eq!(id.vsock.as_ref().map(|v| v.cid), Some(9));
+        assert_eq!(id.disks[0].overlay, PathBuf::from("/v/c.qcow2"));
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn test_identity_file_with_unknown_field_names_it_and_the_file() {
+        let path = write_identity("bad", r#"{"nics":[]}"#);
+
+        let err = CloneIdentity::from_file(&path).unwrap_err().to_string();
+
+        assert!(err.contains("nics"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn test_identity_file_with_multicast_mac_is_refused() {
+        let path = write_identity("mcast", r#"{"nets":[{"mac":"01:00:5e:00:00:01"}]}"#);
+
+        let err = CloneIdentity::from_file(&path).unwrap_err().to_string();
+
+        assert!(err.contains("multicast"), "{err}");
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn test_random_macs_are_unicast_locally_administered_and_differ() {
+        let a = random_mac().unwrap();
+        let b = random_mac().unwrap();
+
+        assert_ne!(a, b);
+        assert!(!a.is_multicast());
+        assert_eq!(a.bytes()[0] & 0x02, 0x02);
     }
 }
