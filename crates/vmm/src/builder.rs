@@ -172,6 +172,20 @@ fn restore_devices(
     Ok(())
 }
 
+/// After a restore as a clone: every virtio function whose device configuration space now
+/// differs from the saved one (a new MAC, CID) announces the change to its driver.
+fn announce_changed_configs(
+    virtio_devices: &[Arc<Mutex<VirtioPciDevice>>],
+    saved: &[virtio::VirtioPciState],
+) {
+    for (dev, state) in virtio_devices.iter().zip(saved) {
+        let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+        if dev.state().device.config != state.device.config {
+            dev.announce_config_change();
+        }
+    }
+}
+
 /// Start `--api-socket` (if given) with the run's rate limiters (`disk0`, `net0.rx`, ...),
 /// device counters and balloon.
 fn start_control(
@@ -356,6 +370,7 @@ impl BuiltVm {
                     notified,
                     "clone: new VM generation ID"
                 );
+                announce_changed_configs(&virtio_devices, &snap.virtio);
             }
         }
         let mut vcpus = Vec::with_capacity(fds.len());
