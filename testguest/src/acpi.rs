@@ -60,6 +60,12 @@ pub struct Fadt {
     pub sleep_ctl: Option<Gas>,
     /// SLP_TYP of \_S5 from the DSDT, if found.
     pub s5_typ: Option<u8>,
+    /// GPE0 block port (status bytes, then enable bytes; 0 if absent).
+    pub gpe0_blk: u32,
+    /// GPE0 block length in bytes.
+    pub gpe0_len: u8,
+    /// Address of the VM generation ID, from the DSDT's `VGEN.ADDR` method, if found.
+    pub vmgenid: Option<u64>,
 }
 
 /// Tables found.
@@ -228,6 +234,8 @@ fn parse_fadt(t: u64, len: u64) -> Fadt {
         pm1_evt_len: mmio::r8(t + 88),
         pm1a_cnt: mmio::r32(t + 64),
         pm_tmr: mmio::r32(t + 76),
+        gpe0_blk: mmio::r32(t + 80),
+        gpe0_len: mmio::r8(t + 92),
         ..Fadt::default()
     };
     let flags = if len >= 116 { mmio::r32(t + 112) } else { 0 };
@@ -249,6 +257,7 @@ fn parse_fadt(t: u64, len: u64) -> Fadt {
     }
     if let Some(dlen) = table(dsdt) {
         f.s5_typ = find_s5(dsdt, dlen);
+        f.vmgenid = find_vmgenid(dsdt, dlen);
     }
     f
 }
@@ -268,6 +277,47 @@ fn find_s5(t: u64, len: u64) -> Option<u8> {
                 0x01 => 1,
                 v => v,
             });
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Reads an AML integer term at `p` (ZeroOp, OneOp, Byte/Word/DWord/QWord prefix); returns
+/// (value, length).
+fn aml_int(p: u64) -> Option<(u64, u64)> {
+    Some(match mmio::r8(p) {
+        0x00 => (0, 1),
+        0x01 => (1, 1),
+        0x0a => (mmio::r8(p + 1) as u64, 2),
+        0x0b => (mmio::r16(p + 1) as u64, 3),
+        0x0c => (mmio::r32(p + 1) as u64, 5),
+        0x0e => (mmio::r64(p + 1), 9),
+        _ => return None,
+    })
+}
+
+/// Finds `Method(ADDR) { Return(Package(2) { low, high }) }` after the `VGEN` device name
+/// and returns `low | high << 32` (no AML interpreter: the encoding Ferrite emits).
+fn find_vmgenid(t: u64, len: u64) -> Option<u64> {
+    let mut i = 36;
+    let mut seen_vgen = false;
+    while i + 16 < len {
+        let s = sig(t + i);
+        if &s == b"VGEN" {
+            seen_vgen = true;
+        }
+        // "ADDR", method flags, ReturnOp, PackageOp, PkgLength (1 byte), NumElements 2.
+        if seen_vgen
+            && &s == b"ADDR"
+            && mmio::r8(t + i + 5) == 0xa4
+            && mmio::r8(t + i + 6) == 0x12
+            && mmio::r8(t + i + 7) >> 6 == 0
+            && mmio::r8(t + i + 8) == 2
+        {
+            let (lo, n) = aml_int(t + i + 9)?;
+            let (hi, _) = aml_int(t + i + 9 + n)?;
+            return Some((lo & 0xffff_ffff) | (hi << 32));
         }
         i += 1;
     }

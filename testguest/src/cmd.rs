@@ -56,7 +56,7 @@ const POWER_CHECK_MS: u64 = 250;
 
 /// Command names, for `help`.
 const COMMANDS: &str =
-    "help,echo,cpus,mem,mem-fill,mem-check,pci,acpi,time,count,count-forever,irqs,poweroff,reboot,\
+    "help,echo,cpus,mem,mem-fill,mem-check,pci,acpi,vmgenid,time,count,count-forever,irqs,poweroff,reboot,\
 blk,blk-id,blk-write,blk-check,blk-sum,blk-flush,blk-discard,blk-zeroes,blk-bench,bench-pio,bench-mmio,\
 rng,vcon,vcon-write,vcon-echo,vsock,vsock-listen,vsock-connect,hostile,net-up,net-serve,net-bench-tx,net-bench-rx,\
 balloon,balloon-run,balloon-wait,balloon-report,touch,spin";
@@ -204,6 +204,7 @@ impl Machine {
             "irqs" => cmd_irqs(),
             "bench-pio" | "bench-mmio" => self.cmd_bench(cmd, args),
             "acpi" => self.cmd_acpi(),
+            "vmgenid" => self.cmd_vmgenid(),
             "poweroff" => {
                 println!("OK poweroff");
                 platform::poweroff(self.acpi.as_ref(), self.tsc.hz);
@@ -282,6 +283,51 @@ impl Machine {
             );
         }
         let _ = line.write_str("\n");
+        line.flush();
+    }
+
+    /// The GPE0 status and enable ports, if the FADT has a GPE0 block in port space.
+    fn gpe0_ports(&self) -> Option<(u16, u16)> {
+        let f = self.acpi.as_ref()?.fadt?;
+        event_block_ports(f.gpe0_blk, f.gpe0_len, 2)
+    }
+
+    /// Sets GPE0 bit 0 (the VM generation ID change) in GPE0_EN, at boot.
+    pub fn enable_vmgenid_gpe(&self) {
+        if let Some((_, en)) = self.gpe0_ports() {
+            set_enable_bit(en, 1, 1);
+        }
+    }
+
+    /// `vmgenid`: prints `OK vmgenid addr=A id=HEX32 changed=0|1`: the 16-byte ID at the
+    /// address the DSDT's `VGEN.ADDR` gives, and whether GPE0 bit 0 (the host's "the ID
+    /// changed" notification) was pending, which it clears, as an OS's `_E00` handling would.
+    fn cmd_vmgenid(&self) {
+        let Some(addr) = self.acpi.as_ref().and_then(|a| a.fadt).and_then(|f| f.vmgenid) else {
+            println!("ERR vmgenid no-device");
+            return;
+        };
+        if addr % 8 != 0 || !phys_ok(addr, 16) {
+            println!("ERR vmgenid bad-address={:#x}", addr);
+            return;
+        }
+        let changed = match self.gpe0_ports() {
+            Some((sts, _)) => {
+                let v = sys::pio_in(sts, 1) & 1;
+                if v != 0 {
+                    sys::pio_out(sts, 1, 1);
+                }
+                v
+            }
+            None => 0,
+        };
+        let mut line = crate::console::Line::new();
+        use core::fmt::Write as _;
+        let _ = write!(line, "OK vmgenid addr={:#x} id=", addr);
+        for i in 0..16 {
+            let _ = write!(line, "{:02x}", mmio::r8(addr + i));
+        }
+        let _ = write!(line, " changed={}\n", changed);
         line.flush();
     }
 
@@ -515,18 +561,13 @@ impl Machine {
     /// The PM1a status and enable ports, if the FADT has a PM1a event block in port space.
     fn pm1_ports(&self) -> Option<(u16, u16)> {
         let f = self.acpi.as_ref()?.fadt?;
-        if f.pm1a_evt == 0 || f.pm1a_evt > 0xfff0 || f.pm1_evt_len < 4 {
-            return None;
-        }
-        let sts = f.pm1a_evt as u16;
-        Some((sts, sts + u16::from(f.pm1_evt_len / 2)))
+        event_block_ports(f.pm1a_evt, f.pm1_evt_len, 4)
     }
 
     /// Sets PWRBTN_EN in PM1a_EN (at boot), so the VMM reports the button as handled.
     pub fn enable_power_button(&self) {
         if let Some((_, en)) = self.pm1_ports() {
-            let v = sys::pio_in(en, 2);
-            sys::pio_out(en, v | PWRBTN, 2);
+            set_enable_bit(en, PWRBTN, 2);
         }
     }
 
@@ -827,4 +868,20 @@ pub fn parse_u64(s: &str) -> Option<u64> {
         v = v.checked_mul(radix as u64)?.checked_add(d)?;
     }
     Some(v)
+}
+
+/// (status, enable) ports of an ACPI event block at port `blk` of `len` bytes (status and
+/// enable registers are half each), if it is in port space and at least `min_len` long.
+fn event_block_ports(blk: u32, len: u8, min_len: u8) -> Option<(u16, u16)> {
+    if blk == 0 || blk > 0xfff0 || len < min_len {
+        return None;
+    }
+    let sts = blk as u16;
+    Some((sts, sts + u16::from(len / 2)))
+}
+
+/// Sets `bit` in the `width`-byte enable register at port `en`.
+fn set_enable_bit(en: u16, bit: u64, width: u64) {
+    let v = sys::pio_in(en, width);
+    sys::pio_out(en, v | bit, width);
 }

@@ -61,6 +61,7 @@ extern "C" fn user_main() -> ! {
     let mut machine = cmd::Machine::init(boot);
     machine.banner();
     machine.enable_power_button();
+    machine.enable_vmgenid_gpe();
     println!("{}", READY);
 
     let mut cmds = [0u8; pvh::CMDLINE_MAX];

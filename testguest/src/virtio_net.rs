@@ -171,6 +171,12 @@ pub fn cmd_up(pci: &Pci, args: &[&str]) {
     let slot = &mut nics()[n as usize];
     if let Some(d) = slot.as_mut().filter(|d| d.healthy()) {
         d.ifc.ip = ip;
+        // Re-read: a snapshot restored as a clone has a new MAC in config space.
+        if d.t.has(F_MAC) {
+            for (i, b) in d.ifc.mac.iter_mut().enumerate() {
+                *b = d.t.cfg_r8(i as u64);
+            }
+        }
     } else {
         match init(pci, n as usize, ip) {
             Ok(d) => *slot = Some(d),

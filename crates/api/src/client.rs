@@ -277,6 +277,17 @@ impl Client {
         self.json::<(), _>("POST", &path, None)
     }
 
+    /// `POST /v1/vms/{name}/snapshots/{snapshot}/clone`; returns once every clone runs.
+    pub fn clone_snapshot(
+        &self,
+        vm: &str,
+        name: &str,
+        req: &crate::CloneRequest,
+    ) -> Result<Vec<VmInfo>> {
+        let path = format!("{}/clone", crate::routes::snapshot(vm, name));
+        self.json("POST", &path, Some(req))
+    }
+
     /// `GET /v1/stats`.
     pub fn stats(&self) -> Result<Vec<VmStats>> {
         self.json::<(), _>("GET", "/v1/stats", None)

@@ -70,7 +70,36 @@ pub struct VmSpec {
     /// CPU features to hide, as `--cpu-features` (`-avx512f,-x2apic`).
     #[serde(default)]
     pub cpu_features: Option<String>,
+    /// Set on VMs made by `POST /v1/vms/{name}/snapshots/{snapshot}/clone`: the snapshot they
+    /// were cloned from (their first start continued it; later starts boot their own disks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<CloneOrigin>,
 }
+
+/// Where a clone came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneOrigin {
+    /// The VM the snapshot was taken of.
+    pub vm: String,
+    /// The snapshot's name.
+    pub snapshot: String,
+}
+
+/// Body of `POST /v1/vms/{name}/snapshots/{snapshot}/clone`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRequest {
+    /// How many clones to start (1 to [`MAX_CLONES`]).
+    pub count: u32,
+    /// Clone names are `<prefix>-1`, `<prefix>-2`, ... (taken numbers are skipped); default
+    /// `<vm>-clone`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+/// Most clones one request may start.
+pub const MAX_CLONES: u32 = 64;
 
 fn default_vcpus() -> u32 {
     1

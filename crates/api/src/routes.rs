@@ -26,6 +26,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("POST", "/v1/vms/{name}/snapshots"),
     ("DELETE", "/v1/vms/{name}/snapshots/{snapshot}"),
     ("POST", "/v1/vms/{name}/snapshots/{snapshot}/restore"),
+    ("POST", "/v1/vms/{name}/snapshots/{snapshot}/clone"),
 ];
 
 /// Path of a VM's resource.

@@ -17,13 +17,20 @@
 //!   range and the I/O and MMIO windows BARs may be assigned from, the legacy ISA devices
 //!   (COM1, i8042 keyboard, RTC) for PNP, and `\_S5_` whose SLP_TYP Linux writes with SLP_EN
 //!   into PM1a_CNT on `poweroff`.
+//! - A VM generation ID device `\_SB.VGEN` (Microsoft's "Virtual Machine Generation ID" spec,
+//!   Linux `drivers/virt/vmgenid.c`): `_CID "VM_Gen_Counter"`, and `ADDR` returning
+//!   `Package { low 32 bits, high 32 bits }` of the 16-byte ID at [`VMGENID_ADDR`]. The VMM
+//!   writes a new ID there when a snapshot is restored as a clone and sets GPE0 bit 0
+//!   ([`VMGENID_GPE`]), whose `\_GPE._E00` sends `Notify(\_SB.VGEN, 0x80)`; the FADT's GPE0
+//!   block is `ports::ACPI_GPE0` (one status byte, one enable byte).
 //!
 //! Every table's bytes sum to zero (checksum), and all of them are placed between
-//! [`ACPI_TABLES_START`] and [`ACPI_TABLES_END`].
+//! [`ACPI_TABLES_START`] and [`VMGENID_ADDR`] (the last page before
+//! [`crate::layout::ACPI_TABLES_END`] holds the VM generation ID).
 
 use acpi_tables::aml::{
-    self, AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name,
-    Package, Path, ResourceTemplate, Scope, IO,
+    self, AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Method,
+    Name, Notify, Package, Path, ResourceTemplate, Return, Scope, IO,
 };
 use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile};
@@ -37,8 +44,8 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::layout::{
-    irqs, ports, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP, ACPI_TABLES_END, ACPI_TABLES_START, APIC_START,
-    IOAPIC_START, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_LAST_BUS,
+    irqs, ports, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP, ACPI_TABLES_START, APIC_START, IOAPIC_START,
+    PCI_ECAM_SIZE, PCI_ECAM_START, PCI_LAST_BUS, VMGENID_ADDR,
 };
 
 /// Errors from building or writing the ACPI tables.
@@ -79,6 +86,11 @@ pub const OEM_TABLE_ID: [u8; 8] = *b"FERRITE ";
 pub const OEM_REVISION: u32 = 1;
 /// CMOS index of the century register (FADT `CENTURY`).
 pub const CMOS_CENTURY_INDEX: u8 = 0x32;
+
+/// GPE0 bit the VM generation ID change is signalled on (`\_GPE._E00`).
+pub const VMGENID_GPE: u8 = 0;
+/// Length of the FADT GPE0 block: one status byte and one enable byte.
+pub const GPE0_BLK_LEN: u8 = 2;
 
 /// IAPC_BOOT_ARCH: legacy (ISA/LPC) devices present.
 const IAPC_LEGACY_DEVICES: u16 = 1 << 0;
@@ -179,7 +191,8 @@ pub fn build_acpi_tables(config: &AcpiConfig) -> Result<AcpiTables> {
     let rsdp = aml_bytes(&Rsdp::new(OEM_ID, xsdt));
     blob.bytes[rsdp_offset..rsdp_offset + rsdp.len()].copy_from_slice(&rsdp);
 
-    let available = (ACPI_TABLES_END - ACPI_TABLES_START) as usize;
+    // The last page of the area holds the VM generation ID.
+    let available = (VMGENID_ADDR - ACPI_TABLES_START) as usize;
     if blob.bytes.len() > available {
         return Err(Error::TooLarge {
             needed: blob.bytes.len(),
@@ -253,6 +266,9 @@ fn fadt(dsdt: u64, facs: u64) -> acpi_tables::fadt::FADT {
     fadt.pm1_evt_len = 4;
     fadt.pm1_cnt_len = 2;
     fadt.pm_tmr_len = 4;
+    fadt.gpe0_blk = u32::from(ports::ACPI_GPE0).into();
+    fadt.gpe0_blk_len = GPE0_BLK_LEN;
+    fadt.x_gpe0_blk = io_gas(GPE0_BLK_LEN * 8, AccessSize::ByteAccess, ports::ACPI_GPE0);
     fadt.x_pm1a_evt_blk = io_gas(32, AccessSize::DwordAccess, ports::ACPI_PM1A_EVT);
     fadt.x_pm1a_cnt_blk = io_gas(16, AccessSize::WordAccess, ports::ACPI_PM1A_CNT);
     fadt.x_pm_tmr_blk = io_gas(32, AccessSize::DwordAccess, ports::ACPI_PM_TMR);
@@ -388,13 +404,33 @@ fn dsdt(config: &AcpiConfig) -> Result<Vec<u8>> {
     let mb_hid = Name::new("_HID".into(), &EISAName::new("PNP0C02"));
     let mb_uid = Name::new("_UID".into(), &aml::ZERO);
     let ecam = Memory32Fixed::new(true, PCI_ECAM_START as u32, PCI_ECAM_SIZE as u32);
-    let pm_len = (ports::ACPI_PM_TMR + 4 - ports::ACPI_PM1A_EVT) as u8;
+    let pm_len = (ports::ACPI_GPE0 + u16::from(GPE0_BLK_LEN) - ports::ACPI_PM1A_EVT) as u8;
     let pm_io = IO::new(ports::ACPI_PM1A_EVT, ports::ACPI_PM1A_EVT, 1, pm_len);
     let mb_res = ResourceTemplate::new(vec![&ecam, &pm_io]);
     let mb_crs = Name::new("_CRS".into(), &mb_res);
     let mb = Device::new("MBRS".into(), vec![&mb_hid, &mb_uid, &mb_crs]);
 
-    let sb = Scope::new("\\_SB_".into(), vec![&pci0, &com1, &kbd, &rtc, &mb]);
+    // VM generation ID: ADDR returns Package { low, high } of its guest-physical address.
+    let vgen_hid = Name::new("_HID".into(), &"FERRGNID");
+    let vgen_cid = Name::new("_CID".into(), &"VM_Gen_Counter");
+    let vgen_ddn = Name::new("_DDN".into(), &"VM_Gen_Counter");
+    let vgen_lo = VMGENID_ADDR as u32;
+    let vgen_hi = (VMGENID_ADDR >> 32) as u32;
+    let vgen_pkg = Package::new(vec![&vgen_lo, &vgen_hi]);
+    let vgen_ret = Return::new(&vgen_pkg);
+    let vgen_addr = Method::new("ADDR".into(), 0, false, vec![&vgen_ret]);
+    let vgen = Device::new(
+        "VGEN".into(),
+        vec![&vgen_hid, &vgen_cid, &vgen_ddn, &vgen_addr],
+    );
+
+    let sb = Scope::new("\\_SB_".into(), vec![&pci0, &com1, &kbd, &rtc, &mb, &vgen]);
+    // \_GPE._E00: the VM generation ID changed.
+    let vgen_path = Path::new("\\_SB_.VGEN");
+    let notify_value = 0x80u8;
+    let vgen_notify = Notify::new(&vgen_path, &notify_value);
+    let e00 = Method::new("_E00".into(), 0, false, vec![&vgen_notify]);
+    let gpe = Scope::new("\\_GPE".into(), vec![&e00]);
     // \_S5_: Package { SLP_TYPa, SLP_TYPb, reserved, reserved }.
     let s5_pkg = Package::new(vec![&ACPI_S5_SLP_TYP, &ACPI_S5_SLP_TYP, &0u8, &0u8]);
     let s5 = Name::new(Path::new("\\_S5_"), &s5_pkg);
@@ -402,6 +438,7 @@ fn dsdt(config: &AcpiConfig) -> Result<Vec<u8>> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mut body = Vec::new();
     sb.to_aml_bytes(&mut body);
+    gpe.to_aml_bytes(&mut body);
     s5.to_aml_bytes(&mut body);
     dsdt.append_slice(&body);
     Ok(dsdt.as_slice().to_vec())
@@ -681,10 +718,37 @@ mod tests {
     }
 
     #[test]
+    fn test_build_acpi_tables_dsdt_has_vmgenid_device_and_gpe_method() {
+        let tables = build_acpi_tables(&config(1)).unwrap();
+        let view = View { tables: &tables };
+
+        let dsdt = view.find(b"DSDT");
+        let fadt = view.find(b"FACP");
+
+        assert!(contains(dsdt, b"VGEN"));
+        assert!(contains(dsdt, b"VM_Gen_Counter\0"));
+        // Method ADDR: Return (Package (2) { DWord 0xff000, Zero }).
+        let addr = [0x0c, 0x00, 0xf0, 0x0f, 0x00, 0x00];
+        let mut method = b"ADDR".to_vec();
+        method.extend_from_slice(&[0x00, 0xa4, 0x12, 0x08, 0x02]);
+        method.extend_from_slice(&addr);
+        assert!(contains(dsdt, &method));
+        assert!(contains(dsdt, b"_E00"));
+        // Notify (\_SB.VGEN, 0x80).
+        assert!(contains(
+            dsdt,
+            &[0x86, b'\\', 0x2e, b'_', b'S', b'B', b'_', b'V', b'G', b'E', b'N', 0x0a, 0x80]
+        ));
+        // FADT GPE0_BLK (offset 80) and GPE0_BLK_LEN (offset 92).
+        assert_eq!(u32::from_le_bytes(fadt[80..84].try_into().unwrap()), 0x60c);
+        assert_eq!(fadt[92], GPE0_BLK_LEN);
+    }
+
+    #[test]
     fn test_build_acpi_tables_fit_for_max_vcpus() {
         let tables = build_acpi_tables(&config(1024)).unwrap();
 
-        assert!(tables.bytes.len() <= (ACPI_TABLES_END - ACPI_TABLES_START) as usize);
+        assert!(tables.bytes.len() <= (VMGENID_ADDR - ACPI_TABLES_START) as usize);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! 0x0000_8ff0  boot stack top
 //! 0x0000_9000  boot page tables: PML4, PDPT, PD (identity map of the first 1 GiB, bzImage boots)
 //! 0x0002_0000  kernel command line (up to CMDLINE_MAX_SIZE)
-//! 0x0009_fc00  EBDA .. 0x000f_ffff: reserved; ACPI tables live at 0x000e_0000
+//! 0x0009_fc00  EBDA .. 0x000f_ffff: reserved; ACPI tables live at 0x000e_0000, VMGENID at 0xff000
 //! 0x0010_0000  kernel (HIMEM_START), then RAM up to min(ram, 3 GiB)
 //! 0xc000_0000  32-bit PCI MMIO window (BARs), 512 MiB
 //! 0xe000_0000  PCIe ECAM (MMCONFIG), 256 MiB: one bus used, all reserved
@@ -51,8 +51,13 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const EBDA_START: u64 = 0x9fc00;
 /// Where the ACPI RSDP and tables are written (inside the reserved BIOS area).
 pub const ACPI_TABLES_START: u64 = 0xe0000;
-/// End (exclusive) of the area the ACPI tables may occupy.
+/// End (exclusive) of the reserved BIOS area the ACPI tables live in.
 pub const ACPI_TABLES_END: u64 = 0x100000;
+/// The VM generation ID (VMGENID, 16 bytes) lives in the last page of the ACPI area, which the
+/// tables themselves never reach (the DSDT's `\\_SB.VGEN.ADDR` returns this address).
+pub const VMGENID_ADDR: u64 = ACPI_TABLES_END - 0x1000;
+/// Size of the VM generation ID.
+pub const VMGENID_LEN: usize = 16;
 /// First byte of "high" memory; kernels load here.
 pub const HIMEM_START: u64 = 0x100000;
 
@@ -102,6 +107,8 @@ pub mod ports {
     pub const ACPI_PM1A_CNT: u16 = 0x604;
     /// ACPI PM timer (4 bytes, 3.579545 MHz).
     pub const ACPI_PM_TMR: u16 = 0x608;
+    /// ACPI GPE0 block (1 status byte, 1 enable byte): bit 0 is the VM generation ID change.
+    pub const ACPI_GPE0: u16 = 0x60c;
     /// ACPI reset register (FADT RESET_REG): write ACPI_RESET_VALUE to reset.
     pub const ACPI_RESET: u16 = 0xcf9;
     /// PCI configuration address port (mechanism #1).

@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod args;
+pub mod clones;
 pub mod console;
 pub mod error;
 pub mod metrics;

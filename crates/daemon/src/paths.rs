@@ -22,6 +22,8 @@ pub struct VmPaths {
     pub vmm_log: PathBuf,
     /// `<state>/snapshots/<name>`: one directory per snapshot of the VM.
     pub snapshots: PathBuf,
+    /// `<state>/disks/<name>`: disk images the daemon made for the VM (a clone's overlays).
+    pub disks: PathBuf,
 }
 
 impl VmPaths {
@@ -37,6 +39,7 @@ impl VmPaths {
             console_log: logs.join(format!("{name}.console.log")),
             vmm_log: logs.join(format!("{name}.vmm.log")),
             snapshots: state_dir.join("snapshots").join(name),
+            disks: state_dir.join("disks").join(name),
             dir,
         }
     }

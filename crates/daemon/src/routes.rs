@@ -60,6 +60,10 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             "/v1/vms/{name}/snapshots/{snapshot}/restore",
             post(restore_snapshot),
         )
+        .route(
+            "/v1/vms/{name}/snapshots/{snapshot}/clone",
+            post(clone_snapshot),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(daemon)
@@ -209,6 +213,7 @@ async fn delete(
     let _ = std::fs::remove_file(&slot.paths.console_log);
     let _ = std::fs::remove_file(&slot.paths.vmm_log);
     crate::snapshots::remove_dir(&slot.paths.snapshots);
+    crate::snapshots::remove_dir(&slot.paths.disks);
     if let Some(cg) = d.cgroups.as_ref().and_then(|m| m.open(&name)) {
         let _ = cg.remove_when_empty(std::time::Duration::from_secs(2));
     }
@@ -386,6 +391,21 @@ async fn restore_snapshot(
     });
     let info = task.await.map_err(internal)??;
     Ok(Json(info))
+}
+
+async fn clone_snapshot(
+    State(d): AppState,
+    Path((name, snapshot)): Path<(String, String)>,
+    body: Bytes,
+) -> HttpResult<(StatusCode, Json<Vec<VmInfo>>)> {
+    let req: api::CloneRequest = parse_body(&body)?;
+    // Its own task: the clones are started (or all discarded) even if the client goes away.
+    let task = tokio::spawn(async move {
+        let (slot, _guard) = lock_vm(&d, &name).await?;
+        d.clone_snapshot_locked(&slot, &snapshot, &req).await
+    });
+    let infos = task.await.map_err(internal)??;
+    Ok((StatusCode::CREATED, Json(infos)))
 }
 
 macro_rules! simple_action {

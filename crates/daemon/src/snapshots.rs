@@ -56,7 +56,11 @@ impl Daemon {
         Ok(list.into_iter().map(to_info).collect())
     }
 
-    fn stored_snapshot(&self, slot: &VmSlot, name: &str) -> Result<store::Snapshot, ApiError> {
+    pub(crate) fn stored_snapshot(
+        &self,
+        slot: &VmSlot,
+        name: &str,
+    ) -> Result<store::Snapshot, ApiError> {
         check_name("snapshot", name)?;
         self.store
             .get_snapshot(&slot.name, name)
@@ -165,7 +169,11 @@ impl Daemon {
                 ),
             ));
         }
-        self.start_locked(slot, true, Some(&dir)).await?;
+        let from = crate::supervisor::RestoreFrom {
+            dir: &dir,
+            clone_identity: None,
+        };
+        self.start_locked(slot, true, Some(from)).await?;
         // A snapshot taken with `stay_paused` (or of a paused VM) may come back paused.
         if self.vmm_state(slot).await == Some(VmState::Paused) {
             slot.update_runtime(|rt| {

@@ -48,6 +48,15 @@ fn last_stderr_line(slot: &VmSlot) -> String {
         .unwrap_or_else(|| "no output".to_string())
 }
 
+/// The snapshot a start continues (`ferrite run --restore`).
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreFrom<'a> {
+    /// The snapshot directory.
+    pub dir: &'a Path,
+    /// For a clone's first start: its identity file (`--clone-identity`).
+    pub clone_identity: Option<&'a Path>,
+}
+
 impl Daemon {
     /// Start VM `slot` (caller holds its op lock): a fresh boot of its definition, or, with
     /// `restore`, the snapshot in that directory (`ferrite run --restore`). Returns once the
@@ -56,7 +65,7 @@ impl Daemon {
         self: &Arc<Self>,
         slot: &Arc<VmSlot>,
         user: bool,
-        restore: Option<&Path>,
+        restore: Option<RestoreFrom<'_>>,
     ) -> Result<(), ApiError> {
         let rt = slot.runtime();
         if rt.state.is_active() {
@@ -108,11 +117,16 @@ impl Daemon {
         cmd.arg("run");
         match restore {
             None => cmd.arg("--config").arg(&slot.paths.config),
-            Some(dir) => cmd
-                .arg("--restore")
-                .arg(dir)
-                .arg("--api-socket")
-                .arg(&slot.paths.control),
+            Some(from) => {
+                cmd.arg("--restore")
+                    .arg(from.dir)
+                    .arg("--api-socket")
+                    .arg(&slot.paths.control);
+                if let Some(identity) = from.clone_identity {
+                    cmd.arg("--clone-identity").arg(identity);
+                }
+                &mut cmd
+            }
         };
         cmd.arg("--console")
             .arg(format!(
@@ -223,7 +237,12 @@ impl Daemon {
     }
 
     /// Refuse a start that would take the host past its overcommit limits.
-    fn check_capacity(&self, name: &str, vcpus: u32, memory_mib: u64) -> Result<(), ApiError> {
+    pub(crate) fn check_capacity(
+        &self,
+        name: &str,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> Result<(), ApiError> {
         let (used_cpus, used_mem) = self.allocated(Some(name));
         let cpu_cap = (f64::from(self.capacity.cpus) * self.args.cpu_overcommit).floor() as u64;
         let usable_mem = self

@@ -211,13 +211,21 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
     /// Continue the VM saved in this snapshot directory (taken with the control socket's
     /// `snapshot` request) instead of booting; its configuration comes from the snapshot, only
-    /// --api-socket and the console options may be given.
+    /// --api-socket, --clone-identity and the console options may be given.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "config", "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "vsock",
         "rng", "balloon", "virtio_console", "no_reboot", "repair_emulation", "cpu_features",
         "track_dirty_pages",
     ])]
     pub restore: Option<PathBuf>,
+    /// With --restore: start the snapshot as a clone with its own identity, from this JSON
+    /// file: {"nets":[{"tap":NAME,"mac":MAC}],"vsock":{"cid":N,"socket":PATH},
+    /// "disks":[{"overlay":PATH}]} (one entry per NIC and disk, in order; tap and mac may be
+    /// left out). Each disk becomes a new qcow2 overlay over the snapshot's image, and the
+    /// guest gets a new VM generation ID. The snapshot's disk images must not be in use
+    /// read-write (stop the source VM first).
+    #[arg(long, value_name = "FILE", requires = "restore")]
+    pub clone_identity: Option<PathBuf>,
     /// Kernel image: vmlinux with a PVH note, or bzImage (required unless --config or
     /// --restore).
     #[arg(long, value_name = "PATH", required_unless_present_any = ["config", "restore"])]

@@ -155,11 +155,18 @@ fn run_vm(args: &RunArgs) -> (i32, &'static str, String, u32) {
     };
     let (config, restore) = match &args.restore {
         Some(dir) => match vmm::vm_snapshot::load(dir) {
-            Ok(snap) => {
+            Ok(mut snap) => {
                 tracing::debug!("snapshot loaded");
                 let mut config = snap.meta.config.clone();
                 // The original's control socket may still be in use: only --api-socket names one.
                 config.api_socket = args.api_socket.clone();
+                if let Some(file) = &args.clone_identity {
+                    if let Err(e) = vmm::clone::CloneIdentity::from_file(file)
+                        .and_then(|id| vmm::clone::apply(&mut snap, &mut config, &id))
+                    {
+                        return error(exit::USAGE, chain_to_line(&e));
+                    }
+                }
                 (config, Some(snap))
             }
             Err(e) => {

@@ -86,13 +86,9 @@ fn test_restored_guest_has_its_disk_and_console() {
     let dir = snapshot_dir("disk");
     let disk = testguest_common::ScratchDisk::zeroed("snap-disk", 1 << 20);
     let disk_arg = format!("{},format=raw", disk.arg());
-    let mut original = Vm::spawn(
+    let mut original = Vm::boot(
         "snap-disk",
         &[
-            "--kernel".into(),
-            common::asset("testguest.elf").display().to_string(),
-            "--memory".into(),
-            "128M".into(),
             "--disk".into(),
             disk_arg,
             "--cmdline".into(),
@@ -269,13 +265,9 @@ fn test_restore_of_a_missing_snapshot_names_the_path() {
 }
 
 fn counting_guest_with_dirty_tracking(name: &str) -> Vm {
-    Vm::spawn(
+    Vm::boot(
         name,
         &[
-            "--kernel".into(),
-            common::asset("testguest.elf").display().to_string(),
-            "--memory".into(),
-            "128M".into(),
             "--track-dirty-pages".into(),
             "--cmdline".into(),
             "cmds=\"count-forever 100\"".into(),
@@ -383,13 +375,9 @@ fn test_snapshot_with_disk_writes_in_flight_restores_to_a_consistent_disk() {
     // checking it; the snapshot is taken in the middle and the original never runs again.
     let dir = snapshot_dir("inflight");
     let disk = testguest_common::ScratchDisk::zeroed("snap-inflight", 256 << 20);
-    let mut original = Vm::spawn(
+    let mut original = Vm::boot(
         "snap-inflight",
         &[
-            "--kernel".into(),
-            common::asset("testguest.elf").display().to_string(),
-            "--memory".into(),
-            "128M".into(),
             "--disk".into(),
             format!("{},format=raw", disk.arg()),
             "--cmdline".into(),

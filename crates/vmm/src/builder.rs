@@ -29,6 +29,7 @@ use crate::stop::StopHandle;
 use crate::vcpu::{RunControl, Vcpu, VcpuContext, VcpuHandle};
 use crate::vm::{Hypervisor, PitCreation};
 use crate::vm_snapshot::{LoadedSnapshot, VmSnapshotError};
+use crate::vmgenid::GenerationId;
 use crate::{kick, stats::ExitCounters};
 
 /// How long teardown keeps kicking a vCPU thread before giving up on joining it.
@@ -88,6 +89,15 @@ pub fn run_with(
     let repairs = repair_enabled.then(|| Arc::new(RepairStats::default()));
     // Disks are opened (and locked) once and shared by every VM instance across reboots.
     let disks = platform::open_disks(config)?;
+    // One generation ID per run (kept across guest reboots): a plain restore keeps the
+    // snapshot's, a clone and a fresh boot get a new one.
+    let generation = match restore
+        .as_ref()
+        .and_then(|s| (!s.new_identity).then_some(s.vmgenid))
+    {
+        Some(Some(id)) => id,
+        _ => GenerationId::random()?,
+    };
     let run_devices = RunDevices::open(config)?;
     // The control socket lives for the whole run (across reboots); dropping it removes PATH.
     let live = crate::control::LiveSlot::default();
@@ -107,7 +117,10 @@ pub fn run_with(
             &disks,
             &run_devices,
             repairs.clone(),
-            restore.take().as_ref(),
+            Origin {
+                restore: restore.take().as_ref(),
+                generation,
+            },
         )?;
         vm.publish(config, &live);
         if control.is_none() && config.api_socket.is_some() {
@@ -186,6 +199,20 @@ fn activate_restored(virtio_devices: &[Arc<Mutex<VirtioPciDevice>>]) -> Result<(
     Ok(())
 }
 
+/// After a restore as a clone: every virtio function whose device configuration space now
+/// differs from the saved one (a new MAC, CID) announces the change to its driver.
+fn announce_changed_configs(
+    virtio_devices: &[Arc<Mutex<VirtioPciDevice>>],
+    saved: &[virtio::VirtioPciState],
+) {
+    for (dev, state) in virtio_devices.iter().zip(saved) {
+        let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+        if dev.state().device.config != state.device.config {
+            dev.announce_config_change();
+        }
+    }
+}
+
 /// Start `--api-socket` (if given) with the run's rate limiters (`disk0`, `net0.rx`, ...),
 /// device counters and balloon.
 fn start_control(
@@ -226,6 +253,13 @@ fn start_control(
         })
 }
 
+/// Where a VM instance starts from: a boot, or the snapshot it continues; and the generation
+/// ID its guest sees when it boots or is a clone.
+struct Origin<'a> {
+    restore: Option<&'a LoadedSnapshot>,
+    generation: GenerationId,
+}
+
 /// One built and running VM instance.
 struct BuiltVm {
     _vm: Arc<VmFd>,
@@ -240,6 +274,8 @@ struct BuiltVm {
     counters: Vec<(u32, Arc<ExitCounters>)>,
     /// The snapshot this instance continues, if it was restored.
     restored_from: Option<std::path::PathBuf>,
+    /// The generation ID the guest sees (None: restored from a snapshot without one).
+    vmgenid: Option<GenerationId>,
 }
 
 impl BuiltVm {
@@ -250,8 +286,12 @@ impl BuiltVm {
         disks: &[OpenDisk],
         run_devices: &RunDevices,
         repairs: Option<Arc<RepairStats>>,
-        restore: Option<&LoadedSnapshot>,
+        origin: Origin<'_>,
     ) -> Result<Self, VmmError> {
+        let Origin {
+            restore,
+            generation,
+        } = origin;
         let layout = MemoryLayout::new(config.memory_bytes, Some(arch::e820::host_phys_bits()))
             .map_err(VmmError::Layout)?;
         let ranges = layout.ram_ranges();
@@ -281,6 +321,15 @@ impl BuiltVm {
         let kernel = match restore {
             Some(_) => None,
             None => Some(boot::load_guest(config, &layout, &mem)?),
+        };
+        // A booted guest finds its generation ID next to the ACPI tables; a clone gets a new
+        // one (the guest is notified once its state is restored, below).
+        let vmgenid = match restore {
+            Some(snap) if !snap.new_identity => snap.vmgenid,
+            _ => {
+                generation.publish(&mem)?;
+                Some(generation)
+            }
         };
 
         // Interrupts and devices.
@@ -348,6 +397,20 @@ impl BuiltVm {
             crate::persist::restore_vm(&vm, &snap.kvm_vm).map_err(VmSnapshotError::from)?;
             activate_restored(&virtio_devices)?;
             tracing::debug!("vCPUs, VM state and devices restored");
+            if snap.new_identity {
+                // Into the restored irqchip: GPE0 bit 0 runs \_GPE._E00, which notifies VGEN.
+                let notified = devices
+                    .acpi_pm
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .raise_gpe(arch::acpi::VMGENID_GPE);
+                tracing::info!(
+                    vmgenid = generation.hex(),
+                    notified,
+                    "clone: new VM generation ID"
+                );
+                announce_changed_configs(&virtio_devices, &snap.virtio);
+            }
         }
         let mut vcpus = Vec::with_capacity(fds.len());
         let mut counters = Vec::with_capacity(fds.len());
@@ -363,6 +426,7 @@ impl BuiltVm {
             vcpus: Vec::new(),
             counters: Vec::new(),
             restored_from: restore.map(|snap| snap.dir.clone()),
+            vmgenid,
         };
         // Host input reaches COM1 only now: a byte arriving earlier would raise its interrupt
         // into an irqchip that a restore then overwrites, and the guest would miss it.
@@ -414,6 +478,7 @@ impl BuiltVm {
                 legacy: self._devices.clone(),
                 config: config.clone(),
                 restored_from: self.restored_from.clone(),
+                vmgenid: self.vmgenid,
                 dirty: Mutex::new(crate::live::DirtyTracker::new(
                     config.track_dirty_pages,
                     self.restored_from.as_deref(),

@@ -136,6 +136,12 @@ pub enum VmmError {
         #[source]
         source: Option<std::io::Error>,
     },
+    /// The VM generation ID could not be chosen or written.
+    #[error(transparent)]
+    GenerationId(#[from] crate::vmgenid::VmGenIdError),
+    /// A snapshot cannot be restored as a clone with the identity given.
+    #[error(transparent)]
+    Clone(#[from] crate::clone::CloneError),
     /// A feature this build does not have.
     #[error("Not supported: {0}")]
     NotSupported(&'static str),
@@ -179,6 +185,7 @@ impl VmmError {
                 | Self::DeviceOpen { .. }
                 | Self::NotSupported(_)
                 | Self::Restore(_)
+                | Self::Clone(_)
         )
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod boot;
 pub mod builder;
+pub mod clone;
 pub mod config;
 pub mod console;
 pub mod control;
@@ -33,6 +34,7 @@ pub mod stop;
 pub mod vcpu;
 pub mod vm;
 pub mod vm_snapshot;
+pub mod vmgenid;
 
 pub use builder::{run, run_with, Outcome, RunReport};
 pub use config::{ConfigError, DiskConfig, RepairMode, VmConfig};

@@ -64,6 +64,8 @@ pub struct SnapshotHandles {
     pub restored_from: Option<std::path::PathBuf>,
     /// Dirty-page bookkeeping between snapshots.
     pub dirty: Mutex<DirtyTracker>,
+    /// The VM generation ID the guest sees (None: restored from a snapshot without one).
+    pub vmgenid: Option<crate::vmgenid::GenerationId>,
 }
 
 /// What the dirty-page log is relative to.
@@ -185,6 +187,7 @@ impl LiveVm {
                 config: &self.snapshot.config,
                 vcpus,
                 capture,
+                vmgenid: self.snapshot.vmgenid,
             },
         )?;
         tracker.base = Some(summary.path.clone());

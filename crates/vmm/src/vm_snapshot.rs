@@ -6,7 +6,8 @@
 //! `meta` ([`SnapshotMeta`]), `kvm-vm` (irqchip, PIT, clock), `vcpu.N` (one per vCPU),
 //! `legacy-devices` (COM1, i8042, CMOS, ACPI PM, reset register, POST port) and
 //! `virtio-devices` (every virtio function in PCI slot order: PCI configuration space,
-//! MSI-X table, transport registers, virtqueue positions). `memory.bin` holds guest RAM,
+//! MSI-X table, transport registers, virtqueue positions) and `vmgenid` (the VM generation
+//! ID; absent in snapshots of VMs booted without the device). `memory.bin` holds guest RAM,
 //! only the pages the guest touched.
 
 use std::path::{Path, PathBuf};
@@ -24,12 +25,14 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::config::VmConfig;
 use crate::persist::vcpu_state::VcpuState;
 use crate::persist::vm_state::VmKvmState;
+use crate::vmgenid::GenerationId;
 
 const META: &str = "meta";
 const KVM_VM: &str = "kvm-vm";
 const LEGACY: &str = "legacy-devices";
 const VIRTIO: &str = "virtio-devices";
 const MEMORY_DIFF: &str = "memory-diff";
+const VMGENID: &str = "vmgenid";
 
 fn vcpu_section(id: usize) -> String {
     format!("vcpu.{id}")
@@ -113,6 +116,8 @@ pub struct SnapshotSources<'a> {
     pub vcpus: Vec<VcpuState>,
     /// How to save guest RAM.
     pub capture: MemoryCapture,
+    /// The VM generation ID the guest sees (None: its tables have no VMGENID device).
+    pub vmgenid: Option<GenerationId>,
 }
 
 /// What writing a snapshot cost.
@@ -203,6 +208,9 @@ pub fn write(path: &Path, src: SnapshotSources<'_>) -> Result<SnapshotSummary, V
         .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).state())
         .collect();
     state.put(VIRTIO, &virtio)?;
+    if let Some(id) = &src.vmgenid {
+        state.put(VMGENID, id)?;
+    }
     state.write_to(&dir.state_path())?;
     let state_bytes = std::fs::metadata(dir.state_path())
         .map(|m| m.len())
@@ -233,6 +241,11 @@ pub struct LoadedSnapshot {
     pub virtio: Vec<VirtioPciState>,
     /// `memory.bin`, opened.
     pub memory_file: std::fs::File,
+    /// The VM generation ID the guest saw (None: its tables have no VMGENID device).
+    pub vmgenid: Option<GenerationId>,
+    /// Restore as a clone: give the guest a new generation ID and notify it
+    /// (set by `crate::clone::apply`).
+    pub new_identity: bool,
 }
 
 impl std::fmt::Debug for LoadedSnapshot {
@@ -272,6 +285,11 @@ pub fn load(path: &Path) -> Result<LoadedSnapshot, VmSnapshotError> {
     }
     let legacy: LegacyDevicesState = reader.get(LEGACY)?;
     let virtio: Vec<VirtioPciState> = reader.get(VIRTIO)?;
+    let vmgenid = if reader.contains(VMGENID) {
+        Some(reader.get::<GenerationId>(VMGENID)?)
+    } else {
+        None
+    };
     let needed = snapshot::memory_file_len(&meta.memory)?;
     let memory_path = dir.memory_path();
     let memory_file = std::fs::File::open(&memory_path).map_err(|e| {
@@ -295,6 +313,8 @@ pub fn load(path: &Path) -> Result<LoadedSnapshot, VmSnapshotError> {
         legacy,
         virtio,
         memory_file,
+        vmgenid,
+        new_identity: false,
     })
 }
 

@@ -1,8 +1,8 @@
-//! ACPI fixed hardware: the PM1a event and control blocks, the PM timer and the reset register,
-//! as described by the FADT.
+//! ACPI fixed hardware: the PM1a event and control blocks, the PM timer, the GPE0 block and the
+//! reset register, as described by the FADT.
 //!
-//! Two bus devices: [`AcpiPm`] covers PM1a_EVT, PM1a_CNT and PM_TMR (contiguous in the layout),
-//! [`AcpiResetRegister`] covers the one-byte FADT RESET_REG.
+//! Two bus devices: [`AcpiPm`] covers PM1a_EVT, PM1a_CNT, PM_TMR and GPE0 (contiguous in the
+//! layout), [`AcpiResetRegister`] covers the one-byte FADT RESET_REG.
 
 mod metrics;
 mod pm_block;

@@ -1,5 +1,6 @@
-//! PM1a event block (PM1_STS, PM1_EN), PM1a control block (PM1_CNT) and the PM timer as one bus
-//! device spanning `ports::ACPI_PM1A_EVT .. ports::ACPI_PM_TMR + 4`.
+//! PM1a event block (PM1_STS, PM1_EN), PM1a control block (PM1_CNT), the PM timer and the GPE0
+//! block (GPE0_STS, GPE0_EN: one byte each) as one bus device spanning
+//! `ports::ACPI_PM1A_EVT .. ports::ACPI_GPE0 + 2`.
 
 use std::sync::Arc;
 
@@ -21,12 +22,23 @@ const CNT_OFFSET: u64 = (ports::ACPI_PM1A_CNT - ports::ACPI_PM1A_EVT) as u64;
 /// Offset of PM_TMR (4 bytes).
 const TMR_OFFSET: u64 = (ports::ACPI_PM_TMR - ports::ACPI_PM1A_EVT) as u64;
 
+/// Offset of GPE0_STS (1 byte).
+const GPE_STS_OFFSET: u64 = (ports::ACPI_GPE0 - ports::ACPI_PM1A_EVT) as u64;
+/// Offset of GPE0_EN (1 byte): second half of the GPE0 block.
+const GPE_EN_OFFSET: u64 = GPE_STS_OFFSET + 1;
+
 /// Length of the bus range starting at `ports::ACPI_PM1A_EVT` (bytes between the blocks read as
 /// zero).
-pub const ACPI_PM_BLOCK_LEN: u64 = TMR_OFFSET + 4;
+pub const ACPI_PM_BLOCK_LEN: u64 = GPE_EN_OFFSET + 1;
 
 // The layout must keep the blocks in this order without overlap.
-const _: () = assert!(CNT_OFFSET >= EN_OFFSET + 2 && TMR_OFFSET >= CNT_OFFSET + 2);
+const _: () = assert!(
+    CNT_OFFSET >= EN_OFFSET + 2 && TMR_OFFSET >= CNT_OFFSET + 2 && GPE_STS_OFFSET >= TMR_OFFSET + 4
+);
+
+/// GPE0 bits that exist (the ones [`AcpiPm::raise_gpe`] may set; the DSDT has a handler for
+/// bit 0 only, the VM generation ID change).
+const GPE_VALID: u8 = 0x01;
 
 // PM1_STS / PM1_EN bits.
 const PWRBTN: u16 = 1 << 8;
@@ -50,10 +62,19 @@ enum Reg {
     En,
     Cnt,
     Tmr,
+    GpeSts,
+    GpeEn,
 }
 
 impl Reg {
-    const ALL: [Reg; 4] = [Reg::Sts, Reg::En, Reg::Cnt, Reg::Tmr];
+    const ALL: [Reg; 6] = [
+        Reg::Sts,
+        Reg::En,
+        Reg::Cnt,
+        Reg::Tmr,
+        Reg::GpeSts,
+        Reg::GpeEn,
+    ];
 
     fn offset(self) -> u64 {
         match self {
@@ -61,12 +82,15 @@ impl Reg {
             Reg::En => EN_OFFSET,
             Reg::Cnt => CNT_OFFSET,
             Reg::Tmr => TMR_OFFSET,
+            Reg::GpeSts => GPE_STS_OFFSET,
+            Reg::GpeEn => GPE_EN_OFFSET,
         }
     }
 
     fn len(self) -> u64 {
         match self {
             Reg::Tmr => 4,
+            Reg::GpeSts | Reg::GpeEn => 1,
             _ => 2,
         }
     }
@@ -80,11 +104,13 @@ impl Reg {
     }
 }
 
-/// The ACPI PM1a blocks and PM timer.
+/// The ACPI PM1a blocks, PM timer and GPE0 block.
 pub struct AcpiPm {
     pm1_sts: u16,
     pm1_en: u16,
     pm1_cnt: u16,
+    gpe0_sts: u8,
+    gpe0_en: u8,
     timer: PmTimer,
     sci: IrqLine,
     shutdown: ShutdownSignal,
@@ -99,6 +125,8 @@ impl AcpiPm {
             pm1_sts: 0,
             pm1_en: 0,
             pm1_cnt: 0,
+            gpe0_sts: 0,
+            gpe0_en: 0,
             timer: PmTimer::new(),
             sci: IrqLine::new(sci),
             shutdown,
@@ -122,6 +150,21 @@ impl AcpiPm {
         self.pm1_en & PWRBTN != 0
     }
 
+    /// Set general-purpose event `bit` of GPE0 (e.g. `arch::acpi::VMGENID_GPE`) and raise the
+    /// SCI if the guest enabled it (else when it does). Returns whether it was enabled; bits
+    /// without a handler in the DSDT are refused (`false`, nothing set).
+    pub fn raise_gpe(&mut self, bit: u8) -> bool {
+        let Some(mask) = 1u8
+            .checked_shl(u32::from(bit))
+            .filter(|m| m & GPE_VALID != 0)
+        else {
+            return false;
+        };
+        self.gpe0_sts |= mask;
+        self.update_sci();
+        self.gpe0_en & mask != 0
+    }
+
     /// The guest-visible state, for snapshots.
     pub fn save(&self) -> AcpiPmState {
         AcpiPmState {
@@ -129,6 +172,8 @@ impl AcpiPm {
             pm1_en: self.pm1_en,
             pm1_cnt: self.pm1_cnt,
             pm_timer: self.timer.value(),
+            gpe0_sts: self.gpe0_sts,
+            gpe0_en: self.gpe0_en,
         }
     }
 
@@ -138,6 +183,8 @@ impl AcpiPm {
         self.pm1_sts = state.pm1_sts;
         self.pm1_en = state.pm1_en & EN_VALID;
         self.pm1_cnt = state.pm1_cnt & CNT_STORED;
+        self.gpe0_sts = state.gpe0_sts & GPE_VALID;
+        self.gpe0_en = state.gpe0_en & GPE_VALID;
         self.timer.set(state.pm_timer);
         self.update_sci();
         Ok(())
@@ -146,7 +193,7 @@ impl AcpiPm {
     /// Raise the SCI if an enabled event is pending (edge per transition; the guest handler
     /// processes every pending bit).
     fn update_sci(&self) {
-        if self.pm1_sts & self.pm1_en & SCI_EVENTS != 0 {
+        if self.pm1_sts & self.pm1_en & SCI_EVENTS != 0 || self.gpe0_sts & self.gpe0_en != 0 {
             self.metrics.sci_raised.inc();
             self.sci.trigger();
         }
@@ -159,6 +206,8 @@ impl AcpiPm {
             // Always in ACPI mode: there is no SMI_CMD to switch.
             Reg::Cnt => u32::from(self.pm1_cnt | SCI_EN),
             Reg::Tmr => timer,
+            Reg::GpeSts => u32::from(self.gpe0_sts),
+            Reg::GpeEn => u32::from(self.gpe0_en),
         }
     }
 
@@ -178,6 +227,12 @@ impl AcpiPm {
                 }
             }
             Reg::Tmr => self.metrics.invalid_accesses.inc(),
+            // Write 1 to clear.
+            Reg::GpeSts => self.gpe0_sts &= !(value as u8),
+            Reg::GpeEn => {
+                self.gpe0_en = value as u8 & GPE_VALID;
+                self.update_sci();
+            }
         }
     }
 
@@ -278,7 +333,8 @@ mod tests {
     fn test_acpi_pm_layout_offsets_match_ports() {
         assert_eq!(CNT_OFFSET, 4);
         assert_eq!(TMR_OFFSET, 8);
-        assert_eq!(ACPI_PM_BLOCK_LEN, 12);
+        assert_eq!(GPE_STS_OFFSET, 12);
+        assert_eq!(ACPI_PM_BLOCK_LEN, 14);
     }
 
     #[test]
@@ -415,7 +471,7 @@ mod tests {
         dev.read(6, &mut wide[..2]);
         assert_eq!(wide[..2], [0, 0]);
         dev.read(u64::MAX, &mut wide);
-        dev.read(11, &mut wide);
+        dev.read(15, &mut wide);
         dev.write(u64::MAX - 2, &[0xff; 8]);
         dev.write(6, &[0xff; 16]);
         dev.read(0, &mut []);
@@ -423,6 +479,35 @@ mod tests {
 
         assert_eq!(shutdown.requested(), None);
         assert!(dev.metrics().invalid_accesses.get() >= 4);
+    }
+
+    #[test]
+    fn test_acpi_pm_gpe_raises_sci_when_enabled_and_clears_on_write_one() {
+        let (mut dev, _, sci) = device();
+
+        assert!(!dev.raise_gpe(0));
+        assert_eq!(sci.read().unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        dev.write(GPE_EN_OFFSET, &[0xff]);
+        assert_eq!(sci.read().unwrap(), 1);
+        let mut b = [0u8; 2];
+        dev.read(GPE_STS_OFFSET, &mut b);
+        assert_eq!(b, [1, GPE_VALID]);
+        dev.write(GPE_STS_OFFSET, &[1]);
+        dev.read(GPE_STS_OFFSET, &mut b[..1]);
+
+        assert_eq!(b[0], 0);
+        assert!(dev.raise_gpe(0));
+        assert_eq!(sci.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn test_acpi_pm_gpe_without_handler_is_refused() {
+        let (mut dev, _, _) = device();
+
+        assert!(!dev.raise_gpe(3));
+        assert!(!dev.raise_gpe(200));
+
+        assert_eq!(dev.save().gpe0_sts, 0);
     }
 
     #[test]

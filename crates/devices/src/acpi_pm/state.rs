@@ -13,6 +13,12 @@ pub struct AcpiPmState {
     pub pm1_cnt: u16,
     /// PM timer count when saved; a restored timer continues from it.
     pub pm_timer: u32,
+    /// GPE0_STS (pending general-purpose events; 0 in snapshots older than the GPE block).
+    #[serde(default)]
+    pub gpe0_sts: u8,
+    /// GPE0_EN (enabled general-purpose events).
+    #[serde(default)]
+    pub gpe0_en: u8,
 }
 
 /// The reset register's state.

@@ -1,6 +1,7 @@
 //! Management commands: `ferrite vm ...`, `ferrite snapshot ...` and `ferrite top`, clients
 //! of `ferrited`'s API.
 
+mod clone;
 mod console;
 mod set;
 mod snapshot;
@@ -143,6 +144,9 @@ pub enum VmCommand {
         #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
         tail: u64,
     },
+    /// Start clones of a snapshot, each with its own MAC, vsock CID, VM generation ID and
+    /// qcow2 overlay disks (the source VM must be stopped if it has disks).
+    Clone(clone::CloneArgs),
     /// Follow lifecycle events (all VMs, or the ones named).
     Events {
         /// Only these VMs.
@@ -258,6 +262,7 @@ fn vm(g: &Global, cmd: VmCommand) -> Res {
             }
         }
         VmCommand::Create(a) => create(g, &c, a),
+        VmCommand::Clone(a) => clone::run(g, &c, a),
         VmCommand::Start(n) => each(g, "Starting", &n.names, |name| c.action(name, "start")),
         VmCommand::Stop { names, timeout } => {
             each(g, "Stopping", &names, |name| c.stop(name, timeout))
@@ -461,6 +466,7 @@ fn spec_from_args(a: &CreateArgs) -> Res<VmSpec> {
         },
         repair_emulation: None,
         cpu_features: None,
+        clone_of: None,
     })
 }
 

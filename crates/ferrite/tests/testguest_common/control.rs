@@ -26,15 +26,23 @@ pub struct Vm {
 impl Vm {
     /// Boot the test guest (128 MiB) running `cmds`, with a control socket named after `name`.
     pub fn start(name: &str, cmds: &str) -> Vm {
+        let mut extra: Vec<String> = Vec::new();
+        if !cmds.is_empty() {
+            extra.extend(["--cmdline".into(), format!("cmds=\"{cmds}\"")]);
+        }
+        Vm::boot(name, &extra)
+    }
+
+    /// Boot the test guest (128 MiB) with the `ferrite run` flags `extra` (devices,
+    /// `--cmdline`), with a control socket named after `name`.
+    pub fn boot(name: &str, extra: &[String]) -> Vm {
         let mut args: Vec<String> = vec![
             "--kernel".into(),
             common::asset("testguest.elf").display().to_string(),
             "--memory".into(),
             "128M".into(),
         ];
-        if !cmds.is_empty() {
-            args.extend(["--cmdline".into(), format!("cmds=\"{cmds}\"")]);
-        }
+        args.extend_from_slice(extra);
         Vm::spawn(name, &args)
     }
 
@@ -74,19 +82,25 @@ impl Vm {
 
     /// Waits (within the watchdog) for a console line starting with `prefix`.
     pub fn wait_line(&mut self, prefix: &str) -> String {
+        self.wait_any(&[prefix])
+    }
+
+    /// Waits (within the watchdog) for a console line starting with any of `prefixes` (e.g. a
+    /// command's `OK` and `ERR` answers).
+    pub fn wait_any(&mut self, prefixes: &[&str]) -> String {
         let deadline = Instant::now() + WATCHDOG;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
                 Ok(l) => {
                     self.seen.push(l.clone());
-                    if l.starts_with(prefix) {
+                    if prefixes.iter().any(|p| l.starts_with(p)) {
                         return l;
                     }
                 }
                 Err(_) => {
                     let _ = self.child.kill();
-                    panic!("no {prefix:?} line: {:?}", self.seen);
+                    panic!("no {prefixes:?} line: {:?}", self.seen);
                 }
             }
         }

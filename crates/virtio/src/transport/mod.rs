@@ -333,6 +333,17 @@ impl VirtioPciDevice {
         }
     }
 
+    /// Tell the driver that the device configuration space changed under it (a snapshot
+    /// restored as a clone reads a new MAC or CID): bumps `config_generation` and, if the
+    /// driver is running, raises the configuration-change interrupt.
+    pub fn announce_config_change(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.device_status & status::DRIVER_OK != 0 {
+            use crate::device::{InterruptKind, VirtioInterrupt};
+            self.interrupt().trigger(InterruptKind::Config);
+        }
+    }
+
     /// Load a snapshot into a freshly created (never activated) device of the same kind. The
     /// BAR mapping is taken from the restored configuration space: call
     /// `PciRoot::sync_mappings` afterwards. The device starts serving its queues only at

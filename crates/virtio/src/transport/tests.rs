@@ -572,6 +572,22 @@ fn test_state_roundtrip_restores_active_device() {
 }
 
 #[test]
+fn test_announce_config_change_bumps_generation_and_raises_config_interrupt() {
+    let (rig, _ring) = active_rig();
+    let before = rig.dev.lock().unwrap().state();
+
+    rig.dev.lock().unwrap().announce_config_change();
+
+    let after = rig.dev.lock().unwrap().state();
+    assert_eq!(
+        after.config_generation,
+        before.config_generation.wrapping_add(1)
+    );
+    assert_ne!(after.isr & 2, 0, "ISR config bit");
+    rig.dev.lock().unwrap().shutdown();
+}
+
+#[test]
 fn test_linux_style_bar_sizing_with_decode_off_reregisters_doorbells() {
     let mut rig = rig();
     let bar = rig.bar();
