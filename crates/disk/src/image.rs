@@ -304,7 +304,7 @@ pub struct CreateSpec {
 
 /// A temporary file next to the destination that is renamed over it on success and removed
 /// otherwise, so nothing half-written stays behind.
-struct TempOutput {
+pub(crate) struct TempOutput {
     tmp: PathBuf,
     dst: PathBuf,
     file: Option<File>,
@@ -312,7 +312,7 @@ struct TempOutput {
 }
 
 impl TempOutput {
-    fn new(dst: &Path, force: bool) -> Result<Self> {
+    pub(crate) fn new(dst: &Path, force: bool) -> Result<Self> {
         if !force && dst.symlink_metadata().is_ok() {
             return Err(DiskError::Exists(dst.to_path_buf()));
         }
@@ -338,13 +338,13 @@ impl TempOutput {
         })
     }
 
-    fn file(&self) -> Result<&File> {
+    pub(crate) fn file(&self) -> Result<&File> {
         self.file
             .as_ref()
             .ok_or_else(|| DiskError::InvalidArgument("output already closed".into()))
     }
 
-    fn commit(mut self) -> Result<()> {
+    pub(crate) fn commit(mut self) -> Result<()> {
         if let Some(f) = self.file.take() {
             f.sync_all()?;
         }

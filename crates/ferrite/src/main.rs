@@ -2,6 +2,7 @@
 
 mod cli;
 mod console_socket;
+mod disk_chain_cmd;
 mod disk_cmd;
 mod input;
 mod manage;

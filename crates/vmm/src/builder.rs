@@ -104,7 +104,7 @@ pub fn run_with(
             repairs.clone(),
             restore.take().as_ref(),
         )?;
-        vm.publish(config, &live);
+        vm.publish(config, &disks, &live);
         let outcome = vm.wait(stop);
         let exits = vm.exit_counters();
         vm.teardown(console, &live);
@@ -189,6 +189,7 @@ fn start_control(
         started: std::time::Instant::now(),
         live: live.clone(),
         reboots: reboots.clone(),
+        disks: platform::live_disks(disks),
     };
     crate::control::ControlServer::start(path, state)
         .map(Some)
@@ -351,7 +352,7 @@ impl BuiltVm {
     }
 
     /// Hand the control socket its handle on this instance (pause, power button, ...).
-    fn publish(&self, config: &VmConfig, live: &crate::control::LiveSlot) {
+    fn publish(&self, config: &VmConfig, disks: &[OpenDisk], live: &crate::control::LiveSlot) {
         use std::os::unix::thread::JoinHandleExt;
         let vm = crate::live::LiveVm {
             control: self.control.clone(),
@@ -369,6 +370,7 @@ impl BuiltVm {
             acpi_pm: self._devices.acpi_pm.clone(),
             shutdown: self.shutdown.clone(),
             paused: std::sync::atomic::AtomicBool::new(false),
+            disks: platform::live_disks(disks),
             snapshot: crate::live::SnapshotHandles {
                 vm: self._vm.clone(),
                 memory: self._memory.clone(),
