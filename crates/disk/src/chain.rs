@@ -120,20 +120,22 @@ pub fn revert(
 }
 
 /// Copy everything the guest sees through the chain of `top` into the standalone image
-/// `out` of `out_format` (written as a temporary file and renamed). Without `out`, `top`
+/// `out` of `out_format` (default: the top image's format), written as a temporary file and
+/// renamed. Without `out`, `top`
 /// itself is replaced by the standalone image (the images below it stay as they are).
 /// Refused while any VM has `top` open.
 pub fn flatten(
     top: &Path,
     format: Option<ImageFormat>,
     out: Option<&Path>,
-    out_format: ImageFormat,
+    out_format: Option<ImageFormat>,
     force: bool,
 ) -> Result<PathBuf> {
     let format = match format {
         Some(f) => f,
         None => probe_format(top)?,
     };
+    let out_format = out_format.unwrap_or(format);
     ensure_not_in_use(top, format)?;
     match out {
         Some(out) => {
@@ -269,7 +271,7 @@ mod tests {
             .write_at(0, &[6u8; 512])
             .unwrap();
         // Act
-        flatten(&top, None, None, ImageFormat::Qcow2, false).unwrap();
+        flatten(&top, None, None, None, false).unwrap();
         // Assert
         assert_eq!(image_chain(&top, None).unwrap().len(), 1);
         let disk = open_image(&top, true, None).unwrap();

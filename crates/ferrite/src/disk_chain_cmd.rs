@@ -47,9 +47,9 @@ pub struct FlattenArgs {
     /// Write the standalone image here instead of replacing IMAGE.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: Option<PathBuf>,
-    /// Format of the standalone image.
-    #[arg(short = 'O', long = "output-format", value_name = "raw|qcow2", default_value = "qcow2", value_parser = parse_format)]
-    pub output_format: ImageFormat,
+    /// Format of the standalone image (default: the top image's format).
+    #[arg(short = 'O', long = "output-format", value_name = "raw|qcow2", value_parser = parse_format)]
+    pub output_format: Option<ImageFormat>,
     /// Overwrite an existing --output file.
     #[arg(long, requires = "output")]
     pub force: bool,
