@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::image::{convert_image, image_info, probe_format, ChainEntry, ImageFormat, TempOutput};
+use crate::image::{
+    convert_image, copy_image, image_info, probe_format, ChainEntry, ImageFormat, TempOutput,
+};
 use crate::qcow2::{self, CreateOptions};
 use crate::swap::backing_name;
 use crate::{open_image, DiskError, Result};
@@ -143,20 +145,8 @@ pub fn flatten(
             Ok(out.to_path_buf())
         }
         None => {
-            let name = top.file_name().ok_or_else(|| {
-                DiskError::InvalidArgument(format!("{} is not a file name", top.display()))
-            })?;
-            let tmp = top.with_file_name(format!(
-                ".{}.ferrite-flat-{}",
-                name.to_string_lossy(),
-                std::process::id()
-            ));
-            let result = convert_image(top, Some(format), &tmp, out_format, false)
-                .and_then(|()| std::fs::rename(&tmp, top).map_err(DiskError::Io));
-            if result.is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            result.map(|()| top.to_path_buf())
+            copy_image(top, Some(format), top, out_format, true)?;
+            Ok(top.to_path_buf())
         }
     }
 }

@@ -420,12 +420,25 @@ pub fn convert_image(
     out_format: ImageFormat,
     force: bool,
 ) -> Result<()> {
-    let input = open_image(src, true, src_format)?;
     if dst.exists() && dst.canonicalize().ok() == src.canonicalize().ok() {
         return Err(DiskError::InvalidArgument(
             "source and destination are the same file".into(),
         ));
     }
+    copy_image(src, src_format, dst, out_format, force)
+}
+
+/// The copy behind [`convert_image`] and flattening: the output goes to a temporary file
+/// renamed over `dst` at the end, so `dst` may be `src` itself (replaced in place; the
+/// input stays open across the rename).
+pub(crate) fn copy_image(
+    src: &Path,
+    src_format: Option<ImageFormat>,
+    dst: &Path,
+    out_format: ImageFormat,
+    force: bool,
+) -> Result<()> {
+    let input = open_image(src, true, src_format)?;
     let size = input.size();
     let out = TempOutput::new(dst, force)?;
     let writer: Box<ChunkWriter> = match out_format {

@@ -7,17 +7,25 @@ use disk::{ChainEntry, ImageFormat, RevertOutcome};
 
 use crate::disk_cmd::parse_format;
 
+/// The disk's top image, named on the command line.
+#[derive(Debug, Args)]
+pub struct TopImage {
+    /// Format of the top image (probed if not given).
+    #[arg(long, short = 'f', value_name = "raw|qcow2", value_parser = parse_format)]
+    pub format: Option<ImageFormat>,
+    /// The disk's top image (for revert and flatten its VM must be stopped).
+    pub path: PathBuf,
+}
+
 /// `ferrite disk chain` options.
 #[derive(Debug, Args)]
 pub struct ChainArgs {
     /// Print one JSON array (top image first) instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Format of the top image (probed if not given).
-    #[arg(long, short = 'f', value_name = "raw|qcow2", value_parser = parse_format)]
-    pub format: Option<ImageFormat>,
-    /// The disk's top image.
-    pub path: PathBuf,
+    /// The image.
+    #[command(flatten)]
+    pub image: TopImage,
 }
 
 /// `ferrite disk revert` options.
@@ -34,11 +42,9 @@ pub struct RevertArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Format of the top image (probed if not given).
-    #[arg(long, short = 'f', value_name = "raw|qcow2", value_parser = parse_format)]
-    pub format: Option<ImageFormat>,
-    /// The disk's current top image (its VM must be stopped).
-    pub path: PathBuf,
+    /// The image.
+    #[command(flatten)]
+    pub image: TopImage,
 }
 
 /// `ferrite disk flatten` options.
@@ -53,11 +59,9 @@ pub struct FlattenArgs {
     /// Overwrite an existing --output file.
     #[arg(long, requires = "output")]
     pub force: bool,
-    /// Format of the top image (probed if not given).
-    #[arg(long, short = 'f', value_name = "raw|qcow2", value_parser = parse_format)]
-    pub format: Option<ImageFormat>,
-    /// The disk's top image (its VM must be stopped).
-    pub path: PathBuf,
+    /// The image.
+    #[command(flatten)]
+    pub image: TopImage,
 }
 
 fn to_json(v: &impl serde::Serialize) -> Result<String, String> {
@@ -75,7 +79,7 @@ pub fn render_chain(chain: &[ChainEntry]) -> String {
 
 /// `ferrite disk chain`.
 pub fn chain(a: ChainArgs) -> Result<(), String> {
-    let chain = disk::image_chain(&a.path, a.format).map_err(|e| e.to_string())?;
+    let chain = disk::image_chain(&a.image.path, a.image.format).map_err(|e| e.to_string())?;
     if a.json {
         println!("{}", to_json(&chain)?);
     } else {
@@ -123,9 +127,10 @@ fn default_revert_output(
 pub fn revert(a: RevertArgs) -> Result<(), String> {
     let output = match a.output {
         Some(o) => o,
-        None => default_revert_output(&a.path, a.format, &a.to)?,
+        None => default_revert_output(&a.image.path, a.image.format, &a.to)?,
     };
-    let outcome = disk::revert(&a.path, a.format, &a.to, &output).map_err(|e| e.to_string())?;
+    let outcome =
+        disk::revert(&a.image.path, a.image.format, &a.to, &output).map_err(|e| e.to_string())?;
     if a.json {
         println!("{}", to_json(&outcome)?);
     } else {
@@ -137,8 +142,8 @@ pub fn revert(a: RevertArgs) -> Result<(), String> {
 /// `ferrite disk flatten`.
 pub fn flatten(a: FlattenArgs) -> Result<(), String> {
     let out = disk::flatten(
-        &a.path,
-        a.format,
+        &a.image.path,
+        a.image.format,
         a.output.as_deref(),
         a.output_format,
         a.force,

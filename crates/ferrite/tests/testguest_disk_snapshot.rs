@@ -342,3 +342,51 @@ fn test_offline_chain_commands_name_bad_input() {
     );
     assert!(!dir.join("x.qcow2").exists() && !dir.join("y.qcow2").exists());
 }
+
+#[test]
+fn test_vm_snapshot_after_a_disk_snapshot_restores_onto_the_overlay() {
+    // Arrange: A on the base, a disk snapshot, B through the overlay, then a VM snapshot.
+    let dir = Dir::new("vmsnap");
+    let base = dir.join("disk0.img");
+    ferrite_disk_ok(&["create", "--format", "raw", s(&base), "1M"]);
+    let mut vm = start(
+        "dsnap-vmsnap",
+        &[format!("{},format=raw", s(&base))],
+        "blk-write 0 0 64 1",
+    );
+    vm.wait_line("OK blk-write 0 ");
+    disk_snapshot(&mut vm, "s1");
+    guest_cmd(&mut vm, "blk-write 0 16 16 3", "OK blk-write 0 ");
+    let state_dir = dir.join("vm-snap");
+    let snap = vm.request(&format!(
+        r#"{{"op":"snapshot","path":"{}"}}"#,
+        s(&state_dir)
+    ));
+    drop(vm);
+
+    // Act: continue the VM from its snapshot in a new process.
+    let mut restored = Vm::spawn(
+        "dsnap-vmsnap-r",
+        &["--restore".into(), s(&state_dir).into()],
+    );
+    let sees_b = guest_cmd(&mut restored, "blk-check 0 16 16 3", "OK blk-check");
+    let sees_a = guest_cmd(&mut restored, "blk-check 0 32 32 1", "OK blk-check");
+    let info = restored.request(r#"{"op":"info"}"#);
+    drop(restored);
+
+    // Assert: the snapshot's configuration names the overlay, so the restored guest reads B
+    // (which never reached the frozen base).
+    assert_eq!(snap["ok"], true, "{snap}");
+    assert_eq!(
+        info["config"]["disks"][0]["path"],
+        s(&dir.join("disk0@s1.qcow2")),
+        "{info}"
+    );
+    assert!(sees_b.contains("result=match"), "{sees_b}");
+    assert!(sees_a.contains("result=match"), "{sees_a}");
+    let bytes = std::fs::read(&base).expect("read base");
+    assert!(
+        bytes[16 * 512..32 * 512] == pattern_bytes(1, 16, 16)[..],
+        "the base keeps A"
+    );
+}
