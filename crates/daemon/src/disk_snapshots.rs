@@ -74,18 +74,6 @@ fn to_info(s: store::DiskSnapshot) -> DiskSnapshotInfo {
     }
 }
 
-fn require_stopped(slot: &VmSlot, what: &str) -> Result<(), ApiError> {
-    let state = slot.runtime().state;
-    if state.is_active() {
-        return Err(conflict(format!(
-            "VM {:?} is {}: stop it before {what}",
-            slot.name,
-            state.as_str()
-        )));
-    }
-    Ok(())
-}
-
 impl Daemon {
     /// The stored disk snapshots of VM `slot` and each disk's chain now.
     pub fn list_disk_snapshots(&self, slot: &VmSlot) -> Result<DiskSnapshotList, ApiError> {
@@ -200,38 +188,38 @@ impl Daemon {
                     ),
                 )
             })?;
-        require_stopped(slot, "reverting its disks")?;
+        crate::snapshots::require_stopped(slot, "reverting its disks")?;
         let info = to_info(snap);
         let mut spec = slot.spec();
         let stamp = now_ms();
-        let mut done = Vec::new();
-        for layer in &info.disks {
+        let mut done: Vec<RevertedDisk> = Vec::new();
+        let result = info.disks.iter().try_for_each(|layer| {
             let (top, format) = entry_image(&spec, layer.index)?;
             let overlay = disk::overlay_path(
                 Path::new(&layer.backing),
                 &format!("{tag}-reverted-{stamp}"),
             );
-            let outcome = disk::revert(&top, format, &layer.backing, &overlay);
-            let outcome = match outcome {
-                Ok(o) => o,
-                Err(e) => {
-                    // Nothing of this revert is in the definition yet: drop the new overlays.
-                    for d in &done {
-                        let d: &RevertedDisk = d;
-                        let _ = std::fs::remove_file(&d.path);
-                    }
-                    return Err(disk_error(layer.index, e));
-                }
-            };
-            if let Some(entry) = spec.disks.get_mut(layer.index) {
-                *entry = with_image(entry, &outcome.overlay, ImageFormat::Qcow2);
-            }
+            let outcome = disk::revert(&top, format, &layer.backing, &overlay)
+                .map_err(|e| disk_error(layer.index, e))?;
             done.push(RevertedDisk {
                 index: layer.index,
                 path: outcome.overlay.display().to_string(),
                 base: outcome.base.display().to_string(),
                 detached: paths(&outcome.detached),
             });
+            Ok::<_, ApiError>(())
+        });
+        if let Err(e) = result {
+            // Nothing of this revert is in the definition yet: drop the new overlays.
+            for d in &done {
+                let _ = std::fs::remove_file(&d.path);
+            }
+            return Err(e);
+        }
+        for d in &done {
+            if let Some(entry) = spec.disks.get_mut(d.index) {
+                *entry = with_image(entry, Path::new(&d.path), ImageFormat::Qcow2);
+            }
         }
         slot.set_spec(spec);
         self.persist_spec(slot)?;
@@ -250,7 +238,7 @@ impl Daemon {
         slot: &VmSlot,
         index: usize,
     ) -> Result<FlattenInfo, ApiError> {
-        require_stopped(slot, "flattening its disks")?;
+        crate::snapshots::require_stopped(slot, "flattening its disks")?;
         let spec = slot.spec();
         let (top, format) = entry_image(&spec, index)?;
         let chain = disk::image_chain(&top, format).map_err(|e| disk_error(index, e))?;

@@ -493,4 +493,18 @@ mod tests {
         assert_eq!(stats["reboots"], 0);
         assert_eq!(stats["vcpus"][0]["tid"], 1);
     }
+
+    #[test]
+    fn test_disk_snapshot_reaches_the_live_vm_and_disk_chain_lists_no_disks() {
+        let s = state();
+        let busy = reply(&s, r#"{"op":"disk-snapshot","tag":"s1"}"#);
+        *s.live.lock().unwrap() = Some(Box::new(Arc::new(FakeVm::default())));
+
+        let taken = reply(&s, r#"{"op":"disk-snapshot","tag":"s1"}"#);
+        let chains = reply(&s, r#"{"op":"disk-chain"}"#);
+
+        assert_eq!(busy["error"], "busy", "{busy}");
+        assert_eq!(taken, json!({"ok": true, "tag": "s1"}));
+        assert_eq!(chains, json!({"ok": true, "disks": []}));
+    }
 }
