@@ -288,6 +288,29 @@ impl Client {
         self.json("POST", &path, Some(req))
     }
 
+    /// `POST /v1/vms/{name}/disk-snapshots`; returns once every disk is on its overlay.
+    pub fn create_disk_snapshot(&self, vm: &str, tag: &str) -> Result<crate::DiskSnapshotInfo> {
+        let req = crate::DiskSnapshotRequest {
+            tag: tag.to_string(),
+        };
+        self.json("POST", &crate::routes::disk_snapshots(vm), Some(&req))
+    }
+
+    /// `GET /v1/vms/{name}/disk-snapshots`.
+    pub fn list_disk_snapshots(&self, vm: &str) -> Result<crate::DiskSnapshotList> {
+        self.json::<(), _>("GET", &crate::routes::disk_snapshots(vm), None)
+    }
+
+    /// `POST /v1/vms/{name}/disk-snapshots/{tag}/revert` (the VM must be stopped).
+    pub fn revert_disk_snapshot(&self, vm: &str, tag: &str) -> Result<crate::DiskRevertInfo> {
+        self.json::<(), _>("POST", &crate::routes::disk_snapshot_revert(vm, tag), None)
+    }
+
+    /// `POST /v1/vms/{name}/disks/{disk}/flatten` (the VM must be stopped).
+    pub fn flatten_disk(&self, vm: &str, disk: usize) -> Result<crate::FlattenInfo> {
+        self.json::<(), _>("POST", &crate::routes::disk_flatten(vm, disk), None)
+    }
+
     /// `GET /v1/stats`.
     pub fn stats(&self) -> Result<Vec<VmStats>> {
         self.json::<(), _>("GET", "/v1/stats", None)

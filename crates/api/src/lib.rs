@@ -3,10 +3,12 @@
 //! and described for outsiders in `openapi.json` (served at `/openapi.json`).
 
 pub mod client;
+pub mod disk_model;
 pub mod error;
 pub mod model;
 pub mod routes;
 
+pub use disk_model::*;
 pub use error::{ApiError, ErrorCode};
 pub use model::*;
 

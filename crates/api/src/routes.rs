@@ -27,6 +27,10 @@ pub const ALL: &[(&str, &str)] = &[
     ("DELETE", "/v1/vms/{name}/snapshots/{snapshot}"),
     ("POST", "/v1/vms/{name}/snapshots/{snapshot}/restore"),
     ("POST", "/v1/vms/{name}/snapshots/{snapshot}/clone"),
+    ("GET", "/v1/vms/{name}/disk-snapshots"),
+    ("POST", "/v1/vms/{name}/disk-snapshots"),
+    ("POST", "/v1/vms/{name}/disk-snapshots/{tag}/revert"),
+    ("POST", "/v1/vms/{name}/disks/{disk}/flatten"),
 ];
 
 /// Path of a VM's resource.
@@ -47,4 +51,19 @@ pub fn snapshots(vm: &str) -> String {
 /// Path of one snapshot of a VM.
 pub fn snapshot(vm: &str, name: &str) -> String {
     format!("/v1/vms/{vm}/snapshots/{name}")
+}
+
+/// Path of a VM's disk snapshot collection.
+pub fn disk_snapshots(vm: &str) -> String {
+    format!("/v1/vms/{vm}/disk-snapshots")
+}
+
+/// Path of the revert action of disk snapshot `tag` of a VM.
+pub fn disk_snapshot_revert(vm: &str, tag: &str) -> String {
+    format!("/v1/vms/{vm}/disk-snapshots/{tag}/revert")
+}
+
+/// Path of the flatten action of disk `disk` (its index) of a VM.
+pub fn disk_flatten(vm: &str, disk: usize) -> String {
+    format!("/v1/vms/{vm}/disks/{disk}/flatten")
 }

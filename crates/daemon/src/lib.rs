@@ -8,6 +8,7 @@ pub mod app;
 pub mod args;
 pub mod clones;
 pub mod console;
+pub mod disk_snapshots;
 pub mod error;
 pub mod metrics;
 pub mod paths;

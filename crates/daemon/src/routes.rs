@@ -64,6 +64,15 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             "/v1/vms/{name}/snapshots/{snapshot}/clone",
             post(clone_snapshot),
         )
+        .route(
+            "/v1/vms/{name}/disk-snapshots",
+            get(list_disk_snapshots).post(create_disk_snapshot),
+        )
+        .route(
+            "/v1/vms/{name}/disk-snapshots/{tag}/revert",
+            post(revert_disk_snapshot),
+        )
+        .route("/v1/vms/{name}/disks/{disk}/flatten", post(flatten_disk))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(daemon)
@@ -406,6 +415,55 @@ async fn clone_snapshot(
     });
     let infos = task.await.map_err(internal)??;
     Ok((StatusCode::CREATED, Json(infos)))
+}
+
+async fn list_disk_snapshots(
+    State(d): AppState,
+    Path(name): Path<String>,
+) -> HttpResult<Json<api::DiskSnapshotList>> {
+    let slot = d.slot(&name)?;
+    Ok(Json(d.list_disk_snapshots(&slot)?))
+}
+
+async fn create_disk_snapshot(
+    State(d): AppState,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> HttpResult<(StatusCode, Json<api::DiskSnapshotInfo>)> {
+    let req: api::DiskSnapshotRequest = parse_body(&body)?;
+    vmm::disk_snapshot::check_tag(&req.tag).map_err(|m| ApiError::bad_field("tag", m))?;
+    // Its own task: once the VMM switched the disks, the definition follows them even if the
+    // client goes away.
+    let task = tokio::spawn(async move {
+        let (slot, _guard) = lock_vm(&d, &name).await?;
+        d.disk_snapshot_locked(&slot, &req.tag).await
+    });
+    let info = task.await.map_err(internal)??;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn revert_disk_snapshot(
+    State(d): AppState,
+    Path((name, tag)): Path<(String, String)>,
+) -> HttpResult<Json<api::DiskRevertInfo>> {
+    let (slot, _guard) = lock_vm(&d, &name).await?;
+    Ok(Json(d.revert_disk_snapshot_locked(&slot, &tag)?))
+}
+
+async fn flatten_disk(
+    State(d): AppState,
+    Path((name, disk)): Path<(String, String)>,
+) -> HttpResult<Json<api::FlattenInfo>> {
+    let index: usize = disk.parse().map_err(|_| {
+        ApiError::bad_field(
+            "disk",
+            format!("disk {disk:?}: give the disk's number in the VM's disks (0, 1, ...)"),
+        )
+    })?;
+    let (slot, _guard) = lock_vm(&d, &name).await?;
+    // Copies the whole disk: off the async workers.
+    let task = tokio::task::spawn_blocking(move || d.flatten_disk_locked(&slot, index));
+    Ok(Json(task.await.map_err(internal)??))
 }
 
 macro_rules! simple_action {

@@ -150,14 +150,7 @@ impl Daemon {
         name: &str,
     ) -> Result<(), ApiError> {
         let snap = self.stored_snapshot(slot, name)?;
-        let state = slot.runtime().state;
-        if state.is_active() {
-            return Err(conflict(format!(
-                "VM {:?} is {}: stop or kill it before restoring a snapshot",
-                slot.name,
-                state.as_str()
-            )));
-        }
+        require_stopped(slot, "restoring a snapshot")?;
         let dir = PathBuf::from(&snap.path);
         if !dir.is_dir() {
             return Err(ApiError::new(
@@ -212,6 +205,19 @@ impl Daemon {
         self.event(&slot.name, "snapshot-deleted", name.to_string());
         Ok(())
     }
+}
+
+/// Refuse (409) what needs the VM stopped while it is active; `what` names the request.
+pub fn require_stopped(slot: &VmSlot, what: &str) -> Result<(), ApiError> {
+    let state = slot.runtime().state;
+    if state.is_active() {
+        return Err(conflict(format!(
+            "VM {:?} is {}: stop or kill it before {what}",
+            slot.name,
+            state.as_str()
+        )));
+    }
+    Ok(())
 }
 
 /// Remove a snapshot directory, logging (not failing) when that is impossible: the record is

@@ -38,7 +38,8 @@ pub async fn call_within(path: &Path, request: &Value, limit: Duration) -> Resul
         "not-supported" => ErrorCode::NotSupported,
         "busy" => ErrorCode::Conflict,
         "bad-request" | "unknown-device" => ErrorCode::BadRequest,
-        "snapshot-failed" => ErrorCode::Internal,
+        "snapshot-failed" | "disk-error" => ErrorCode::Internal,
+        "disk-snapshot-failed" => ErrorCode::Conflict,
         _ => ErrorCode::VmmUnavailable,
     };
     Err(ApiError::new(code, message))

@@ -3,7 +3,8 @@
 use vm_memory::bitmap::{AtomicBitmap, BS};
 use vm_memory::VolatileSlice;
 
-use crate::Result;
+use crate::lock::LockMode;
+use crate::{DiskError, Result};
 
 /// Bytes per sector, the unit of virtio-blk addressing.
 pub const SECTOR_SIZE: u64 = 512;
@@ -62,4 +63,13 @@ pub trait DiskBackend: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Make the range read as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+    /// Change the lock this open image holds (a writer downgrades to [`LockMode::Read`] when
+    /// it becomes the backing file of an overlay, and upgrades back if that is undone).
+    /// `Locked` when another user's lock conflicts. The default cannot relock.
+    fn relock(&self, mode: LockMode) -> Result<()> {
+        let _ = mode;
+        Err(DiskError::NotSupported(
+            "changing the lock of this disk backend",
+        ))
+    }
 }

@@ -304,7 +304,7 @@ pub struct CreateSpec {
 
 /// A temporary file next to the destination that is renamed over it on success and removed
 /// otherwise, so nothing half-written stays behind.
-struct TempOutput {
+pub(crate) struct TempOutput {
     tmp: PathBuf,
     dst: PathBuf,
     file: Option<File>,
@@ -312,7 +312,7 @@ struct TempOutput {
 }
 
 impl TempOutput {
-    fn new(dst: &Path, force: bool) -> Result<Self> {
+    pub(crate) fn new(dst: &Path, force: bool) -> Result<Self> {
         if !force && dst.symlink_metadata().is_ok() {
             return Err(DiskError::Exists(dst.to_path_buf()));
         }
@@ -338,13 +338,13 @@ impl TempOutput {
         })
     }
 
-    fn file(&self) -> Result<&File> {
+    pub(crate) fn file(&self) -> Result<&File> {
         self.file
             .as_ref()
             .ok_or_else(|| DiskError::InvalidArgument("output already closed".into()))
     }
 
-    fn commit(mut self) -> Result<()> {
+    pub(crate) fn commit(mut self) -> Result<()> {
         if let Some(f) = self.file.take() {
             f.sync_all()?;
         }
@@ -420,12 +420,25 @@ pub fn convert_image(
     out_format: ImageFormat,
     force: bool,
 ) -> Result<()> {
-    let input = open_image(src, true, src_format)?;
     if dst.exists() && dst.canonicalize().ok() == src.canonicalize().ok() {
         return Err(DiskError::InvalidArgument(
             "source and destination are the same file".into(),
         ));
     }
+    copy_image(src, src_format, dst, out_format, force)
+}
+
+/// The copy behind [`convert_image`] and flattening: the output goes to a temporary file
+/// renamed over `dst` at the end, so `dst` may be `src` itself (replaced in place; the
+/// input stays open across the rename).
+pub(crate) fn copy_image(
+    src: &Path,
+    src_format: Option<ImageFormat>,
+    dst: &Path,
+    out_format: ImageFormat,
+    force: bool,
+) -> Result<()> {
+    let input = open_image(src, true, src_format)?;
     let size = input.size();
     let out = TempOutput::new(dst, force)?;
     let writer: Box<ChunkWriter> = match out_format {

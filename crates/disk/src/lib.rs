@@ -9,12 +9,15 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod chain;
 mod image;
 mod lock;
 pub mod qcow2;
 mod raw;
+mod swap;
 
 pub use backend::{DiskBackend, GuestSlice, SECTOR_SHIFT, SECTOR_SIZE};
+pub use chain::{create_overlay, flatten, image_chain, overlay_path, revert, RevertOutcome};
 pub use image::{
     convert_image, create_image, image_info, open_image, probe_format, ChainEntry, CreateSpec,
     ImageFormat, ImageInfo,
@@ -22,6 +25,7 @@ pub use image::{
 pub use lock::LockMode;
 pub use qcow2::Qcow2Disk;
 pub use raw::RawDisk;
+pub use swap::{backing_name, CurrentImage, SwappableDisk};
 
 use std::path::PathBuf;
 
@@ -42,6 +46,9 @@ pub enum DiskError {
         /// The image path.
         path: PathBuf,
     },
+    /// A change that needs the image closed was asked for while a VM uses it.
+    #[error("Disk image {0} is in use by a running VM (or another process): stop the VM first")]
+    InUse(PathBuf),
     /// Taking the lock failed for a reason other than a conflict.
     #[error("Cannot lock disk image {path}: {source}")]
     Lock {

@@ -245,6 +245,10 @@ fn not_supported(err: &std::io::Error) -> bool {
 }
 
 impl DiskBackend for RawDisk {
+    fn relock(&self, mode: LockMode) -> Result<()> {
+        lock_file(&self.file, &self.path, mode)
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

@@ -65,7 +65,7 @@ finishes them in Ferrite there. Debug logs: FERRITE_LOG=debug.
 #[derive(Debug, Parser)]
 #[command(name = "ferrite", version, after_help = EXIT_STATUS_HELP)]
 pub struct Cli {
-    /// ferrited's API socket, for the management commands (vm, snapshot, top) [env: FERRITE_SOCKET]
+    /// ferrited's API socket, for the management commands (vm, snapshot, disk-snapshot, top) [env: FERRITE_SOCKET]
     /// [default: /run/ferrite/ferrited.sock].
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -111,6 +111,8 @@ pub enum Command {
     Vm(crate::manage::VmArgs),
     /// Snapshot ferrited's VMs and restore them: create, ls, restore, rm.
     Snapshot(crate::manage::SnapshotArgs),
+    /// Live disk snapshots of ferrited's VMs (qcow2 overlays): create, ls, revert, flatten.
+    DiskSnapshot(crate::manage::DiskSnapshotArgs),
     /// Live CPU, memory, disk and network rates of ferrited's VMs.
     Top(crate::manage::TopArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).

@@ -1,4 +1,5 @@
-//! `ferrite disk create|info|convert`: make, describe and copy raw and qcow2 images.
+//! `ferrite disk create|info|convert|chain|revert|flatten`: make, describe and copy raw and
+//! qcow2 images and manage external snapshot chains.
 //!
 //! Every failure is one line on stderr and exit status 2; create and convert write to a
 //! temporary name and rename at the end, so nothing half-written stays behind.
@@ -39,6 +40,13 @@ pub enum DiskCommand {
     Info(InfoArgs),
     /// Copy an image (any supported format, backing chain flattened) to a new sparse image.
     Convert(ConvertArgs),
+    /// List a disk's snapshot chain, top image first, down to the base.
+    Chain(crate::disk_chain_cmd::ChainArgs),
+    /// Put a new empty top image over an element of the chain (the VM must be stopped); the
+    /// images above it are kept, no longer used.
+    Revert(crate::disk_chain_cmd::RevertArgs),
+    /// Merge a chain into one standalone image (in place, or to --output).
+    Flatten(crate::disk_chain_cmd::FlattenArgs),
 }
 
 /// `ferrite disk create` options.
@@ -95,7 +103,8 @@ pub struct ConvertArgs {
     pub dst: PathBuf,
 }
 
-fn parse_format(s: &str) -> Result<ImageFormat, String> {
+/// Parse `raw` or `qcow2`.
+pub fn parse_format(s: &str) -> Result<ImageFormat, String> {
     s.parse().map_err(|e: DiskError| e.to_string())
 }
 
@@ -130,6 +139,9 @@ pub fn run(args: DiskArgs) -> i32 {
         DiskCommand::Create(a) => create(a),
         DiskCommand::Info(a) => info(a),
         DiskCommand::Convert(a) => convert(a),
+        DiskCommand::Chain(a) => crate::disk_chain_cmd::chain(a),
+        DiskCommand::Revert(a) => crate::disk_chain_cmd::revert(a),
+        DiskCommand::Flatten(a) => crate::disk_chain_cmd::flatten(a),
     };
     match res {
         Ok(()) => 0,

@@ -2,6 +2,7 @@
 
 mod cli;
 mod console_socket;
+mod disk_chain_cmd;
 mod disk_cmd;
 mod input;
 mod manage;
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         Command::Disk(args) => disk_cmd::run(args),
         Command::Vm(args) => manage::run_vm(&global, args),
         Command::Snapshot(args) => manage::run_snapshot(&global, args),
+        Command::DiskSnapshot(args) => manage::run_disk_snapshot(&global, args),
         Command::Top(args) => manage::run_top(&global, args),
         Command::Completions { shell } => manage::completions(shell),
     };

@@ -8,7 +8,7 @@ mod daemon_common;
 use std::path::Path;
 use std::time::Duration;
 
-use daemon_common::{create, start, testguest_spec, TestDaemon};
+use daemon_common::{create, event_kinds, start, testguest_spec, TestDaemon};
 use serde_json::{json, Value};
 
 const READY: &str = "FERRITE-TESTGUEST READY";
@@ -49,23 +49,6 @@ fn wait_ticks(d: &TestDaemon, name: &str, from: usize, count: usize) -> Vec<(u64
         },
     );
     ticks
-}
-
-/// The kinds of the stored events of VM `vm`, read from the event stream for two seconds.
-fn event_kinds(d: &TestDaemon, vm: &str) -> Vec<String> {
-    let out = std::process::Command::new("curl")
-        .args(["-s", "-N", "-m", "2", "--unix-socket"])
-        .arg(&d.socket)
-        .arg("http://ferrited/v1/events?since=0")
-        .output()
-        .expect("run curl");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .filter_map(|data| serde_json::from_str::<Value>(data.trim()).ok())
-        .filter(|ev| ev["vm"] == vm)
-        .map(|ev| ev["kind"].as_str().unwrap_or("").to_string())
-        .collect()
 }
 
 fn status_of(out: &std::process::Output) -> (bool, String) {

@@ -21,6 +21,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+mod disk_snapshots;
+
+pub use disk_snapshots::DiskSnapshot;
+
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use serde_json::Value;
 
@@ -77,6 +81,16 @@ pub const MIGRATIONS: &[&str] = &[
         memory_bytes INTEGER NOT NULL,
         state_bytes  INTEGER NOT NULL,
         PRIMARY KEY (vm, name)
+    );
+    "#,
+    // 3: live disk snapshots of VMs (deleted with their VM).
+    r#"
+    CREATE TABLE disk_snapshots (
+        vm         TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+        tag        TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        disks      TEXT NOT NULL CHECK (json_valid(disks)),
+        PRIMARY KEY (vm, tag)
     );
     "#,
 ];

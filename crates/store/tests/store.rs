@@ -568,3 +568,52 @@ fn version_1_database_gains_snapshots_and_keeps_its_vms() {
     assert_eq!(s.list_snapshots("old").unwrap().len(), 1);
     s.check().unwrap();
 }
+
+fn disk_snapshot(vm: &str, tag: &str, created_ms: i64) -> store::DiskSnapshot {
+    store::DiskSnapshot {
+        vm: vm.into(),
+        tag: tag.into(),
+        created_ms,
+        disks: json!([{"index": 0, "path": format!("/d/disk0@{tag}.qcow2"), "backing": "/d/disk0.img"}]),
+    }
+}
+
+#[test]
+fn disk_snapshots_update_the_spec_refuse_duplicates_and_go_with_their_vm() {
+    let t = TempDir::new("dsnap");
+    let s = Store::open(t.db()).unwrap();
+    s.create_vm("a", &json!({"disks": ["/d/disk0.img"]}))
+        .unwrap();
+    let moved = json!({"disks": ["/d/disk0@s1.qcow2,format=qcow2"]});
+
+    s.add_disk_snapshot(&disk_snapshot("a", "s1", 10), &moved)
+        .unwrap();
+    let dup = s
+        .add_disk_snapshot(&disk_snapshot("a", "s1", 20), &json!({"disks": ["/other"]}))
+        .unwrap_err();
+    let orphan = s
+        .add_disk_snapshot(&disk_snapshot("gone", "s1", 30), &moved)
+        .unwrap_err();
+
+    assert!(
+        matches!(&dup, StoreError::SnapshotExists { name, .. } if name == "s1"),
+        "{dup:?}"
+    );
+    assert!(
+        matches!(&orphan, StoreError::NotFound(n) if n == "gone"),
+        "{orphan:?}"
+    );
+    assert_eq!(
+        s.get_vm("a").unwrap().unwrap().spec,
+        moved,
+        "a refused record changes nothing"
+    );
+    assert_eq!(
+        s.list_disk_snapshots("a").unwrap(),
+        [disk_snapshot("a", "s1", 10)]
+    );
+    assert_eq!(s.get_disk_snapshot("a", "s2").unwrap(), None);
+    s.delete_vm("a").unwrap();
+    assert!(s.list_disk_snapshots("a").unwrap().is_empty());
+    s.check().unwrap();
+}

@@ -122,7 +122,7 @@ pub fn run_with(
                 generation,
             },
         )?;
-        vm.publish(config, &live);
+        vm.publish(config, &disks, &live);
         if control.is_none() && config.api_socket.is_some() {
             match start_control(config, &disks, &run_devices, &live, &reboot_count) {
                 Ok(started) => control = started,
@@ -243,6 +243,7 @@ fn start_control(
         started: std::time::Instant::now(),
         live: live.clone(),
         reboots: reboots.clone(),
+        disks: platform::live_disks(disks),
     };
     crate::control::ControlServer::start(path, state)
         .map(Some)
@@ -454,7 +455,7 @@ impl BuiltVm {
     }
 
     /// Hand the control socket its handle on this instance (pause, power button, ...).
-    fn publish(&self, config: &VmConfig, live: &crate::control::LiveSlot) {
+    fn publish(&self, config: &VmConfig, disks: &[OpenDisk], live: &crate::control::LiveSlot) {
         use std::os::unix::thread::JoinHandleExt;
         let vm = crate::live::LiveVm {
             control: self.control.clone(),
@@ -472,6 +473,7 @@ impl BuiltVm {
             acpi_pm: self._devices.acpi_pm.clone(),
             shutdown: self.shutdown.clone(),
             paused: std::sync::atomic::AtomicBool::new(false),
+            disks: platform::live_disks(disks),
             snapshot: crate::live::SnapshotHandles {
                 vm: self._vm.clone(),
                 memory: self._memory.clone(),

@@ -45,6 +45,8 @@ pub struct LiveVm {
     pub shutdown: ShutdownSignal,
     /// Whether `pause` is in effect.
     pub paused: AtomicBool,
+    /// The disks (switched to new overlays by a disk snapshot).
+    pub disks: Vec<crate::disk_snapshot::LiveDisk>,
     /// What a snapshot is taken from.
     pub snapshot: SnapshotHandles,
 }
@@ -184,7 +186,7 @@ impl LiveVm {
                 memory: &self.snapshot.memory,
                 legacy: &self.snapshot.legacy,
                 virtio: &self.virtio_devices,
-                config: &self.snapshot.config,
+                config: &crate::disk_snapshot::current_config(&self.snapshot.config, &self.disks),
                 vcpus,
                 capture,
                 vmgenid: self.snapshot.vmgenid,
@@ -207,6 +209,14 @@ fn snapshot_msrs() -> Result<Vec<u32>, crate::vm_snapshot::VmSnapshotError> {
     })?;
     let list = crate::persist::vcpu_state::snapshot_msr_list(&kvm)?;
     Ok(LIST.get_or_init(|| list).clone())
+}
+
+fn state_name(paused: bool) -> &'static str {
+    if paused {
+        "paused"
+    } else {
+        "running"
+    }
 }
 
 /// CPU time of thread `tid` in ns: the first field of `/proc/self/task/TID/schedstat`.
@@ -319,6 +329,23 @@ impl VmOps for LiveVm {
             "state": if was_paused || stay_paused { "paused" } else { "running" },
             "diff": diff,
             "snapshot": summary,
+        }))
+    }
+
+    fn disk_snapshot(&self, tag: &str) -> Result<Value, (&'static str, String)> {
+        crate::disk_snapshot::check_tag(tag).map_err(|m| ("bad-request", m))?;
+        let was_paused = self.paused();
+        // Parks the vCPUs and lets every block device finish its requests in flight.
+        self.pause()?;
+        let result = crate::disk_snapshot::take(&self.disks, tag);
+        if !was_paused {
+            self.resume()?;
+        }
+        Ok(json!({
+            "ok": true,
+            "tag": tag,
+            "state": state_name(was_paused),
+            "disks": result?,
         }))
     }
 

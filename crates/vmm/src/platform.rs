@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use arch::e820::MemoryLayout;
 use arch::layout::{irqs, ports, PCI_ECAM_SIZE, PCI_ECAM_START};
 use devices::{LegacyDevices, LegacyIrqs};
-use disk::DiskBackend;
 use pci::{PciConfigIo, PciConfigMmio, PciRoot};
 use virtio::{Block, VirtioPciDevice};
 use vm_device::{Bus, GuestMemoryMmap, IoEventRegistrar, SharedDevice, ShutdownSignal};
@@ -87,8 +86,10 @@ pub struct OpenDisk {
     pub path: std::path::PathBuf,
     /// virtio-blk serial.
     pub id: Option<String>,
-    /// The opened, locked image.
-    pub backend: Arc<dyn DiskBackend>,
+    /// The opened, locked image (switched to a new overlay by a live disk snapshot).
+    pub backend: Arc<disk::SwappableDisk>,
+    /// Attached read-only.
+    pub readonly: bool,
     /// The disk's I/O limiter (shared with the block device's worker and the control
     /// socket); always `Some` today (unlimited unless `bw=`/`iops=` given).
     pub limiter: Option<rate_limiter::SharedRateLimiter>,
@@ -104,10 +105,20 @@ pub fn open_disks(config: &VmConfig) -> Result<Vec<OpenDisk>, VmmError> {
         .map(|d| {
             // Probing (format: None) follows the qcow2 magic; see disk::open_image for why
             // guest-writable raw disks should say format=raw.
-            let backend = disk::open_image(&d.path, d.readonly, d.format).map_err(|e| match e {
+            let to_vmm = |e| match e {
                 disk::DiskError::Locked { path } => VmmError::DiskLocked { path },
                 other => VmmError::DiskOpen(other),
-            })?;
+            };
+            let format = match d.format {
+                Some(f) => f,
+                None => disk::probe_format(&d.path).map_err(to_vmm)?,
+            };
+            let backend = disk::open_image(&d.path, d.readonly, Some(format)).map_err(to_vmm)?;
+            let backend = Arc::new(disk::SwappableDisk::new(disk::CurrentImage {
+                backend,
+                path: d.path.clone(),
+                format,
+            }));
             // Always present (unlimited by default) so the control socket can limit it later.
             let limiter = Some(rate_limiter::SharedRateLimiter::new(&d.rate_limit).map_err(
                 |e| VmmError::DeviceOpen {
@@ -120,9 +131,21 @@ pub fn open_disks(config: &VmConfig) -> Result<Vec<OpenDisk>, VmmError> {
                 path: d.path.clone(),
                 id: d.id.clone(),
                 backend,
+                readonly: d.readonly,
                 limiter,
                 metrics: Arc::default(),
             })
+        })
+        .collect()
+}
+
+/// The disks as the control socket's disk snapshot and chain operations see them.
+pub fn live_disks(disks: &[OpenDisk]) -> Vec<crate::disk_snapshot::LiveDisk> {
+    disks
+        .iter()
+        .map(|d| crate::disk_snapshot::LiveDisk {
+            disk: d.backend.clone(),
+            readonly: d.readonly,
         })
         .collect()
 }

@@ -739,6 +739,10 @@ fn read_full(file: &File, buf: &mut [u8], off: u64) -> Result<()> {
 }
 
 impl DiskBackend for Qcow2Disk {
+    fn relock(&self, mode: LockMode) -> Result<()> {
+        lock_file(&self.file, &self.path, mode)
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

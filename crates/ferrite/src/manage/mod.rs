@@ -3,6 +3,7 @@
 
 mod clone;
 mod console;
+mod disk_snapshot;
 mod set;
 mod snapshot;
 mod spinner;
@@ -19,6 +20,7 @@ use api::client::{Client, ClientError};
 use api::{VmInfo, VmSpec};
 use clap::{Args, Subcommand};
 
+pub use disk_snapshot::{run_disk_snapshot, DiskSnapshotArgs};
 pub use set::SetArgs;
 pub use snapshot::{run_snapshot, SnapshotArgs};
 pub use top::{run_top, TopArgs};

@@ -125,7 +125,7 @@ fn snapshot(g: &Global, c: &Client, cmd: SnapshotCommand) -> Res {
 }
 
 /// UTC `YYYY-MM-DD HH:MM:SS` of a Unix time in ms.
-fn format_date_ms(ms: u64) -> String {
+pub(crate) fn format_date_ms(ms: u64) -> String {
     let t = devices::cmos::DateTime::from_unix((ms / 1000) as i64);
     format!(
         "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",

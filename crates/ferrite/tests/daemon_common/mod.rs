@@ -327,3 +327,20 @@ pub fn start(d: &TestDaemon, name: &str) {
 pub fn under(d: &TestDaemon, rel: &str) -> PathBuf {
     Path::new(&d.root).join(rel)
 }
+
+/// The kinds of the stored events of VM `vm`, read from the event stream for two seconds.
+pub fn event_kinds(d: &TestDaemon, vm: &str) -> Vec<String> {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-N", "-m", "2", "--unix-socket"])
+        .arg(&d.socket)
+        .arg("http://ferrited/v1/events?since=0")
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|data| serde_json::from_str::<Value>(data.trim()).ok())
+        .filter(|ev| ev["vm"] == vm)
+        .map(|ev| ev["kind"].as_str().unwrap_or("").to_string())
+        .collect()
+}

@@ -50,6 +50,10 @@ pub trait VmOps: Send {
         stay_paused: bool,
         diff: bool,
     ) -> Result<Value, (&'static str, String)>;
+    /// Pause, put a new qcow2 overlay tagged `tag` over every writable disk at one point
+    /// (all disks or none), and resume unless the VM was paused before. Returns the reply
+    /// (`disks`: each new top image and its backing file).
+    fn disk_snapshot(&self, tag: &str) -> Result<Value, (&'static str, String)>;
 }
 
 /// The running VM instance: filled after each build, emptied before teardown.
@@ -72,6 +76,8 @@ pub struct ControlState {
     pub live: LiveSlot,
     /// Guest resets turned into in-process rebuilds so far.
     pub reboots: Arc<AtomicU32>,
+    /// The disks (for `info`'s current image paths and `disk-chain`).
+    pub disks: Vec<crate::disk_snapshot::LiveDisk>,
 }
 
 #[derive(Deserialize)]
@@ -105,6 +111,10 @@ enum Request {
         #[serde(default)]
         diff: bool,
     },
+    DiskSnapshot {
+        tag: String,
+    },
+    DiskChain,
 }
 
 fn error(code: &str, message: impl Into<String>) -> Value {
@@ -125,6 +135,19 @@ fn limits(state: &ControlState) -> Value {
         .map(|(k, v)| (k, v.config()))
         .collect();
     json!(map)
+}
+
+/// The configuration with each disk's current image (a disk snapshot moves it to an overlay).
+fn info(state: &ControlState) -> Value {
+    let mut info = state.info.clone();
+    if let Some(disks) = info.get_mut("disks").and_then(Value::as_array_mut) {
+        for (d, live) in disks.iter_mut().zip(&state.disks) {
+            let cur = live.disk.current();
+            d["path"] = json!(cur.path);
+            d["format"] = json!(cur.format);
+        }
+    }
+    info
 }
 
 /// Handles one request line and returns the reply line (without the newline).
@@ -182,6 +205,7 @@ fn vm_op(state: &ControlState, req: Request) -> Value {
                 stay_paused,
                 diff,
             } => vm.snapshot(std::path::Path::new(&path), stay_paused, diff),
+            Request::DiskSnapshot { tag } => vm.disk_snapshot(&tag),
             _ => Ok(error("bad-request", "Not a VM operation")),
         };
         result.unwrap_or_else(|(code, message)| error(code, message))
@@ -190,8 +214,13 @@ fn vm_op(state: &ControlState, req: Request) -> Value {
 
 fn dispatch(state: &ControlState, req: Request) -> Value {
     match req {
-        Request::Info => json!({"ok": true, "config": state.info, "rate_limits": limits(state)}),
-        Request::Pause
+        Request::Info => json!({"ok": true, "config": info(state), "rate_limits": limits(state)}),
+        Request::DiskChain => match crate::disk_snapshot::chains(&state.disks) {
+            Ok(disks) => json!({"ok": true, "disks": disks}),
+            Err((code, message)) => error(code, message),
+        },
+        Request::DiskSnapshot { .. }
+        | Request::Pause
         | Request::Resume
         | Request::PowerButton
         | Request::Reboot
@@ -288,6 +317,7 @@ mod tests {
             started: Instant::now(),
             live: LiveSlot::default(),
             reboots: Arc::default(),
+            disks: Vec::new(),
         }
     }
 
@@ -424,6 +454,9 @@ mod tests {
         ) -> Result<Value, (&'static str, String)> {
             Ok(json!({"ok": true, "path": path, "stay_paused": stay_paused, "diff": diff}))
         }
+        fn disk_snapshot(&self, tag: &str) -> Result<Value, (&'static str, String)> {
+            Ok(json!({"ok": true, "tag": tag}))
+        }
     }
 
     #[test]
@@ -459,5 +492,19 @@ mod tests {
         assert_eq!(stats["state"], "running");
         assert_eq!(stats["reboots"], 0);
         assert_eq!(stats["vcpus"][0]["tid"], 1);
+    }
+
+    #[test]
+    fn test_disk_snapshot_reaches_the_live_vm_and_disk_chain_lists_no_disks() {
+        let s = state();
+        let busy = reply(&s, r#"{"op":"disk-snapshot","tag":"s1"}"#);
+        *s.live.lock().unwrap() = Some(Box::new(Arc::new(FakeVm::default())));
+
+        let taken = reply(&s, r#"{"op":"disk-snapshot","tag":"s1"}"#);
+        let chains = reply(&s, r#"{"op":"disk-chain"}"#);
+
+        assert_eq!(busy["error"], "busy", "{busy}");
+        assert_eq!(taken, json!({"ok": true, "tag": "s1"}));
+        assert_eq!(chains, json!({"ok": true, "disks": []}));
     }
 }

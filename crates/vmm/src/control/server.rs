@@ -150,6 +150,7 @@ mod tests {
             started: Instant::now(),
             live: Default::default(),
             reboots: Default::default(),
+            disks: Vec::new(),
         }
     }
 
