@@ -303,7 +303,12 @@ impl Machine {
     /// address the DSDT's `VGEN.ADDR` gives, and whether GPE0 bit 0 (the host's "the ID
     /// changed" notification) was pending, which it clears, as an OS's `_E00` handling would.
     fn cmd_vmgenid(&self) {
-        let Some(addr) = self.acpi.as_ref().and_then(|a| a.fadt).and_then(|f| f.vmgenid) else {
+        let Some(addr) = self
+            .acpi
+            .as_ref()
+            .and_then(|a| a.fadt)
+            .and_then(|f| f.vmgenid)
+        else {
             println!("ERR vmgenid no-device");
             return;
         };
@@ -327,7 +332,7 @@ impl Machine {
         for i in 0..16 {
             let _ = write!(line, "{:02x}", mmio::r8(addr + i));
         }
-        let _ = write!(line, " changed={}\n", changed);
+        let _ = writeln!(line, " changed={}", changed);
         line.flush();
     }
 

@@ -643,7 +643,10 @@ pub fn cmd_info(pci: &Pci, tsc_hz: u64) {
             d.poll(tsc_hz);
             // Re-read, as a driver does on a transport reset: a restored clone has a new CID.
             d.cid = d.t.cfg_r64(0);
-            println!("OK vsock cid={} transport_resets={}", d.cid, d.transport_resets)
+            println!(
+                "OK vsock cid={} transport_resets={}",
+                d.cid, d.transport_resets
+            )
         }
         Err(e) => println!("ERR vsock {}", e),
     }
