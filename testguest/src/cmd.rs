@@ -36,6 +36,8 @@ pub struct Machine {
     pub disks: [Option<Disk>; MAX_DISKS],
     /// Number of entries of `disks`.
     pub ndisks: usize,
+    /// The region the last `dirty` left behind, for `dirty-check`.
+    pub dirty: Option<crate::dirty::Region>,
 }
 
 /// First byte of the RAM `mem-fill`/`mem-check` use (above the image and its .bss).
@@ -56,7 +58,7 @@ const POWER_CHECK_MS: u64 = 250;
 
 /// Command names, for `help`.
 const COMMANDS: &str =
-    "help,echo,cpus,mem,mem-fill,mem-check,pci,acpi,vmgenid,time,count,count-forever,irqs,poweroff,reboot,\
+    "help,echo,cpus,mem,mem-fill,mem-check,mem-sum,dirty,dirty-check,pci,acpi,vmgenid,time,count,count-forever,irqs,poweroff,reboot,\
 blk,blk-id,blk-write,blk-check,blk-sum,blk-flush,blk-discard,blk-zeroes,blk-bench,bench-pio,bench-mmio,\
 rng,vcon,vcon-write,vcon-echo,vsock,vsock-listen,vsock-connect,hostile,net-up,net-serve,net-bench-tx,net-bench-rx,\
 balloon,balloon-run,balloon-wait,balloon-report,touch,spin";
@@ -82,6 +84,7 @@ impl Machine {
             pci,
             disks: [const { None }; MAX_DISKS],
             ndisks: 0,
+            dirty: None,
         };
         for i in 0..m.pci.count {
             let f = m.pci.funcs[i];
@@ -132,6 +135,22 @@ impl Machine {
             n += 1;
         }
         (sum, top, n)
+    }
+
+    /// Bytes of RAM from `MEM_PATTERN_BASE` to the end of the RAM entry holding it (and
+    /// inside the identity map); 0 if it is not RAM.
+    fn pattern_ram(&self) -> u64 {
+        let end = self
+            .boot
+            .ram()
+            .filter(|e| {
+                e.addr <= MEM_PATTERN_BASE && e.addr.saturating_add(e.size) > MEM_PATTERN_BASE
+            })
+            .map(|e| e.addr.saturating_add(e.size))
+            .max()
+            .unwrap_or(0);
+        end.min(sys::identity_limit())
+            .saturating_sub(MEM_PATTERN_BASE)
     }
 
     /// Prints the boot summary lines.
@@ -201,6 +220,22 @@ impl Machine {
             "count-forever" => self.cmd_count_forever(args),
             "spin" => self.cmd_spin(args),
             "mem-fill" | "mem-check" => self.cmd_mem_pattern(cmd, args),
+            "mem-sum" => crate::dirty::cmd_mem_sum(MEM_PATTERN_BASE, self.pattern_ram(), args),
+            "dirty" => {
+                let avail = self.pattern_ram();
+                let mut region = self.dirty.take();
+                let mut last_check = 0u64;
+                crate::dirty::cmd_dirty(
+                    &mut region,
+                    self.tsc.hz,
+                    MEM_PATTERN_BASE,
+                    avail,
+                    &mut || self.check_power_button(&mut last_check),
+                    args,
+                );
+                self.dirty = region;
+            }
+            "dirty-check" => crate::dirty::cmd_check(&self.dirty),
             "irqs" => cmd_irqs(),
             "bench-pio" | "bench-mmio" => self.cmd_bench(cmd, args),
             "acpi" => self.cmd_acpi(),

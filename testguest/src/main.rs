@@ -8,6 +8,7 @@ mod acpi;
 mod blkbench;
 mod cmd;
 mod console;
+mod dirty;
 mod hostile;
 mod kernel;
 mod netbench;

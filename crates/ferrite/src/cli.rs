@@ -22,6 +22,8 @@ pub mod exit {
     pub const REBOOT: i32 = 3;
     /// Stopped from the host: console escape Ctrl-A x, SIGINT, SIGTERM or SIGHUP.
     pub const STOPPED: i32 = 4;
+    /// The guest was migrated away and runs on the destination now.
+    pub const MIGRATED: i32 = 5;
 }
 
 /// The exit-status table, shared by the top-level and `run` help.
@@ -34,7 +36,8 @@ Exit status:
      error while running); the reason, the vCPU registers and the bytes at RIP go to stderr
   2  bad command line or configuration (the problem is printed as one line)
   3  the guest rebooted and --no-reboot was given
-  4  stopped from the host: Ctrl-A x on the console, SIGINT, SIGTERM, SIGHUP or SIGQUIT"
+  4  stopped from the host: Ctrl-A x on the console, SIGINT, SIGTERM, SIGHUP or SIGQUIT
+  5  the guest was migrated away (it runs on the destination)"
     };
 }
 
@@ -220,6 +223,17 @@ pub struct RunArgs {
         "track_dirty_pages",
     ])]
     pub restore: Option<PathBuf>,
+    /// Receive a running VM from a migration source on ENDPOINT (tcp:HOST:PORT or
+    /// unix:PATH) and continue it: the source's control socket request
+    /// {"op":"migrate","to":ENDPOINT} sends it. Its configuration comes from the source; only
+    /// --api-socket and the console options may be given. The guest runs here only once the
+    /// source has stopped it for good.
+    #[arg(long, value_name = "ENDPOINT", conflicts_with_all = [
+        "config", "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "vsock",
+        "rng", "balloon", "virtio_console", "no_reboot", "repair_emulation", "cpu_features",
+        "track_dirty_pages", "restore",
+    ])]
+    pub incoming: Option<String>,
     /// With --restore: start the snapshot as a clone with its own identity, from this JSON
     /// file: {"nets":[{"tap":NAME,"mac":MAC}],"vsock":{"cid":N,"socket":PATH},
     /// "disks":[{"overlay":PATH}]} (one entry per NIC and disk, in order; tap and mac may be
@@ -230,7 +244,7 @@ pub struct RunArgs {
     pub clone_identity: Option<PathBuf>,
     /// Kernel image: vmlinux with a PVH note, or bzImage (required unless --config or
     /// --restore).
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["config", "restore"])]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["config", "restore", "incoming"])]
     pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]

@@ -155,8 +155,12 @@ fn run_vm(args: &RunArgs) -> (i32, &'static str, String, u32) {
         eprintln!("ferrite: {line}");
         (code, "error", line, 0)
     };
-    let (config, restore) = match &args.restore {
-        Some(dir) => match vmm::vm_snapshot::load(dir) {
+    let (config, restore) = match (&args.restore, &args.incoming) {
+        (None, Some(endpoint)) => match receive_migration(endpoint, args) {
+            Ok(received) => received,
+            Err(line) => return error(exit::USAGE, line),
+        },
+        (Some(dir), _) => match vmm::vm_snapshot::load(dir) {
             Ok(mut snap) => {
                 tracing::debug!("snapshot loaded");
                 let mut config = snap.meta.config.clone();
@@ -178,7 +182,7 @@ fn run_vm(args: &RunArgs) -> (i32, &'static str, String, u32) {
                 )
             }
         },
-        None => match config_from(args) {
+        (None, None) => match config_from(args) {
             Ok(c) => (c, None),
             Err(line) => return error(exit::USAGE, line),
         },
@@ -256,6 +260,7 @@ fn run_vm(args: &RunArgs) -> (i32, &'static str, String, u32) {
                         .unwrap_or_else(|| "stopped from the console".to_string()),
                 ),
                 Outcome::Failed(failure) => ("failed", failure_line(failure)),
+                Outcome::Migrated(status) => ("migrated", migrated_line(status)),
             };
             (code, outcome, detail, report.reboots)
         }
@@ -268,6 +273,37 @@ fn run_vm(args: &RunArgs) -> (i32, &'static str, String, u32) {
             error(code, chain_to_line(&e))
         }
     }
+}
+
+/// Wait for a migration source on `endpoint` and receive its VM: (configuration, the state
+/// to continue from). The guest runs here only once the source commits (the builder opens
+/// the snapshot's start gate).
+fn receive_migration(
+    endpoint: &str,
+    args: &RunArgs,
+) -> Result<(VmConfig, Option<vmm::vm_snapshot::LoadedSnapshot>), String> {
+    let endpoint: migration::Endpoint = endpoint.parse().map_err(|e| chain_to_line(&e))?;
+    let incoming = vmm::migrate::incoming::accept(&endpoint).map_err(|e| chain_to_line(&e))?;
+    let mut config = incoming.config.clone();
+    // The source's control socket is its own: only --api-socket names one here.
+    config.api_socket = args.api_socket.clone();
+    let snap = incoming.receive().map_err(|e| chain_to_line(&e))?;
+    tracing::debug!("migration received");
+    Ok((config, Some(snap)))
+}
+
+/// One line on a completed outgoing migration.
+fn migrated_line(status: &vmm::migrate::MigrationStatus) -> String {
+    format!(
+        "migrated to {}: downtime {:.1} ms, total {:.1} ms, {} rounds, {:.1} MiB sent ({} pages, {} zero pages)",
+        status.to,
+        status.downtime_ms.unwrap_or(0.0),
+        status.total_ms.unwrap_or(0.0),
+        status.round + 1,
+        status.sent_bytes as f64 / f64::from(1 << 20),
+        status.pages_sent,
+        status.zero_pages
+    )
 }
 
 /// The first line of a failure report (the reason, without the register dump).
@@ -295,6 +331,10 @@ fn outcome_status(report: &RunReport, stats: bool) -> i32 {
         Outcome::Reset => {
             eprintln!("ferrite: the guest rebooted (--no-reboot)");
             exit::REBOOT
+        }
+        Outcome::Migrated(status) => {
+            eprintln!("ferrite: {}", migrated_line(status));
+            exit::MIGRATED
         }
         Outcome::Stopped => {
             match signals::received() {

@@ -47,5 +47,6 @@ pub use memory::{
     PAGE_SIZE,
 };
 pub use pagemap::{PageMap, PageRun};
+pub use resident::resident_pages;
 pub use sparse_copy::copy_sparse;
 pub use state::{StateReader, StateWriter, FORMAT_VERSION, MAGIC};

@@ -34,7 +34,7 @@ pub(crate) fn host_page_size() -> usize {
 
 /// For each 4 KiB page of `mem`, whether the guest touched it (any host page under it is
 /// resident or swapped out). `path` names the memory file in errors.
-pub(crate) fn resident_pages(mem: &[u8], path: &Path) -> Result<Vec<bool>> {
+pub fn resident_pages(mem: &[u8], path: &Path) -> Result<Vec<bool>> {
     let pages = mem.len() / PAGE;
     if pages == 0 {
         return Ok(Vec::new());

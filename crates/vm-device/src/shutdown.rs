@@ -12,6 +12,8 @@ pub enum ShutdownKind {
     PowerOff = 1,
     /// The guest asked for a reset (i8042 pulse, ACPI reset register, triple fault).
     Reset = 2,
+    /// The guest was migrated away: it runs on another host now, this VMM stops.
+    Migrated = 3,
 }
 
 /// A one-shot, cloneable request to stop the VM; the first request wins.
@@ -47,6 +49,7 @@ impl ShutdownSignal {
         match self.inner.0.load(Ordering::SeqCst) {
             1 => Some(ShutdownKind::PowerOff),
             2 => Some(ShutdownKind::Reset),
+            3 => Some(ShutdownKind::Migrated),
             _ => None,
         }
     }

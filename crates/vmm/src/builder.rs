@@ -28,7 +28,7 @@ use crate::repair::RepairStats;
 use crate::stop::StopHandle;
 use crate::vcpu::{RunControl, Vcpu, VcpuContext, VcpuHandle};
 use crate::vm::{Hypervisor, PitCreation};
-use crate::vm_snapshot::{LoadedSnapshot, VmSnapshotError};
+use crate::vm_snapshot::{LoadedSnapshot, SnapshotMemory, VmSnapshotError};
 use crate::vmgenid::GenerationId;
 use crate::{kick, stats::ExitCounters};
 
@@ -46,6 +46,8 @@ pub enum Outcome {
     Stopped,
     /// The VM failed: triple fault, KVM error, unrepairable emulation failure.
     Failed(Box<FailureReport>),
+    /// The guest was migrated to another VMM and runs there (the migration's final status).
+    Migrated(Box<crate::migrate::MigrationStatus>),
 }
 
 /// The end of a `ferrite run`: the outcome plus statistics.
@@ -102,11 +104,19 @@ pub fn run_with(
     // The control socket lives for the whole run (across reboots); dropping it removes PATH.
     let live = crate::control::LiveSlot::default();
     let reboot_count = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let migration = crate::migrate::SharedStatus::default();
     // A restored VM's socket appears only once the VM is live: a request served earlier
     // (a balloon target, say) would be overwritten by the snapshot's device state.
     let mut control = match restore {
         Some(_) => None,
-        None => start_control(config, &disks, &run_devices, &live, &reboot_count)?,
+        None => start_control(
+            config,
+            &disks,
+            &run_devices,
+            &live,
+            &reboot_count,
+            &migration,
+        )?,
     };
     let mut reboots = 0;
     loop {
@@ -122,9 +132,16 @@ pub fn run_with(
                 generation,
             },
         )?;
-        vm.publish(config, &disks, &live);
+        vm.publish(config, &disks, &live, &migration);
         if control.is_none() && config.api_socket.is_some() {
-            match start_control(config, &disks, &run_devices, &live, &reboot_count) {
+            match start_control(
+                config,
+                &disks,
+                &run_devices,
+                &live,
+                &reboot_count,
+                &migration,
+            ) {
                 Ok(started) => control = started,
                 Err(e) => {
                     vm.teardown(console, &live);
@@ -147,6 +164,10 @@ pub fn run_with(
                 reboots += 1;
                 reboot_count.store(reboots, std::sync::atomic::Ordering::SeqCst);
                 tracing::info!(reboots, "guest reset: rebuilding the VM");
+            }
+            Outcome::Migrated(_) => {
+                let status = migration.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                return Ok(finish(Outcome::Migrated(Box::new(status))));
             }
             other => {
                 console.flush(Duration::from_secs(1));
@@ -221,6 +242,7 @@ fn start_control(
     run_devices: &RunDevices,
     live: &crate::control::LiveSlot,
     reboots: &Arc<std::sync::atomic::AtomicU32>,
+    migration: &crate::migrate::SharedStatus,
 ) -> Result<Option<crate::control::ControlServer>, VmmError> {
     let Some(path) = &config.api_socket else {
         return Ok(None);
@@ -244,6 +266,7 @@ fn start_control(
         live: live.clone(),
         reboots: reboots.clone(),
         disks: platform::live_disks(disks),
+        migration: migration.clone(),
     };
     crate::control::ControlServer::start(path, state)
         .map(Some)
@@ -297,10 +320,16 @@ impl BuiltVm {
             .map_err(VmmError::Layout)?;
         let ranges = layout.ram_ranges();
         let mem = match restore {
-            Some(snap) => {
-                let offsets = snap.file_offsets(&ranges)?;
-                memory::create_guest_memory_from_file(&ranges, &snap.memory_file, &offsets)?
-            }
+            Some(snap) => match &snap.memory {
+                SnapshotMemory::File(file) => {
+                    let offsets = snap.file_offsets(&ranges)?;
+                    memory::create_guest_memory_from_file(&ranges, file, &offsets)?
+                }
+                SnapshotMemory::Received(mem) => {
+                    snap.file_offsets(&ranges)?;
+                    mem.clone()
+                }
+            },
             None => memory::create_guest_memory(&ranges)?,
         };
         tracing::debug!(restore = restore.is_some(), "guest memory mapped");
@@ -426,7 +455,7 @@ impl BuiltVm {
             shutdown,
             vcpus: Vec::new(),
             counters: Vec::new(),
-            restored_from: restore.map(|snap| snap.dir.clone()),
+            restored_from: restore.and_then(|snap| snap.dir.clone()),
             vmgenid,
         };
         // Host input reaches COM1 only now: a byte arriving earlier would raise its interrupt
@@ -434,6 +463,17 @@ impl BuiltVm {
         if let Err(e) = console.input().attach(built._devices.serial.clone()) {
             built.teardown(console, &crate::control::LiveSlot::default());
             return Err(VmmError::Io(e));
+        }
+        // An incoming migration: the guest may run here only once the source committed.
+        let gate = restore
+            .and_then(|snap| snap.start_gate.as_ref())
+            .and_then(|g| g.lock().unwrap_or_else(|e| e.into_inner()).take());
+        if let Some(gate) = gate {
+            if let Err(reason) = gate.open() {
+                built.teardown(console, &crate::control::LiveSlot::default());
+                return Err(VmmError::Migration(reason));
+            }
+            tracing::debug!("migration committed");
         }
         for (id, fd) in fds.into_iter().enumerate() {
             match Vcpu::new(id as u32, fd, ctx.clone()).spawn() {
@@ -455,7 +495,13 @@ impl BuiltVm {
     }
 
     /// Hand the control socket its handle on this instance (pause, power button, ...).
-    fn publish(&self, config: &VmConfig, disks: &[OpenDisk], live: &crate::control::LiveSlot) {
+    fn publish(
+        &self,
+        config: &VmConfig,
+        disks: &[OpenDisk],
+        live: &crate::control::LiveSlot,
+        migration: &crate::migrate::SharedStatus,
+    ) {
         use std::os::unix::thread::JoinHandleExt;
         let vm = crate::live::LiveVm {
             control: self.control.clone(),
@@ -490,7 +536,9 @@ impl BuiltVm {
                 )),
             },
         };
-        *live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(vm));
+        *live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(
+            crate::live::LiveHandle::new(vm, migration.clone()),
+        ));
     }
 
     /// Block until the guest powers off/resets, a vCPU fails, or the host asks to stop.
@@ -507,6 +555,9 @@ impl BuiltVm {
             match self.shutdown.requested() {
                 Some(ShutdownKind::PowerOff) => return Outcome::PowerOff,
                 Some(ShutdownKind::Reset) => return Outcome::Reset,
+                Some(ShutdownKind::Migrated) => {
+                    return Outcome::Migrated(Box::default());
+                }
                 None => {}
             }
             if stop.requested() {

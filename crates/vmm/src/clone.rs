@@ -207,7 +207,9 @@ pub fn apply(
     identity: &CloneIdentity,
 ) -> Result<(), CloneError> {
     if snap.vmgenid.is_none() {
-        return Err(CloneError::NoGenerationId(snap.dir.clone()));
+        return Err(CloneError::NoGenerationId(
+            snap.dir.clone().unwrap_or_default(),
+        ));
     }
     count_check("nets", "NIC", identity.nets.len(), config.nets.len())?;
     count_check("disks", "disk", identity.disks.len(), config.disks.len())?;

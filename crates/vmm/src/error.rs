@@ -142,6 +142,9 @@ pub enum VmmError {
     /// A snapshot cannot be restored as a clone with the identity given.
     #[error(transparent)]
     Clone(#[from] crate::clone::CloneError),
+    /// An incoming migration failed before the guest ran here.
+    #[error("Incoming migration failed; the guest did not run here: {0}")]
+    Migration(String),
     /// A feature this build does not have.
     #[error("Not supported: {0}")]
     NotSupported(&'static str),

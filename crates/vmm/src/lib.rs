@@ -27,6 +27,7 @@ pub mod ioevent;
 pub mod kick;
 pub mod live;
 pub mod memory;
+pub mod migrate;
 pub mod persist;
 pub mod platform;
 pub mod repair;

@@ -114,13 +114,89 @@ impl LiveVm {
 }
 
 impl LiveVm {
-    /// Save every parked vCPU on its own thread, then write the snapshot (all paused).
-    fn write_snapshot(
+    /// Do the slow part of saving vCPU state (probing the host's MSR list) ahead of a pause.
+    pub(crate) fn prepare_save(&self) -> Result<(), crate::vm_snapshot::VmSnapshotError> {
+        snapshot_msrs().map(|_| ())
+    }
+
+    /// The configuration as it stands (disks on their current overlays).
+    pub(crate) fn current_config(&self) -> crate::config::VmConfig {
+        crate::disk_snapshot::current_config(&self.snapshot.config, &self.disks)
+    }
+
+    /// Turn KVM's dirty-page log on for a migration (already on for a VM that tracks dirty
+    /// pages) and start the log afresh.
+    pub(crate) fn start_dirty_log(&self) -> Result<(), String> {
+        if !self.snapshot.config.track_dirty_pages {
+            crate::memory::register_guest_memory(&self.snapshot.vm, &self.snapshot.memory, true)
+                .map_err(|e| format!("Cannot turn on dirty-page logging: {e}"))?;
+        }
+        self.harvest_dirty().map(|_| ())
+    }
+
+    /// Turn the dirty-page log back off after a failed migration (unless the VM tracks dirty
+    /// pages for its snapshots).
+    pub(crate) fn stop_dirty_log(&self) {
+        if !self.snapshot.config.track_dirty_pages {
+            if let Err(e) = crate::memory::register_guest_memory(
+                &self.snapshot.vm,
+                &self.snapshot.memory,
+                false,
+            ) {
+                tracing::warn!("cannot turn dirty-page logging off again: {e}");
+            }
+        }
+    }
+
+    /// The pages written since the last harvest (see [`crate::memory::dirty_pages`]). For a
+    /// VM that tracks dirty pages for its snapshots, they also count as written since its
+    /// restore, and the next diff snapshot needs a full snapshot first (the log it would be
+    /// relative to was consumed).
+    pub(crate) fn harvest_dirty(&self) -> Result<Vec<Vec<u64>>, String> {
+        let mut tracker = self
+            .snapshot
+            .dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let pages = crate::memory::dirty_pages(&self.snapshot.vm, &self.snapshot.memory)
+            .map_err(|e| e.to_string())?;
+        if tracker.enabled {
+            if let Some(acc) = tracker.since_restore.as_mut() {
+                for (acc, new) in acc.iter_mut().zip(&pages) {
+                    for (a, n) in acc.iter_mut().zip(new) {
+                        *a |= n;
+                    }
+                }
+            }
+            tracker.base = None;
+        }
+        Ok(pages)
+    }
+
+    /// Park the vCPUs (not the devices) for `held`, then let them run: one auto-converge
+    /// slice. Does nothing while the VM is paused.
+    pub(crate) fn hold_vcpus(&self, held: Duration) {
+        if self.paused.load(Ordering::SeqCst) {
+            return;
+        }
+        self.control.request_pause();
+        let kick = || {
+            for v in &self.vcpus {
+                crate::kick::kick(v.thread);
+            }
+        };
+        let _ = self
+            .control
+            .wait_parked_timeout(self.vcpus.len(), PAUSE_TIMEOUT, kick);
+        std::thread::sleep(held);
+        self.control.resume();
+    }
+
+    /// Save every parked vCPU's state, each on its own thread (the vCPUs are paused).
+    pub(crate) fn save_vcpus(
         &self,
-        path: &std::path::Path,
-        diff: bool,
-    ) -> Result<crate::vm_snapshot::SnapshotSummary, crate::vm_snapshot::VmSnapshotError> {
-        use crate::vm_snapshot::{MemoryCapture, VmSnapshotError::Capture};
+    ) -> Result<Vec<crate::persist::VcpuState>, crate::vm_snapshot::VmSnapshotError> {
+        use crate::vm_snapshot::VmSnapshotError::Capture;
         let msrs = Arc::new(snapshot_msrs()?);
         type Saved = BTreeMap<u32, Result<crate::persist::VcpuState, String>>;
         let saved: Arc<Mutex<Saved>> = Arc::default();
@@ -143,6 +219,37 @@ impl LiveVm {
                 None => return Err(Capture(format!("vCPU {} is not running", v.id))),
             }
         }
+        Ok(vcpus)
+    }
+
+    /// The parts of this paused instance a snapshot or a migration's final state is read
+    /// from.
+    pub(crate) fn sources<'a>(
+        &'a self,
+        vcpus: Vec<crate::persist::VcpuState>,
+        capture: crate::vm_snapshot::MemoryCapture,
+        config: &'a crate::config::VmConfig,
+    ) -> crate::vm_snapshot::SnapshotSources<'a> {
+        crate::vm_snapshot::SnapshotSources {
+            vm: &self.snapshot.vm,
+            memory: &self.snapshot.memory,
+            legacy: &self.snapshot.legacy,
+            virtio: &self.virtio_devices,
+            config,
+            vcpus,
+            capture,
+            vmgenid: self.snapshot.vmgenid,
+        }
+    }
+
+    /// Save every parked vCPU on its own thread, then write the snapshot (all paused).
+    fn write_snapshot(
+        &self,
+        path: &std::path::Path,
+        diff: bool,
+    ) -> Result<crate::vm_snapshot::SnapshotSummary, crate::vm_snapshot::VmSnapshotError> {
+        use crate::vm_snapshot::{MemoryCapture, VmSnapshotError::Capture};
+        let vcpus = self.save_vcpus()?;
         let mut tracker = self
             .snapshot
             .dirty
@@ -179,19 +286,8 @@ impl LiveVm {
             (false, None, _) => MemoryCapture::Touched,
             _ => return Err(Capture("this VM does not track dirty pages".into())),
         };
-        let summary = crate::vm_snapshot::write(
-            path,
-            crate::vm_snapshot::SnapshotSources {
-                vm: &self.snapshot.vm,
-                memory: &self.snapshot.memory,
-                legacy: &self.snapshot.legacy,
-                virtio: &self.virtio_devices,
-                config: &crate::disk_snapshot::current_config(&self.snapshot.config, &self.disks),
-                vcpus,
-                capture,
-                vmgenid: self.snapshot.vmgenid,
-            },
-        )?;
+        let config = crate::disk_snapshot::current_config(&self.snapshot.config, &self.disks);
+        let summary = crate::vm_snapshot::write(path, self.sources(vcpus, capture, &config))?;
         tracker.base = Some(summary.path.clone());
         Ok(summary)
     }
@@ -372,5 +468,139 @@ impl Drop for LiveVm {
         if self.paused.load(Ordering::SeqCst) {
             let _ = self.resume_devices();
         }
+    }
+}
+
+/// What the control socket holds of a running instance: the instance (shared with a migration
+/// running on its own thread) and that migration. Dropping it (the instance is torn down)
+/// cancels and waits for the migration first.
+pub struct LiveHandle {
+    vm: Arc<LiveVm>,
+    migration: Mutex<Option<crate::migrate::source::SourceJob>>,
+    status: crate::migrate::SharedStatus,
+}
+
+impl LiveHandle {
+    /// The control socket's handle on `vm`; migrations report to `status` (which outlives
+    /// the instance, so the run's end can report a completed migration).
+    pub fn new(vm: LiveVm, status: crate::migrate::SharedStatus) -> Self {
+        Self {
+            vm: Arc::new(vm),
+            migration: Mutex::new(None),
+            status,
+        }
+    }
+
+    /// Refuse what would interfere with a migration in progress.
+    fn not_migrating(&self) -> Result<(), (&'static str, String)> {
+        let job = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        match job.as_ref() {
+            Some(job) if !job.finished() => Err((
+                "busy",
+                "A migration is in progress: wait for it (migrate-status) or cancel it \
+                 (migrate-cancel)"
+                    .to_string(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl VmOps for LiveHandle {
+    fn pause(&self) -> Result<(), (&'static str, String)> {
+        self.not_migrating()?;
+        self.vm.pause()
+    }
+
+    fn resume(&self) -> Result<(), (&'static str, String)> {
+        self.not_migrating()?;
+        self.vm.resume()
+    }
+
+    fn paused(&self) -> bool {
+        self.vm.paused()
+    }
+
+    fn power_button(&self) -> bool {
+        self.vm.power_button()
+    }
+
+    fn reboot(&self) {
+        self.vm.reboot()
+    }
+
+    fn vcpus(&self) -> Value {
+        self.vm.vcpus()
+    }
+
+    fn snapshot(
+        &self,
+        path: &std::path::Path,
+        stay_paused: bool,
+        diff: bool,
+    ) -> Result<Value, (&'static str, String)> {
+        self.not_migrating()?;
+        self.vm.snapshot(path, stay_paused, diff)
+    }
+
+    fn disk_snapshot(&self, tag: &str) -> Result<Value, (&'static str, String)> {
+        self.not_migrating()?;
+        self.vm.disk_snapshot(tag)
+    }
+
+    fn migrate(
+        &self,
+        opts: crate::migrate::MigrateOptions,
+    ) -> Result<Value, (&'static str, String)> {
+        let endpoint = opts.validate().map_err(|m| ("bad-request", m))?;
+        self.not_migrating()?;
+        if self.vm.paused() {
+            return Err((
+                "not-supported",
+                "The VM is paused: resume it before migrating it".to_string(),
+            ));
+        }
+        if !self.vm.snapshot.config.disks.is_empty() {
+            return Err((
+                "not-supported",
+                "Migrating a VM with disks is not supported yet (block migration and the \
+                 shared-storage handover are not built): stop it and move its disks with a \
+                 snapshot instead"
+                    .to_string(),
+            ));
+        }
+        let job = crate::migrate::source::SourceJob::start(
+            self.vm.clone(),
+            opts.clone(),
+            endpoint,
+            self.status.clone(),
+        )
+        .map_err(|e| ("migrate-failed", format!("Cannot start the migration: {e}")))?;
+        *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(job);
+        Ok(json!({"ok": true, "migration": "started", "to": opts.to}))
+    }
+
+    fn migrate_cancel(&self) -> Result<Value, (&'static str, String)> {
+        let job = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        match job.as_ref() {
+            Some(job) if !job.finished() => {
+                job.cancel();
+                Ok(json!({"ok": true, "migration": "cancelling"}))
+            }
+            _ => Err(("bad-request", "No migration is in progress".to_string())),
+        }
+    }
+}
+
+impl Drop for LiveHandle {
+    fn drop(&mut self) {
+        // Joins the migration thread (cancelling it if it still runs) before the instance
+        // goes away.
+        drop(
+            self.migration
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
     }
 }

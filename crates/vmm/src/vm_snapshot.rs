@@ -140,6 +140,48 @@ fn memory_layout(memory: &GuestMemoryMmap) -> Result<Vec<MemoryRegion>, VmSnapsh
     Ok(MemoryRegion::layout(&ranges)?)
 }
 
+/// Add the VM's sections (everything but memory) to `state`: what a snapshot's state file and
+/// a migration's final state hold.
+fn put_vm_state(
+    state: &mut StateWriter,
+    src: &SnapshotSources<'_>,
+    layout: Vec<MemoryRegion>,
+) -> Result<(), VmSnapshotError> {
+    let meta = SnapshotMeta {
+        ferrite_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        config: src.config.clone(),
+        memory: layout,
+    };
+    state.put(META, &meta)?;
+    state.put(KVM_VM, &crate::persist::vm_state::save_vm(src.vm)?)?;
+    for (id, vcpu) in src.vcpus.iter().enumerate() {
+        state.put(&vcpu_section(id), vcpu)?;
+    }
+    state.put(LEGACY, &src.legacy.save())?;
+    let virtio: Vec<VirtioPciState> = src
+        .virtio
+        .iter()
+        .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).state())
+        .collect();
+    state.put(VIRTIO, &virtio)?;
+    if let Some(id) = &src.vmgenid {
+        state.put(VMGENID, id)?;
+    }
+    Ok(())
+}
+
+/// The state file's bytes for a paused VM whose memory travels separately (a migration's
+/// final state; `src.capture` is ignored).
+pub fn state_bytes(src: &SnapshotSources<'_>) -> Result<Vec<u8>, VmSnapshotError> {
+    let mut state = StateWriter::new();
+    put_vm_state(&mut state, src, memory_layout(src.memory)?)?;
+    Ok(state.to_bytes())
+}
+
 /// Write the snapshot of a paused VM to the new directory `path` (nothing is left behind
 /// when this fails).
 pub fn write(path: &Path, src: SnapshotSources<'_>) -> Result<SnapshotSummary, VmSnapshotError> {
@@ -187,30 +229,7 @@ pub fn write(path: &Path, src: SnapshotSources<'_>) -> Result<SnapshotSummary, V
         }
     };
 
-    let meta = SnapshotMeta {
-        ferrite_version: env!("CARGO_PKG_VERSION").to_string(),
-        created_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-        config: src.config.clone(),
-        memory: layout,
-    };
-    state.put(META, &meta)?;
-    state.put(KVM_VM, &crate::persist::vm_state::save_vm(src.vm)?)?;
-    for (id, vcpu) in src.vcpus.iter().enumerate() {
-        state.put(&vcpu_section(id), vcpu)?;
-    }
-    state.put(LEGACY, &src.legacy.save())?;
-    let virtio: Vec<VirtioPciState> = src
-        .virtio
-        .iter()
-        .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).state())
-        .collect();
-    state.put(VIRTIO, &virtio)?;
-    if let Some(id) = &src.vmgenid {
-        state.put(VMGENID, id)?;
-    }
+    put_vm_state(&mut state, &src, layout)?;
     state.write_to(&dir.state_path())?;
     let state_bytes = std::fs::metadata(dir.state_path())
         .map(|m| m.len())
@@ -225,10 +244,18 @@ pub fn write(path: &Path, src: SnapshotSources<'_>) -> Result<SnapshotSummary, V
     })
 }
 
+/// Where a restored VM's RAM comes from.
+pub enum SnapshotMemory {
+    /// A snapshot's `memory.bin`, opened: mapped copy-on-write.
+    File(std::fs::File),
+    /// Already in place: received by an incoming migration.
+    Received(GuestMemoryMmap),
+}
+
 /// A snapshot read back and checked, ready to rebuild the VM from.
 pub struct LoadedSnapshot {
-    /// Where it came from.
-    pub dir: PathBuf,
+    /// The snapshot directory it came from (None: received by a migration).
+    pub dir: Option<PathBuf>,
     /// Configuration and memory layout.
     pub meta: SnapshotMeta,
     /// irqchip, PIT, clock.
@@ -239,13 +266,15 @@ pub struct LoadedSnapshot {
     pub legacy: LegacyDevicesState,
     /// Virtio functions in PCI slot order.
     pub virtio: Vec<VirtioPciState>,
-    /// `memory.bin`, opened.
-    pub memory_file: std::fs::File,
+    /// Where guest RAM comes from.
+    pub memory: SnapshotMemory,
     /// The VM generation ID the guest saw (None: its tables have no VMGENID device).
     pub vmgenid: Option<GenerationId>,
     /// Restore as a clone: give the guest a new generation ID and notify it
     /// (set by `crate::clone::apply`).
     pub new_identity: bool,
+    /// An incoming migration's commit exchange: the vCPUs may start only once it opens.
+    pub start_gate: Option<std::sync::Mutex<Option<crate::migrate::incoming::StartGate>>>,
 }
 
 impl std::fmt::Debug for LoadedSnapshot {
@@ -273,6 +302,36 @@ pub fn load(path: &Path) -> Result<LoadedSnapshot, VmSnapshotError> {
         )));
     }
     let meta: SnapshotMeta = reader.get(META)?;
+    let needed = snapshot::memory_file_len(&meta.memory)?;
+    let memory_path = dir.memory_path();
+    let memory_file = std::fs::File::open(&memory_path).map_err(|e| {
+        VmSnapshotError::Mismatch(format!("cannot open {}: {e}", memory_path.display()))
+    })?;
+    let len = memory_file
+        .metadata()
+        .map_err(|e| VmSnapshotError::Mismatch(e.to_string()))?
+        .len();
+    if len < needed {
+        return Err(VmSnapshotError::Mismatch(format!(
+            "{} is {len} bytes but the memory layout needs {needed}: the snapshot is truncated",
+            memory_path.display()
+        )));
+    }
+    from_reader(
+        &reader,
+        Some(dir.path().to_path_buf()),
+        SnapshotMemory::File(memory_file),
+    )
+}
+
+/// Decode and check the VM sections of `reader` (one vCPU state per configured vCPU).
+/// `dir` is the snapshot directory (None: the state came from a migration).
+pub fn from_reader(
+    reader: &StateReader,
+    dir: Option<PathBuf>,
+    memory: SnapshotMemory,
+) -> Result<LoadedSnapshot, VmSnapshotError> {
+    let meta: SnapshotMeta = reader.get(META)?;
     let kvm_vm: VmKvmState = reader.get(KVM_VM)?;
     let vcpus = (0..meta.config.vcpus as usize)
         .map(|id| reader.get::<VcpuState>(&vcpu_section(id)))
@@ -290,31 +349,17 @@ pub fn load(path: &Path) -> Result<LoadedSnapshot, VmSnapshotError> {
     } else {
         None
     };
-    let needed = snapshot::memory_file_len(&meta.memory)?;
-    let memory_path = dir.memory_path();
-    let memory_file = std::fs::File::open(&memory_path).map_err(|e| {
-        VmSnapshotError::Mismatch(format!("cannot open {}: {e}", memory_path.display()))
-    })?;
-    let len = memory_file
-        .metadata()
-        .map_err(|e| VmSnapshotError::Mismatch(e.to_string()))?
-        .len();
-    if len < needed {
-        return Err(VmSnapshotError::Mismatch(format!(
-            "{} is {len} bytes but the memory layout needs {needed}: the snapshot is truncated",
-            memory_path.display()
-        )));
-    }
     Ok(LoadedSnapshot {
-        dir: dir.path().to_path_buf(),
+        dir,
         meta,
         kvm_vm,
         vcpus,
         legacy,
         virtio,
-        memory_file,
+        memory,
         vmgenid,
         new_identity: false,
+        start_gate: None,
     })
 }
 

@@ -54,6 +54,19 @@ pub trait VmOps: Send {
     /// (all disks or none), and resume unless the VM was paused before. Returns the reply
     /// (`disks`: each new top image and its backing file).
     fn disk_snapshot(&self, tag: &str) -> Result<Value, (&'static str, String)>;
+    /// Start migrating the VM to a `ferrite run --incoming` destination, on its own thread;
+    /// progress is read with `migrate-status`.
+    fn migrate(
+        &self,
+        opts: crate::migrate::MigrateOptions,
+    ) -> Result<Value, (&'static str, String)> {
+        let _ = opts;
+        Err(("not-supported", "This VM cannot be migrated".to_string()))
+    }
+    /// Cancel the migration in progress (the VM keeps running here).
+    fn migrate_cancel(&self) -> Result<Value, (&'static str, String)> {
+        Err(("bad-request", "No migration is in progress".to_string()))
+    }
 }
 
 /// The running VM instance: filled after each build, emptied before teardown.
@@ -78,6 +91,8 @@ pub struct ControlState {
     pub reboots: Arc<AtomicU32>,
     /// The disks (for `info`'s current image paths and `disk-chain`).
     pub disks: Vec<crate::disk_snapshot::LiveDisk>,
+    /// The current or last migration's progress.
+    pub migration: crate::migrate::SharedStatus,
 }
 
 #[derive(Deserialize)]
@@ -115,6 +130,9 @@ enum Request {
         tag: String,
     },
     DiskChain,
+    Migrate(crate::migrate::MigrateOptions),
+    MigrateStatus,
+    MigrateCancel,
 }
 
 fn error(code: &str, message: impl Into<String>) -> Value {
@@ -206,6 +224,8 @@ fn vm_op(state: &ControlState, req: Request) -> Value {
                 diff,
             } => vm.snapshot(std::path::Path::new(&path), stay_paused, diff),
             Request::DiskSnapshot { tag } => vm.disk_snapshot(&tag),
+            Request::Migrate(opts) => vm.migrate(opts),
+            Request::MigrateCancel => vm.migrate_cancel(),
             _ => Ok(error("bad-request", "Not a VM operation")),
         };
         result.unwrap_or_else(|(code, message)| error(code, message))
@@ -224,7 +244,17 @@ fn dispatch(state: &ControlState, req: Request) -> Value {
         | Request::Resume
         | Request::PowerButton
         | Request::Reboot
-        | Request::Snapshot { .. } => vm_op(state, req),
+        | Request::Snapshot { .. }
+        | Request::Migrate(_)
+        | Request::MigrateCancel => vm_op(state, req),
+        Request::MigrateStatus => {
+            let status = state
+                .migration
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            json!({"ok": true, "migration": status})
+        }
         Request::Stats => {
             let (run_state, vcpus) = {
                 let slot = state.live.lock().unwrap_or_else(|e| e.into_inner());
@@ -318,6 +348,7 @@ mod tests {
             live: LiveSlot::default(),
             reboots: Arc::default(),
             disks: Vec::new(),
+            migration: Default::default(),
         }
     }
 
@@ -356,6 +387,35 @@ mod tests {
 
         assert_eq!(r["ok"], true);
         assert_eq!(s.limiters["disk0"].config().ops.unwrap().size, 10);
+    }
+
+    #[test]
+    fn test_migrate_status_reports_no_migration_and_bad_fields_are_refused() {
+        let s = state();
+
+        let status = reply(&s, r#"{"op":"migrate-status"}"#);
+        let unknown = reply(&s, r#"{"op":"migrate","to":"tcp:h:1","speed":9}"#);
+        let missing = reply(&s, r#"{"op":"migrate"}"#);
+
+        assert_eq!(status["migration"]["phase"], "none", "{status}");
+        assert_eq!(unknown["error"], "bad-request", "{unknown}");
+        assert_eq!(missing["error"], "bad-request", "{missing}");
+    }
+
+    #[test]
+    fn test_migrate_options_are_checked_before_anything_starts() {
+        let opts =
+            |json: &str| serde_json::from_str::<crate::migrate::MigrateOptions>(json).unwrap();
+
+        let good = opts(r#"{"to":"tcp:10.0.0.2:7000"}"#).validate();
+        let bad_to = opts(r#"{"to":"10.0.0.2:7000"}"#).validate().unwrap_err();
+        let bad_budget = opts(r#"{"to":"unix:/m","downtime_ms":0}"#)
+            .validate()
+            .unwrap_err();
+
+        assert!(good.is_ok());
+        assert!(bad_to.contains("tcp:HOST:PORT"), "{bad_to}");
+        assert!(bad_budget.contains("downtime_ms"), "{bad_budget}");
     }
 
     #[test]

@@ -151,6 +151,7 @@ mod tests {
             live: Default::default(),
             reboots: Default::default(),
             disks: Vec::new(),
+            migration: Default::default(),
         }
     }
 

@@ -1,0 +1,472 @@
+//! The migration wire protocol. All integers are little-endian.
+//!
+//! 1. The source opens with [`MAGIC`], the u32 [`PROTOCOL_VERSION`], a u32 length and a JSON
+//!    [`Hello`] (the VM's configuration and memory layout). The destination answers
+//!    [`Reply::Accept`] or [`Reply::Refuse`]: a different protocol version, Ferrite version or
+//!    an impossible configuration is refused here, before any memory moves.
+//! 2. The source sends [`Frame`]s: runs of pages with their bytes, runs of zero pages (never
+//!    sent as bytes), round markers, then the VM's state (the snapshot state file's bytes,
+//!    checksummed) and [`Frame::Done`].
+//! 3. The destination builds the VM (vCPUs not running) and answers [`Reply::Ready`], or
+//!    [`Reply::Failed`]. The source answers [`Frame::Commit`] and never runs the guest again;
+//!    the destination starts the vCPUs and answers [`Reply::Running`]. Until it receives
+//!    `Commit`, the destination never runs the guest, and a cut connection makes it discard
+//!    everything; until it sends `Commit`, the source can resume.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{MigrationError, Result};
+
+/// The first bytes of every migration stream.
+pub const MAGIC: &[u8; 8] = b"FERRMIG\0";
+/// This build's protocol version; both sides must speak the same.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Guest page size on the wire.
+pub const PAGE_SIZE: u64 = 4096;
+/// Most pages in one run frame (1 MiB), so a receiver never trusts a huge count.
+pub const MAX_RUN_PAGES: u32 = 256;
+/// Largest hello the destination reads.
+pub const MAX_HELLO_BYTES: u32 = 1 << 20;
+/// Largest state blob the destination reads.
+pub const MAX_STATE_BYTES: u64 = 64 << 20;
+/// Longest reason text.
+const MAX_REASON_BYTES: u32 = 4096;
+
+/// One guest RAM region as both sides lay it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionInfo {
+    /// Guest physical address.
+    pub guest_addr: u64,
+    /// Bytes (a multiple of [`PAGE_SIZE`]).
+    pub size: u64,
+}
+
+/// What the source announces before anything else.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    /// The source's Ferrite version.
+    pub ferrite_version: String,
+    /// The VM's configuration (the VMM's own type, as JSON).
+    pub config: serde_json::Value,
+    /// Guest RAM regions in order; page runs name them by index.
+    pub regions: Vec<RegionInfo>,
+}
+
+/// Source → destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// `count` pages from `first_page` of region `region`; their bytes follow the header
+    /// (read them with [`read_pages_into`]).
+    Pages {
+        /// Region index.
+        region: u32,
+        /// First page index in the region.
+        first_page: u64,
+        /// Number of pages (1..=[`MAX_RUN_PAGES`]).
+        count: u32,
+    },
+    /// `count` pages from `first_page` of region `region` are all zero.
+    Zero {
+        /// Region index.
+        region: u32,
+        /// First page index in the region.
+        first_page: u64,
+        /// Number of pages.
+        count: u64,
+    },
+    /// Round `n` of the copy starts (for progress reporting).
+    Round(u32),
+    /// The VM's state (vCPUs, irqchip, clock, devices): the snapshot state file's bytes.
+    State(Vec<u8>),
+    /// Everything was sent.
+    Done,
+    /// The source has stopped for good: run the guest.
+    Commit,
+    /// The source gives up (cancelled, failed): discard everything.
+    Abort(String),
+}
+
+/// Destination → source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The hello is acceptable: send memory.
+    Accept,
+    /// The hello is not acceptable (why).
+    Refuse(String),
+    /// The VM is built from what was sent, vCPUs not yet running.
+    Ready,
+    /// The VM could not be built from what was sent (why).
+    Failed(String),
+    /// The guest runs on the destination.
+    Running,
+}
+
+const F_PAGES: u8 = 1;
+const F_ZERO: u8 = 2;
+const F_ROUND: u8 = 3;
+const F_STATE: u8 = 4;
+const F_DONE: u8 = 5;
+const F_COMMIT: u8 = 6;
+const F_ABORT: u8 = 7;
+const R_ACCEPT: u8 = 0x81;
+const R_REFUSE: u8 = 0x82;
+const R_READY: u8 = 0x83;
+const R_FAILED: u8 = 0x84;
+const R_RUNNING: u8 = 0x85;
+
+fn protocol(msg: impl Into<String>) -> MigrationError {
+    MigrationError::Protocol(msg.into())
+}
+
+fn read_u8(r: &mut impl Read) -> Result<u8> {
+    let mut b = [0u8; 1];
+    r.read_exact(&mut b)?;
+    Ok(b[0])
+}
+
+fn read_u32(r: &mut impl Read) -> Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn read_text(r: &mut impl Read) -> Result<String> {
+    let len = read_u32(r)?;
+    if len > MAX_REASON_BYTES {
+        return Err(protocol(format!("a {len}-byte reason is too long")));
+    }
+    let mut buf = vec![0u8; len as usize];
+    r.read_exact(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+fn text_bytes(text: &str) -> Vec<u8> {
+    let mut end = text.len().min(MAX_REASON_BYTES as usize);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = (end as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(&text.as_bytes()[..end]);
+    out
+}
+
+/// Source: open the stream with the handshake.
+pub fn write_hello(w: &mut impl Write, hello: &Hello) -> Result<()> {
+    let json = serde_json::to_vec(hello).map_err(|e| protocol(e.to_string()))?;
+    let mut buf = Vec::with_capacity(16 + json.len());
+    buf.extend_from_slice(MAGIC);
+    buf.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    buf.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&json);
+    w.write_all(&buf)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Destination: read the handshake. A stream that is not Ferrite's or speaks another
+/// protocol version is [`MigrationError::Incompatible`] (answer it with [`Reply::Refuse`]).
+pub fn read_hello(r: &mut impl Read) -> Result<Hello> {
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic)?;
+    if &magic != MAGIC {
+        return Err(MigrationError::Incompatible(
+            "the peer is not a Ferrite migration source".to_string(),
+        ));
+    }
+    let version = read_u32(r)?;
+    if version != PROTOCOL_VERSION {
+        return Err(MigrationError::Incompatible(format!(
+            "the source speaks migration protocol {version}, this destination {PROTOCOL_VERSION}: \
+             run the same Ferrite version on both hosts"
+        )));
+    }
+    let len = read_u32(r)?;
+    if len > MAX_HELLO_BYTES {
+        return Err(protocol(format!("a {len}-byte hello is too long")));
+    }
+    let mut json = vec![0u8; len as usize];
+    r.read_exact(&mut json)?;
+    serde_json::from_slice(&json).map_err(|e| protocol(format!("bad hello: {e}")))
+}
+
+/// Encode a frame's header (and, for [`Frame::State`] and [`Frame::Abort`], its payload).
+/// A [`Frame::Pages`] header must be followed by the pages' bytes.
+pub fn frame_bytes(frame: &Frame) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24);
+    match frame {
+        Frame::Pages {
+            region,
+            first_page,
+            count,
+        } => {
+            out.push(F_PAGES);
+            out.extend_from_slice(&region.to_le_bytes());
+            out.extend_from_slice(&first_page.to_le_bytes());
+            out.extend_from_slice(&count.to_le_bytes());
+        }
+        Frame::Zero {
+            region,
+            first_page,
+            count,
+        } => {
+            out.push(F_ZERO);
+            out.extend_from_slice(&region.to_le_bytes());
+            out.extend_from_slice(&first_page.to_le_bytes());
+            out.extend_from_slice(&count.to_le_bytes());
+        }
+        Frame::Round(n) => {
+            out.push(F_ROUND);
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        Frame::State(bytes) => {
+            out.push(F_STATE);
+            out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            out.extend_from_slice(bytes);
+            out.extend_from_slice(&crc32fast::hash(bytes).to_le_bytes());
+        }
+        Frame::Done => out.push(F_DONE),
+        Frame::Commit => out.push(F_COMMIT),
+        Frame::Abort(reason) => {
+            out.push(F_ABORT);
+            out.extend_from_slice(&text_bytes(reason));
+        }
+    }
+    out
+}
+
+/// Read the next frame. For [`Frame::Pages`] only the header is read: read the bytes next
+/// with [`read_pages_into`].
+pub fn read_frame(r: &mut impl Read) -> Result<Frame> {
+    Ok(match read_u8(r)? {
+        F_PAGES => {
+            let region = read_u32(r)?;
+            let first_page = read_u64(r)?;
+            let count = read_u32(r)?;
+            if count == 0 || count > MAX_RUN_PAGES {
+                return Err(protocol(format!("a run of {count} pages")));
+            }
+            Frame::Pages {
+                region,
+                first_page,
+                count,
+            }
+        }
+        F_ZERO => Frame::Zero {
+            region: read_u32(r)?,
+            first_page: read_u64(r)?,
+            count: read_u64(r)?,
+        },
+        F_ROUND => Frame::Round(read_u32(r)?),
+        F_STATE => {
+            let len = read_u64(r)?;
+            if len > MAX_STATE_BYTES {
+                return Err(protocol(format!("a {len}-byte state is too large")));
+            }
+            let mut bytes = vec![0u8; len as usize];
+            r.read_exact(&mut bytes)?;
+            let crc = read_u32(r)?;
+            if crc32fast::hash(&bytes) != crc {
+                return Err(protocol("the VM state arrived damaged (checksum mismatch)"));
+            }
+            Frame::State(bytes)
+        }
+        F_DONE => Frame::Done,
+        F_COMMIT => Frame::Commit,
+        F_ABORT => Frame::Abort(read_text(r)?),
+        other => return Err(protocol(format!("unknown frame type {other:#x}"))),
+    })
+}
+
+/// Where a page run lands: its byte offset and length inside region `region`, checked
+/// against `regions` (a run outside guest RAM is a protocol error, never a host write).
+pub fn run_bounds(
+    regions: &[RegionInfo],
+    region: u32,
+    first_page: u64,
+    count: u64,
+) -> Result<(u64, u64)> {
+    let info = regions
+        .get(region as usize)
+        .ok_or_else(|| protocol(format!("page run in region {region}, which does not exist")))?;
+    let start = first_page.checked_mul(PAGE_SIZE);
+    let len = count.checked_mul(PAGE_SIZE);
+    match (start, len) {
+        (Some(start), Some(len)) if start.checked_add(len).is_some_and(|end| end <= info.size) => {
+            Ok((start, len))
+        }
+        _ => Err(protocol(format!(
+            "page run {first_page}+{count} lies outside region {region} ({} pages)",
+            info.size / PAGE_SIZE
+        ))),
+    }
+}
+
+/// Read a page run's bytes into `dest` (exactly the run's length).
+pub fn read_pages_into(r: &mut impl Read, dest: &mut [u8]) -> Result<()> {
+    r.read_exact(dest)?;
+    Ok(())
+}
+
+/// Destination: send a reply.
+pub fn write_reply(w: &mut impl Write, reply: &Reply) -> Result<()> {
+    let mut out = Vec::new();
+    match reply {
+        Reply::Accept => out.push(R_ACCEPT),
+        Reply::Refuse(reason) => {
+            out.push(R_REFUSE);
+            out.extend_from_slice(&text_bytes(reason));
+        }
+        Reply::Ready => out.push(R_READY),
+        Reply::Failed(reason) => {
+            out.push(R_FAILED);
+            out.extend_from_slice(&text_bytes(reason));
+        }
+        Reply::Running => out.push(R_RUNNING),
+    }
+    w.write_all(&out)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Source: read a reply.
+pub fn read_reply(r: &mut impl Read) -> Result<Reply> {
+    Ok(match read_u8(r)? {
+        R_ACCEPT => Reply::Accept,
+        R_REFUSE => Reply::Refuse(read_text(r)?),
+        R_READY => Reply::Ready,
+        R_FAILED => Reply::Failed(read_text(r)?),
+        R_RUNNING => Reply::Running,
+        other => return Err(protocol(format!("unknown reply type {other:#x}"))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(frame: Frame) -> Frame {
+        let bytes = frame_bytes(&frame);
+        read_frame(&mut bytes.as_slice()).unwrap()
+    }
+
+    #[test]
+    fn test_frames_roundtrip() {
+        for frame in [
+            Frame::Pages {
+                region: 1,
+                first_page: 7,
+                count: 3,
+            },
+            Frame::Zero {
+                region: 0,
+                first_page: 1 << 20,
+                count: 9,
+            },
+            Frame::Round(4),
+            Frame::State(b"state".to_vec()),
+            Frame::Done,
+            Frame::Commit,
+            Frame::Abort("cancelled".into()),
+        ] {
+            assert_eq!(roundtrip(frame.clone()), frame);
+        }
+    }
+
+    #[test]
+    fn test_damaged_state_is_refused() {
+        let mut bytes = frame_bytes(&Frame::State(b"vcpu state".to_vec()));
+        bytes[12] ^= 1;
+
+        let err = read_frame(&mut bytes.as_slice()).unwrap_err().to_string();
+
+        assert!(err.contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn test_oversized_and_empty_page_runs_are_refused() {
+        for count in [0, MAX_RUN_PAGES + 1] {
+            let bytes = frame_bytes(&Frame::Pages {
+                region: 0,
+                first_page: 0,
+                count,
+            });
+            assert!(read_frame(&mut bytes.as_slice()).is_err(), "{count}");
+        }
+    }
+
+    #[test]
+    fn test_runs_outside_guest_ram_are_refused() {
+        let regions = [RegionInfo {
+            guest_addr: 0,
+            size: 16 * PAGE_SIZE,
+        }];
+
+        assert_eq!(
+            run_bounds(&regions, 0, 15, 1).unwrap(),
+            (15 * PAGE_SIZE, PAGE_SIZE)
+        );
+        assert!(run_bounds(&regions, 0, 15, 2).is_err());
+        assert!(run_bounds(&regions, 1, 0, 1).is_err());
+        assert!(run_bounds(&regions, 0, u64::MAX, 1).is_err());
+        assert!(run_bounds(&regions, 0, 0, u64::MAX).is_err());
+    }
+
+    #[test]
+    fn test_other_protocol_versions_and_strangers_are_incompatible() {
+        let mut stream = MAGIC.to_vec();
+        stream.extend_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
+        let not_ferrite = b"GET / HTTP/1.1\r\n".to_vec();
+
+        let version = read_hello(&mut stream.as_slice()).unwrap_err();
+        let stranger = read_hello(&mut not_ferrite.as_slice()).unwrap_err();
+
+        assert!(
+            matches!(version, MigrationError::Incompatible(_)),
+            "{version}"
+        );
+        assert!(version.to_string().contains("same Ferrite version"));
+        assert!(
+            matches!(stranger, MigrationError::Incompatible(_)),
+            "{stranger}"
+        );
+    }
+
+    #[test]
+    fn test_hello_and_replies_roundtrip() {
+        let hello = Hello {
+            ferrite_version: "0.1.0".into(),
+            config: serde_json::json!({"vcpus": 2}),
+            regions: vec![RegionInfo {
+                guest_addr: 0,
+                size: 1 << 20,
+            }],
+        };
+        let mut buf = Vec::new();
+        write_hello(&mut buf, &hello).unwrap();
+        for reply in [
+            Reply::Accept,
+            Reply::Refuse("no".into()),
+            Reply::Ready,
+            Reply::Failed("bad".into()),
+            Reply::Running,
+        ] {
+            write_reply(&mut buf, &reply).unwrap();
+        }
+
+        let mut r = buf.as_slice();
+        let got = read_hello(&mut r).unwrap();
+        let replies: Vec<Reply> = (0..5).map(|_| read_reply(&mut r).unwrap()).collect();
+
+        assert_eq!(got.regions, hello.regions);
+        assert_eq!(replies[1], Reply::Refuse("no".into()));
+        assert_eq!(replies[4], Reply::Running);
+    }
+}

@@ -1,0 +1,231 @@
+//! The destination side of a live migration (`ferrite run --incoming ENDPOINT`): accept one
+//! source, check its hello, receive guest RAM into fresh anonymous memory, then the VM's
+//! state; the VM is built from it and its vCPUs start only once the source commits.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use migration::wire::{self, Frame, Hello, Reply};
+use migration::{Endpoint, MigrationError, Stream};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::config::VmConfig;
+use crate::vm_snapshot::{LoadedSnapshot, SnapshotMemory};
+
+/// How long the destination waits for the source's commit once it reported ready.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one read from the source may block while memory arrives.
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Errors receiving a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    /// The stream failed or the source broke the protocol.
+    #[error(transparent)]
+    Stream(#[from] MigrationError),
+    /// The source's VM cannot run here (refused before any memory moved).
+    #[error("Refused the incoming VM: {0}")]
+    Refused(String),
+    /// Guest RAM could not be set up.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// The received state is not usable.
+    #[error(transparent)]
+    State(#[from] crate::vm_snapshot::VmSnapshotError),
+}
+
+/// A source connected and accepted: its VM's configuration is known, memory not yet
+/// received.
+pub struct Incoming {
+    stream: Stream,
+    hello: Hello,
+    /// The VM's configuration (the source's).
+    pub config: VmConfig,
+}
+
+/// Wait on `endpoint` for one source and check its hello (protocol and Ferrite versions, a
+/// valid configuration whose memory layout matches the one it announces). Refusals are told
+/// to the source before they are returned.
+pub fn accept(endpoint: &Endpoint) -> Result<Incoming, IncomingError> {
+    let listener = endpoint.listen()?;
+    tracing::info!(
+        endpoint = listener.describe(),
+        "waiting for the migration source"
+    );
+    let mut stream = listener.accept()?;
+    drop(listener);
+    stream.set_read_timeout(Some(RECEIVE_TIMEOUT))?;
+    let hello = match wire::read_hello(&mut stream) {
+        Ok(h) => h,
+        Err(e @ MigrationError::Incompatible(_)) => {
+            let _ = wire::write_reply(&mut stream, &Reply::Refuse(e.to_string()));
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match check_hello(&hello) {
+        Ok(config) => {
+            wire::write_reply(&mut stream, &Reply::Accept)?;
+            Ok(Incoming {
+                stream,
+                hello,
+                config,
+            })
+        }
+        Err(reason) => {
+            let _ = wire::write_reply(&mut stream, &Reply::Refuse(reason.clone()));
+            Err(IncomingError::Refused(reason))
+        }
+    }
+}
+
+fn check_hello(hello: &Hello) -> Result<VmConfig, String> {
+    let ours = env!("CARGO_PKG_VERSION");
+    if hello.ferrite_version != ours {
+        return Err(format!(
+            "the source runs Ferrite {}, this destination {ours}: run the same version on both \
+             hosts",
+            hello.ferrite_version
+        ));
+    }
+    let config: VmConfig = serde_json::from_value(hello.config.clone())
+        .map_err(|e| format!("its configuration cannot be read here: {e}"))?;
+    config.validate(None).map_err(|e| e.to_string())?;
+    let layout =
+        arch::e820::MemoryLayout::new(config.memory_bytes, Some(arch::e820::host_phys_bits()))
+            .map_err(|e| e.to_string())?;
+    let ranges = layout.ram_ranges();
+    let same = ranges.len() == hello.regions.len()
+        && ranges
+            .iter()
+            .zip(&hello.regions)
+            .all(|(r, h)| r.0 .0 == h.guest_addr && r.1 as u64 == h.size);
+    if !same {
+        return Err(
+            "its memory layout differs from the one its configuration gives here (the \
+                    hosts differ in physical address width?)"
+                .to_string(),
+        );
+    }
+    Ok(config)
+}
+
+impl Incoming {
+    /// Receive guest RAM and the VM's state. The returned snapshot carries the commit gate:
+    /// the builder calls it with the VM built, right before the vCPUs start.
+    pub fn receive(self) -> Result<LoadedSnapshot, IncomingError> {
+        let layout = arch::e820::MemoryLayout::new(
+            self.config.memory_bytes,
+            Some(arch::e820::host_phys_bits()),
+        )
+        .map_err(|e| IncomingError::Refused(e.to_string()))?;
+        let mem = crate::memory::create_guest_memory(&layout.ram_ranges())?;
+        let regions: Vec<(*mut u8, u64)> = mem.iter().map(|r| (r.as_ptr(), r.len())).collect();
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, self.stream.try_clone()?);
+        let state = loop {
+            match wire::read_frame(&mut reader)? {
+                Frame::Pages {
+                    region,
+                    first_page,
+                    count,
+                } => {
+                    let (offset, len) = wire::run_bounds(
+                        &self.hello.regions,
+                        region,
+                        first_page,
+                        u64::from(count),
+                    )?;
+                    let (ptr, size) = regions[region as usize];
+                    debug_assert!(offset + len <= size);
+                    // SAFETY: run_bounds checked offset..offset+len lies inside region
+                    // `region` (the hello's sizes equal the mapped regions', checked at
+                    // accept); the mapping is owned by `mem`, and no vCPU runs yet.
+                    let dest = unsafe {
+                        std::slice::from_raw_parts_mut(ptr.add(offset as usize), len as usize)
+                    };
+                    wire::read_pages_into(&mut reader, dest)?;
+                }
+                Frame::Zero {
+                    region,
+                    first_page,
+                    count,
+                } => {
+                    let (offset, len) =
+                        wire::run_bounds(&self.hello.regions, region, first_page, count)?;
+                    let (ptr, _) = regions[region as usize];
+                    // SAFETY: as above; the range is page-aligned inside a private anonymous
+                    // mapping, which MADV_DONTNEED turns back into zero pages.
+                    let ret = unsafe {
+                        libc::madvise(
+                            ptr.add(offset as usize).cast(),
+                            len as usize,
+                            libc::MADV_DONTNEED,
+                        )
+                    };
+                    if ret != 0 {
+                        return Err(MigrationError::Io(std::io::Error::last_os_error()).into());
+                    }
+                }
+                Frame::Round(n) => tracing::debug!(round = n, "migration round"),
+                Frame::State(bytes) => match wire::read_frame(&mut reader)? {
+                    Frame::Done => break bytes,
+                    other => {
+                        return Err(MigrationError::Protocol(format!(
+                            "expected the end of the stream after the state, got {other:?}"
+                        ))
+                        .into())
+                    }
+                },
+                Frame::Abort(reason) => {
+                    return Err(MigrationError::Refused {
+                        side: "source",
+                        reason,
+                    }
+                    .into())
+                }
+                other => {
+                    return Err(MigrationError::Protocol(format!(
+                        "unexpected {other:?} before the state"
+                    ))
+                    .into())
+                }
+            }
+        };
+        let reader = snapshot::StateReader::from_bytes(&state, Path::new("the migration stream"))
+            .map_err(crate::vm_snapshot::VmSnapshotError::from)?;
+        let mut snap =
+            crate::vm_snapshot::from_reader(&reader, None, SnapshotMemory::Received(mem))?;
+        snap.start_gate = Some(Mutex::new(Some(StartGate {
+            stream: self.stream,
+        })));
+        Ok(snap)
+    }
+}
+
+/// Holds the destination's vCPUs until the source commits.
+pub struct StartGate {
+    stream: Stream,
+}
+
+impl StartGate {
+    /// Tell the source the VM is ready and wait for its commit; then confirm it runs. An
+    /// error means the guest must not run here.
+    pub fn open(mut self) -> Result<(), String> {
+        wire::write_reply(&mut self.stream, &Reply::Ready).map_err(|e| e.to_string())?;
+        self.stream
+            .set_read_timeout(Some(COMMIT_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        match wire::read_frame(&mut self.stream).map_err(|e| e.to_string())? {
+            Frame::Commit => {}
+            Frame::Abort(reason) => return Err(format!("the source aborted: {reason}")),
+            other => return Err(format!("expected the commit, got {other:?}")),
+        }
+        // Best effort: the source already stopped for good; if it misses this, it keeps its
+        // copy paused and says so.
+        if let Err(e) = wire::write_reply(&mut self.stream, &Reply::Running) {
+            tracing::warn!("cannot confirm the migration to the source: {e}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,600 @@
+//! The source side of a live migration: pre-copy in rounds while the guest runs, then pause,
+//! send the rest and the VM's state, and hand the guest over with a commit exchange. Until
+//! the commit is sent, any failure (connection cut, destination refusal or death, cancel,
+//! timeout) leaves the guest running here as if nothing happened.
+
+use std::io::{BufWriter, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use migration::wire::{self, Frame, Hello, RegionInfo, Reply, MAX_RUN_PAGES, PAGE_SIZE};
+use migration::{Endpoint, Pacer, Stream};
+use vm_device::ShutdownKind;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use super::throttle::Throttle;
+use super::{Converge, MigrateOptions, MigrationStatus, Phase, SharedStatus};
+use crate::control::VmOps;
+use crate::live::LiveVm;
+
+/// How long the source waits for the destination to connect-accept.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(5);
+/// How long the source waits for the destination to build the VM from the final state.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the source waits for the destination to confirm it runs the guest.
+const RUNNING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Copy rounds after which a remainder that still does not fit the budget counts as not
+/// converging (throttle harder, or give up with [`Converge::Abort`]).
+const FREE_ROUNDS: u32 = 4;
+/// Auto-converge: the first throttle and each step up, percent.
+const THROTTLE_STEP: u32 = 20;
+/// Auto-converge ceiling, percent.
+const THROTTLE_MAX: u32 = 95;
+/// Buffer in front of the socket: run headers and small runs are gathered.
+const SEND_BUFFER: usize = 256 << 10;
+
+/// A migration running on its own thread.
+pub struct SourceJob {
+    cancel: Arc<AtomicBool>,
+    stream: Arc<Mutex<Option<Stream>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SourceJob {
+    /// Start migrating `vm` as `opts` says; progress goes to `status`.
+    pub fn start(
+        vm: Arc<LiveVm>,
+        opts: MigrateOptions,
+        endpoint: Endpoint,
+        status: SharedStatus,
+    ) -> std::io::Result<Self> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let stream: Arc<Mutex<Option<Stream>>> = Arc::default();
+        {
+            let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
+            *st = MigrationStatus {
+                phase: Phase::Connecting,
+                to: opts.to.clone(),
+                ..MigrationStatus::default()
+            };
+        }
+        let (c, s) = (cancel.clone(), stream.clone());
+        let thread = std::thread::Builder::new()
+            .name("migrate-source".into())
+            .spawn(move || {
+                let mut job = Migration {
+                    vm: &vm,
+                    opts: &opts,
+                    status: &status,
+                    cancel: &c,
+                    stream_slot: &s,
+                    start: Instant::now(),
+                    committed: false,
+                    paused_at: None,
+                };
+                let result = job.run(&endpoint);
+                job.finish(result);
+            })?;
+        Ok(Self {
+            cancel,
+            stream,
+            thread: Some(thread),
+        })
+    }
+
+    /// Whether the migration thread has ended.
+    pub fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Ask the migration to stop: the connection is cut, and the guest keeps running here
+    /// unless the commit was already sent.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        if let Some(s) = self
+            .stream
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            s.shutdown();
+        }
+    }
+}
+
+impl Drop for SourceJob {
+    fn drop(&mut self) {
+        if !self.finished() {
+            self.cancel();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Why a migration ended early.
+enum Failure {
+    Cancelled,
+    Failed(String),
+}
+
+impl From<migration::MigrationError> for Failure {
+    fn from(e: migration::MigrationError) -> Self {
+        Failure::Failed(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Failed(format!("Migration connection lost: {e}"))
+    }
+}
+
+struct Migration<'a> {
+    vm: &'a Arc<LiveVm>,
+    opts: &'a MigrateOptions,
+    status: &'a SharedStatus,
+    cancel: &'a AtomicBool,
+    stream_slot: &'a Mutex<Option<Stream>>,
+    start: Instant,
+    committed: bool,
+    paused_at: Option<Instant>,
+}
+
+/// The socket with its buffer, pacing and counters.
+struct Out {
+    w: BufWriter<Stream>,
+    pacer: Pacer,
+    pages: u64,
+    zeros: u64,
+}
+
+impl Out {
+    fn frame(&mut self, frame: &Frame) -> Result<(), Failure> {
+        let bytes = wire::frame_bytes(frame);
+        self.w.write_all(&bytes)?;
+        self.pacer.sent(bytes.len() as u64);
+        Ok(())
+    }
+
+    fn pages(&mut self, region: u32, first: usize, data: &[u8]) -> Result<(), Failure> {
+        self.frame(&Frame::Pages {
+            region,
+            first_page: first as u64,
+            count: (data.len() as u64 / PAGE_SIZE) as u32,
+        })?;
+        self.w.write_all(data)?;
+        self.pacer.sent(data.len() as u64);
+        self.pages += data.len() as u64 / PAGE_SIZE;
+        Ok(())
+    }
+}
+
+/// One guest RAM region as the sender reads it.
+struct RegionView {
+    ptr: *const u8,
+    len: usize,
+    file_backed: bool,
+}
+
+// SAFETY: the pointer is into guest RAM, which the `LiveVm` the migration holds keeps mapped;
+// it is only read.
+unsafe impl Send for RegionView {}
+
+impl RegionView {
+    fn pages(&self) -> usize {
+        self.len / PAGE_SIZE as usize
+    }
+
+    /// Whether page `p` is all zero. The guest may be writing it: a torn read only decides
+    /// how this copy is sent, and the dirty log sends the page again.
+    fn is_zero(&self, p: usize) -> bool {
+        let base = self.ptr.wrapping_add(p * PAGE_SIZE as usize) as *const u64;
+        (0..PAGE_SIZE as usize / 8).all(|i| {
+            // SAFETY: page `p` lies inside the region (callers pass p < pages()), which stays
+            // mapped; volatile because the guest may write it concurrently.
+            unsafe { std::ptr::read_volatile(base.add(i)) == 0 }
+        })
+    }
+
+    /// Pages `first..first+count` as bytes for the socket.
+    fn bytes(&self, first: usize, count: usize) -> &[u8] {
+        // SAFETY: the range lies inside the mapped region (first + count <= pages()). The
+        // guest may change the bytes while they are copied into the socket; the dirty log
+        // resends any page written after it was harvested.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.ptr.add(first * PAGE_SIZE as usize),
+                count * PAGE_SIZE as usize,
+            )
+        }
+    }
+}
+
+impl Migration<'_> {
+    fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
+        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut st);
+        st.elapsed_ms = self.start.elapsed().as_millis() as u64;
+    }
+
+    fn check_cancel(&self) -> Result<(), Failure> {
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(Failure::Cancelled);
+        }
+        Ok(())
+    }
+
+    fn regions(&self) -> Vec<RegionView> {
+        self.vm
+            .snapshot
+            .memory
+            .iter()
+            .map(|r| RegionView {
+                ptr: r.as_ptr(),
+                len: r.len() as usize,
+                file_backed: std::ops::Deref::deref(r).file_offset().is_some(),
+            })
+            .collect()
+    }
+
+    fn run(&mut self, endpoint: &Endpoint) -> Result<(), Failure> {
+        let config = self.vm.current_config();
+        let regions = self.regions();
+        let stream = endpoint.connect(CONNECT_PATIENCE)?;
+        *self.stream_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.try_clone()?);
+        self.check_cancel()?;
+        let mut reader = stream.try_clone()?;
+        let hello = Hello {
+            ferrite_version: env!("CARGO_PKG_VERSION").to_string(),
+            config: serde_json::to_value(&config)
+                .map_err(|e| Failure::Failed(format!("Cannot encode the configuration: {e}")))?,
+            regions: self
+                .vm
+                .snapshot
+                .memory
+                .iter()
+                .map(|r| RegionInfo {
+                    guest_addr: r.start_addr().0,
+                    size: r.len(),
+                })
+                .collect(),
+        };
+        let mut out = Out {
+            w: BufWriter::with_capacity(SEND_BUFFER, stream),
+            pacer: Pacer::new(self.opts.bandwidth_mib_s.checked_mul(1 << 20)),
+            pages: 0,
+            zeros: 0,
+        };
+        wire::write_hello(out.w.get_mut(), &hello)?;
+        reader.set_read_timeout(Some(READY_TIMEOUT))?;
+        match wire::read_reply(&mut reader)? {
+            Reply::Accept => {}
+            Reply::Refuse(reason) => {
+                return Err(Failure::Failed(format!(
+                    "The destination refused the migration: {reason}"
+                )))
+            }
+            other => return Err(Failure::Failed(format!("Unexpected reply {other:?}"))),
+        }
+        self.vm.start_dirty_log().map_err(Failure::Failed)?;
+        // Probe the MSR list now, not while the guest is paused.
+        self.vm
+            .prepare_save()
+            .map_err(|e| Failure::Failed(e.to_string()))?;
+        let result = self.copy(&mut out, &mut reader, &regions);
+        if result.is_err() && !self.committed {
+            let reason = match &result {
+                Err(Failure::Cancelled) => "cancelled on the source".to_string(),
+                Err(Failure::Failed(m)) => m.clone(),
+                Ok(()) => String::new(),
+            };
+            let _ = out.frame(&Frame::Abort(reason));
+            let _ = out.w.flush();
+            self.vm.stop_dirty_log();
+        }
+        if let Some(s) = self
+            .stream_slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            s.shutdown();
+        }
+        result
+    }
+
+    /// Send the pages `wanted` (in order) of every region: non-zero pages with their bytes;
+    /// zero pages as markers, or not at all when `zero_known` (the destination's RAM is
+    /// still all zero there).
+    fn send_pages(
+        &self,
+        out: &mut Out,
+        regions: &[RegionView],
+        wanted: &dyn Fn(usize, usize) -> bool,
+        zero_known: bool,
+    ) -> Result<(), Failure> {
+        for (ri, region) in regions.iter().enumerate() {
+            let mut run: Option<(usize, usize, bool)> = None; // (first, count, zero)
+            let flush = |out: &mut Out, run: (usize, usize, bool)| -> Result<(), Failure> {
+                let (first, count, zero) = run;
+                if zero {
+                    out.zeros += count as u64;
+                    if !zero_known {
+                        out.frame(&Frame::Zero {
+                            region: ri as u32,
+                            first_page: first as u64,
+                            count: count as u64,
+                        })?;
+                    }
+                    Ok(())
+                } else {
+                    out.pages(ri as u32, first, region.bytes(first, count))
+                }
+            };
+            for p in 0..region.pages() {
+                if !wanted(ri, p) {
+                    continue;
+                }
+                let zero = region.is_zero(p);
+                match run {
+                    Some((first, count, z))
+                        if z == zero
+                            && first + count == p
+                            && (zero || count < MAX_RUN_PAGES as usize) =>
+                    {
+                        run = Some((first, count + 1, z));
+                    }
+                    Some(done) => {
+                        flush(out, done)?;
+                        self.check_cancel()?;
+                        run = Some((p, 1, zero));
+                    }
+                    None => run = Some((p, 1, zero)),
+                }
+            }
+            if let Some(done) = run {
+                flush(out, done)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn copy(
+        &mut self,
+        out: &mut Out,
+        reader: &mut Stream,
+        regions: &[RegionView],
+    ) -> Result<(), Failure> {
+        let deadline = self.start + Duration::from_secs(self.opts.timeout_s);
+        // Round 0: every page the guest ever touched (file-backed RAM of a restored VM: every
+        // page, since untouched pages still hold the snapshot's data).
+        let touched: Vec<Vec<bool>> = regions
+            .iter()
+            .map(|r| {
+                if r.file_backed {
+                    Ok(vec![true; r.pages()])
+                } else {
+                    snapshot::resident_pages(
+                        r.bytes(0, r.pages()),
+                        std::path::Path::new("guest RAM"),
+                    )
+                    .map_err(|e| Failure::Failed(e.to_string()))
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        self.update(|s| {
+            s.phase = Phase::Copying;
+            s.remaining_bytes = touched.iter().flatten().filter(|&&t| t).count() as u64 * PAGE_SIZE;
+        });
+        out.frame(&Frame::Round(0))?;
+        self.send_pages(out, regions, &|r, p| touched[r][p], true)?;
+        out.w.flush()?;
+        self.report(out, 0);
+
+        let budget = Duration::from_millis(self.opts.downtime_ms);
+        let mut throttle: Option<Throttle> = None;
+        let mut previous = u64::MAX;
+        let mut round = 0u32;
+        let dirty = loop {
+            self.check_cancel()?;
+            let dirty = self.vm.harvest_dirty().map_err(Failure::Failed)?;
+            let count: u64 = dirty
+                .iter()
+                .flatten()
+                .map(|w| u64::from(w.count_ones()))
+                .sum();
+            let bytes = count * PAGE_SIZE;
+            let rate = out.pacer.rate().unwrap_or(1e9).max(1.0);
+            let predicted = Duration::from_secs_f64(bytes as f64 / rate);
+            if predicted <= budget {
+                break dirty;
+            }
+            if Instant::now() >= deadline {
+                return Err(Failure::Failed(format!(
+                    "The copy did not converge within {} s ({} MiB still dirty per round at \
+                     {:.0} MiB/s); the VM keeps running here. Allow a longer downtime_ms, a \
+                     higher bandwidth or a longer timeout_s, or use converge=throttle",
+                    self.opts.timeout_s,
+                    bytes >> 20,
+                    rate / f64::from(1 << 20)
+                )));
+            }
+            round += 1;
+            if round > FREE_ROUNDS
+                && bytes >= previous / 2
+                && self.opts.converge == Converge::Throttle
+            {
+                match &throttle {
+                    Some(t) => t.set((t.pct() + THROTTLE_STEP).min(THROTTLE_MAX)),
+                    None => {
+                        throttle = Some(
+                            Throttle::start(self.vm.clone(), THROTTLE_STEP)
+                                .map_err(|e| Failure::Failed(format!("Cannot throttle: {e}")))?,
+                        )
+                    }
+                }
+            }
+            previous = bytes;
+            let pct = throttle.as_ref().map_or(0, Throttle::pct);
+            self.update(|s| {
+                s.round = round;
+                s.remaining_bytes = bytes;
+                s.throttle_pct = pct;
+            });
+            out.frame(&Frame::Round(round))?;
+            self.send_pages(out, regions, &|r, p| bit(&dirty[r], p), false)?;
+            out.w.flush()?;
+            self.report(out, round);
+        };
+        drop(throttle);
+        self.finish_copy(out, reader, regions, dirty, round + 1)
+    }
+
+    /// Pause, send the rest and the state, and hand the guest over.
+    fn finish_copy(
+        &mut self,
+        out: &mut Out,
+        reader: &mut Stream,
+        regions: &[RegionView],
+        mut dirty: Vec<Vec<u64>>,
+        round: u32,
+    ) -> Result<(), Failure> {
+        self.check_cancel()?;
+        self.vm
+            .pause()
+            .map_err(|(_, m)| Failure::Failed(format!("Cannot pause the VM: {m}")))?;
+        self.paused_at = Some(Instant::now());
+        tracing::debug!("paused for the final copy");
+        self.update(|s| {
+            s.phase = Phase::Final;
+            s.round = round;
+            s.throttle_pct = 0;
+        });
+        let last = self.vm.harvest_dirty().map_err(Failure::Failed)?;
+        for (acc, new) in dirty.iter_mut().zip(&last) {
+            for (a, n) in acc.iter_mut().zip(new) {
+                *a |= n;
+            }
+        }
+        out.frame(&Frame::Round(round))?;
+        self.send_pages(out, regions, &|r, p| bit(&dirty[r], p), false)?;
+        tracing::debug!("final pages sent");
+        let vcpus = self
+            .vm
+            .save_vcpus()
+            .map_err(|e| Failure::Failed(e.to_string()))?;
+        let config = self.vm.current_config();
+        let state = crate::vm_snapshot::state_bytes(&self.vm.sources(
+            vcpus,
+            crate::vm_snapshot::MemoryCapture::Touched,
+            &config,
+        ))
+        .map_err(|e| Failure::Failed(e.to_string()))?;
+        out.frame(&Frame::State(state))?;
+        out.frame(&Frame::Done)?;
+        out.w.flush()?;
+        tracing::debug!("state sent");
+        reader.set_read_timeout(Some(READY_TIMEOUT))?;
+        match wire::read_reply(reader)? {
+            Reply::Ready => {}
+            Reply::Failed(reason) => {
+                return Err(Failure::Failed(format!(
+                    "The destination could not start the VM: {reason}"
+                )))
+            }
+            other => return Err(Failure::Failed(format!("Unexpected reply {other:?}"))),
+        }
+        tracing::debug!("destination ready");
+        self.check_cancel()?;
+        // From here on the guest never runs here again.
+        self.committed = true;
+        out.frame(&Frame::Commit)?;
+        out.w.flush()?;
+        reader.set_read_timeout(Some(RUNNING_TIMEOUT))?;
+        match wire::read_reply(reader)? {
+            Reply::Running => Ok(()),
+            other => Err(Failure::Failed(format!("Unexpected reply {other:?}"))),
+        }
+    }
+
+    fn report(&self, out: &Out, round: u32) {
+        let rate = out.pacer.rate().unwrap_or(0.0) as u64;
+        let (sent, pages, zeros) = (out.pacer.bytes(), out.pages, out.zeros);
+        self.update(|s| {
+            s.round = round;
+            s.sent_bytes = sent;
+            s.pages_sent = pages;
+            s.zero_pages = zeros;
+            s.rate_bytes_per_s = rate;
+        });
+        tracing::debug!(round, sent, pages, zeros, rate, "migration round sent");
+    }
+
+    /// Record the outcome; hand the guest over (stop this VMM) or let it run on here.
+    fn finish(&mut self, result: Result<(), Failure>) {
+        let now = Instant::now();
+        let downtime = self
+            .paused_at
+            .map(|t| now.duration_since(t).as_secs_f64() * 1e3);
+        let total = self.start.elapsed().as_secs_f64() * 1e3;
+        match result {
+            Ok(()) => {
+                self.update(|s| {
+                    s.phase = Phase::Completed;
+                    s.downtime_ms = downtime;
+                    s.total_ms = Some(total);
+                    s.remaining_bytes = 0;
+                });
+                tracing::info!(
+                    to = self.opts.to,
+                    downtime_ms = downtime,
+                    total_ms = total,
+                    "migration completed: the guest runs on the destination"
+                );
+                self.vm.shutdown.request(ShutdownKind::Migrated);
+            }
+            Err(failure) if self.committed => {
+                let message = match failure {
+                    Failure::Cancelled => "cancelled after the commit".to_string(),
+                    Failure::Failed(m) => m,
+                };
+                self.update(|s| {
+                    s.phase = Phase::Unknown;
+                    s.error = Some(format!(
+                        "The destination did not confirm that it runs the guest ({message}). \
+                         The VM stays paused here: check the destination, and resume this VM \
+                         only if the destination is not running it"
+                    ));
+                });
+            }
+            Err(failure) => {
+                let (phase, message) = match failure {
+                    Failure::Cancelled => (Phase::Cancelled, "Cancelled".to_string()),
+                    Failure::Failed(m) => (Phase::Failed, m),
+                };
+                if self.paused_at.is_some() {
+                    if let Err((_, m)) = self.vm.resume() {
+                        tracing::warn!("cannot resume after a failed migration: {m}");
+                    }
+                }
+                tracing::warn!(
+                    to = self.opts.to,
+                    "migration ended: {message}; the VM keeps running"
+                );
+                self.update(|s| {
+                    s.phase = phase;
+                    s.error = Some(message);
+                    s.total_ms = Some(total);
+                });
+            }
+        }
+    }
+}
+
+fn bit(map: &[u64], p: usize) -> bool {
+    map.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0)
+}
