@@ -277,6 +277,45 @@ fn start_control(
         })
 }
 
+/// The KVM VM with `mem` registered, its vCPUs, and its PIT being created.
+fn create_kvm_vm(
+    hv: &Hypervisor,
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+) -> Result<(Arc<VmFd>, Vec<kvm_ioctls::VcpuFd>, PitCreation), VmmError> {
+    let vm = hv.create_vm_without_pit(|vm| {
+        memory::register_guest_memory(vm, mem, config.track_dirty_pages).map_err(VmmError::Memory)
+    })?;
+    let mut fds = Vec::with_capacity(config.vcpus as usize);
+    for id in 0..config.vcpus {
+        fds.push(
+            vm.create_vcpu(u64::from(id))
+                .map_err(|e| VmmError::vcpu(id, "KVM_CREATE_VCPU", e))?,
+        );
+    }
+    let pit = PitCreation::start(vm.clone()).map_err(VmmError::Io)?;
+    Ok((vm, fds, pit))
+}
+
+/// A KVM VM created ahead of time for `mem` (memory registered, vCPUs and PIT created): an
+/// incoming migration builds it while guest RAM still arrives, so the guest's pause does not
+/// pay for it.
+pub struct PrebuiltVm {
+    vm: Arc<VmFd>,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+}
+
+impl PrebuiltVm {
+    /// Create the KVM VM for `config` over `mem` (which a restore then uses as guest RAM).
+    pub fn create(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<Self, VmmError> {
+        let hv = Hypervisor::open()?;
+        config.validate(Some(hv.max_vcpus()))?;
+        let (vm, vcpus, pit) = create_kvm_vm(&hv, config, mem)?;
+        pit.finish()?;
+        Ok(Self { vm, vcpus })
+    }
+}
+
 /// Where a VM instance starts from: a boot, or the snapshot it continues; and the generation
 /// ID its guest sees when it boots or is a clone.
 struct Origin<'a> {
@@ -333,18 +372,16 @@ impl BuiltVm {
             None => memory::create_guest_memory(&ranges)?,
         };
         tracing::debug!(restore = restore.is_some(), "guest memory mapped");
-        let vm = hv.create_vm_without_pit(|vm| {
-            memory::register_guest_memory(vm, &mem, config.track_dirty_pages)
-                .map_err(VmmError::Memory)
-        })?;
-        let mut fds = Vec::with_capacity(config.vcpus as usize);
-        for id in 0..config.vcpus {
-            fds.push(
-                vm.create_vcpu(u64::from(id))
-                    .map_err(|e| VmmError::vcpu(id, "KVM_CREATE_VCPU", e))?,
-            );
-        }
-        let pit = PitCreation::start(vm.clone()).map_err(VmmError::Io)?;
+        let prebuilt = restore
+            .and_then(|snap| snap.prebuilt.as_ref())
+            .and_then(|p| p.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let (vm, fds, pit) = match prebuilt {
+            Some(p) => (p.vm, p.vcpus, None),
+            None => {
+                let (vm, fds, pit) = create_kvm_vm(hv, config, &mem)?;
+                (vm, fds, Some(pit))
+            }
+        };
         tracing::debug!("VM and vCPUs created");
 
         // A restored guest's kernel, tables and boot data are already in its memory.
@@ -421,7 +458,9 @@ impl BuiltVm {
                 }
             }
         }
-        pit.finish()?;
+        if let Some(pit) = pit {
+            pit.finish()?;
+        }
         if let Some(snap) = restore {
             // After the vCPUs (their LAPICs), with the clock last, right before they run.
             crate::persist::restore_vm(&vm, &snap.kvm_vm).map_err(VmSnapshotError::from)?;

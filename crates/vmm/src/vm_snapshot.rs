@@ -275,6 +275,8 @@ pub struct LoadedSnapshot {
     pub new_identity: bool,
     /// An incoming migration's commit exchange: the vCPUs may start only once it opens.
     pub start_gate: Option<std::sync::Mutex<Option<crate::migrate::incoming::StartGate>>>,
+    /// The KVM VM, already created over [`SnapshotMemory::Received`] memory.
+    pub prebuilt: Option<std::sync::Mutex<Option<crate::builder::PrebuiltVm>>>,
 }
 
 impl std::fmt::Debug for LoadedSnapshot {
@@ -360,6 +362,7 @@ pub fn from_reader(
         vmgenid,
         new_identity: false,
         start_gate: None,
+        prebuilt: None,
     })
 }
 

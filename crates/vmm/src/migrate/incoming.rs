@@ -30,6 +30,9 @@ pub enum IncomingError {
     /// Guest RAM could not be set up.
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
+    /// The KVM VM could not be created.
+    #[error("Cannot create the VM: {0}")]
+    Prebuild(String),
     /// The received state is not usable.
     #[error(transparent)]
     State(#[from] crate::vm_snapshot::VmSnapshotError),
@@ -121,6 +124,14 @@ impl Incoming {
         )
         .map_err(|e| IncomingError::Refused(e.to_string()))?;
         let mem = crate::memory::create_guest_memory(&layout.ram_ranges())?;
+        // The KVM VM is built while memory arrives, off the guest's pause.
+        let prebuild = {
+            let (config, mem) = (self.config.clone(), mem.clone());
+            std::thread::Builder::new()
+                .name("migrate-prebuild".into())
+                .spawn(move || crate::builder::PrebuiltVm::create(&config, &mem))
+                .map_err(MigrationError::Io)?
+        };
         let regions: Vec<(*mut u8, u64)> = mem.iter().map(|r| (r.as_ptr(), r.len())).collect();
         let mut reader = std::io::BufReader::with_capacity(1 << 20, self.stream.try_clone()?);
         let state = loop {
@@ -196,6 +207,11 @@ impl Incoming {
             .map_err(crate::vm_snapshot::VmSnapshotError::from)?;
         let mut snap =
             crate::vm_snapshot::from_reader(&reader, None, SnapshotMemory::Received(mem))?;
+        let prebuilt = prebuild
+            .join()
+            .map_err(|_| IncomingError::Prebuild("the thread building it panicked".into()))?
+            .map_err(|e| IncomingError::Prebuild(crate::error::chain_to_line(&e)))?;
+        snap.prebuilt = Some(Mutex::new(Some(prebuilt)));
         snap.start_gate = Some(Mutex::new(Some(StartGate {
             stream: self.stream,
         })));

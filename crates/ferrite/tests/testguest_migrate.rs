@@ -1,0 +1,519 @@
+//! Live migration with the test guest: a `ferrite run` source migrates its running guest to a
+//! `ferrite run --incoming` destination over TCP or a Unix socket (`{"op":"migrate"}` on the
+//! source's control socket). The guest keeps counting on the destination and verifies its own
+//! memory; a copy that cannot converge stops cleanly; cutting the connection at any point
+//! leaves exactly one side running the guest; incompatible peers are refused before memory
+//! moves.
+
+mod common;
+mod testguest_common;
+
+use std::io::{BufRead, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use testguest_common::control::Vm;
+use testguest_common::{num, WATCHDOG};
+
+/// Exit status of a source whose guest was migrated away.
+const MIGRATED: i32 = 5;
+
+/// A TCP endpoint on loopback nobody listens on yet.
+fn free_tcp_endpoint() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    format!("tcp:{}", listener.local_addr().expect("addr"))
+}
+
+fn start_destination(name: &str, endpoint: &str) -> Vm {
+    Vm::spawn(name, &["--incoming".to_string(), endpoint.to_string()])
+}
+
+fn migrate(src: &mut Vm, request: Value) -> Value {
+    let mut req = request;
+    req["op"] = "migrate".into();
+    let reply = src.request(&req.to_string());
+    assert_eq!(reply["ok"], true, "{reply}");
+    reply
+}
+
+/// Poll `migrate-status` until the migration ends here (failed, cancelled, unknown) or the
+/// source exits (completed); returns the last status seen and the highest throttle.
+fn wait_migration(src: &mut Vm) -> (Value, u64) {
+    let deadline = Instant::now() + WATCHDOG;
+    let mut last = Value::Null;
+    let mut max_throttle = 0;
+    while Instant::now() < deadline {
+        if src.child.try_wait().expect("try_wait").is_some() {
+            return (last, max_throttle);
+        }
+        let sock = src.sock.clone();
+        let Some(reply) = status_once(&sock) else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        let status = reply["migration"].clone();
+        max_throttle = max_throttle.max(status["throttle_pct"].as_u64().unwrap_or(0));
+        last = status;
+        if matches!(
+            last["phase"].as_str(),
+            Some("failed" | "cancelled" | "unknown")
+        ) {
+            return (last, max_throttle);
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    panic!("the migration did not end: {last}");
+}
+
+/// One `migrate-status` on a fresh connection (None once the source's socket is gone).
+fn status_once(sock: &std::path::Path) -> Option<Value> {
+    let mut conn = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    conn.write_all(b"{\"op\":\"migrate-status\"}\n").ok()?;
+    let mut reply = String::new();
+    std::io::BufReader::new(conn).read_line(&mut reply).ok()?;
+    serde_json::from_str(&reply).ok()
+}
+
+fn stderr_of(vm: &mut Vm) -> String {
+    let mut text = String::new();
+    if let Some(mut err) = vm.child.stderr.take() {
+        let _ = err.read_to_string(&mut text);
+    }
+    text
+}
+
+/// The destination exited without ever running the guest.
+fn assert_never_ran(dst: &mut Vm) {
+    let status = dst.wait_exit(WATCHDOG);
+    let guest_lines: Vec<&String> = dst.seen.iter().filter(|l| !l.is_empty()).collect();
+    let stderr = stderr_of(dst);
+    assert!(
+        !status.success(),
+        "the destination must fail: {status:?} {stderr}"
+    );
+    assert!(
+        guest_lines.is_empty(),
+        "the destination must never run the guest: {guest_lines:?}"
+    );
+    assert!(
+        stderr.contains("the guest did not run here") || stderr.contains("Migration"),
+        "{stderr}"
+    );
+}
+
+/// The source kept running its guest: its dirtying loop still ticks, and stops and checks
+/// its memory on request.
+fn assert_source_runs_on(src: &mut Vm) {
+    let a = src.wait_line("tick ");
+    let b = src.wait_line("tick ");
+    assert!(num(&b, "value=") > num(&a, "value="), "{a} / {b}");
+    src.send("x");
+    src.wait_line("OK dirty stopped");
+    src.send("dirty-check");
+    src.wait_line("OK dirty-check");
+}
+
+#[test]
+fn test_migrated_guest_keeps_counting_and_its_memory_checks_out() {
+    // Arrange: a guest dirtying 8 MiB at 2000 pages/s, and a destination listening on TCP.
+    let endpoint = free_tcp_endpoint();
+    let mut src = Vm::start("mig-count", "dirty 8 2000 100");
+    let before = src.wait_line("tick n=3 ");
+    let mut dst = start_destination("mig-count-d", &endpoint);
+
+    // Act
+    migrate(&mut src, serde_json::json!({"to": endpoint}));
+    let (status, _) = wait_migration(&mut src);
+    let src_exit = src.wait_exit(WATCHDOG);
+    let src_err = stderr_of(&mut src);
+    let first = dst.wait_line("tick ");
+    let later = dst.wait_line(&format!("tick n={} ", num(&first, "n=") + 3));
+    dst.send("x");
+    let stopped = dst.wait_line("OK dirty stopped");
+    dst.send("dirty-check");
+    let check = dst.wait_any(&["OK dirty-check", "ERR dirty-check"]);
+
+    // Assert: the source handed over and stopped; the guest continued from its own values.
+    assert_eq!(src_exit.code(), Some(MIGRATED), "{status} {src_err}");
+    assert!(src_err.contains("migrated to tcp:"), "{src_err}");
+    assert!(num(&first, "n=") > num(&before, "n="), "{before} / {first}");
+    assert!(
+        num(&first, "value=") > num(&before, "value="),
+        "{before} / {first}"
+    );
+    assert!(
+        num(&later, "value=") > num(&first, "value="),
+        "{first} / {later}"
+    );
+    assert!(
+        num(&stopped, "dirtied=") > num(&before, "dirtied="),
+        "{stopped}"
+    );
+    assert!(check.starts_with("OK dirty-check"), "{check}");
+}
+
+#[test]
+fn test_idle_guest_memory_is_identical_after_migration_over_a_unix_socket() {
+    // Arrange: 32 MiB of pattern, its checksum taken on the source.
+    let endpoint = format!(
+        "unix:{}",
+        std::env::temp_dir()
+            .join(format!("ferrite-mig-{}.sock", std::process::id()))
+            .display()
+    );
+    let mut src = Vm::start("mig-idle", "mem-fill 11 32;mem-sum 32");
+    let sum_before = src.wait_line("OK mem-sum");
+    let mut dst = start_destination("mig-idle-d", &endpoint);
+
+    // Act
+    migrate(&mut src, serde_json::json!({"to": endpoint}));
+    let src_exit = src.wait_exit(WATCHDOG);
+    dst.send("mem-sum 32");
+    let sum_after = dst.wait_line("OK mem-sum");
+    dst.send("mem-check 11 32");
+    let check = dst.wait_any(&["OK mem-check", "ERR mem-check"]);
+    let info = dst.request(r#"{"op":"info"}"#);
+
+    // Assert
+    assert_eq!(src_exit.code(), Some(MIGRATED));
+    assert_eq!(sum_after, sum_before);
+    assert!(check.starts_with("OK mem-check"), "{check}");
+    assert_eq!(info["config"]["memory_bytes"], 128u64 << 20, "{info}");
+}
+
+#[test]
+fn test_copy_that_cannot_converge_stops_at_the_timeout_and_the_source_keeps_running() {
+    // Arrange: a guest rewriting 32 MiB as fast as it can over a 16 MiB/s link.
+    let endpoint = free_tcp_endpoint();
+    let mut src = Vm::start("mig-abort", "dirty 32 0 100");
+    src.wait_line("tick n=2 ");
+    let mut dst = start_destination("mig-abort-d", &endpoint);
+
+    // Act
+    migrate(
+        &mut src,
+        serde_json::json!({"to": endpoint, "bandwidth_mib_s": 16, "timeout_s": 3,
+                           "converge": "abort"}),
+    );
+    let (status, max_throttle) = wait_migration(&mut src);
+
+    // Assert
+    assert_eq!(status["phase"], "failed", "{status}");
+    assert!(
+        status["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not converge")),
+        "{status}"
+    );
+    assert_eq!(max_throttle, 0, "converge=abort never throttles");
+    assert_source_runs_on(&mut src);
+    assert_never_ran(&mut dst);
+}
+
+#[test]
+fn test_guest_dirtying_faster_than_the_link_converges_by_throttling() {
+    // Arrange: 20000 pages/s (78 MiB/s) of writes over a 32 MiB/s link.
+    let endpoint = free_tcp_endpoint();
+    let mut src = Vm::start("mig-throttle", "dirty 16 20000 100");
+    src.wait_line("tick n=2 ");
+    let mut dst = start_destination("mig-throttle-d", &endpoint);
+
+    // Act
+    migrate(
+        &mut src,
+        serde_json::json!({"to": endpoint, "bandwidth_mib_s": 32, "downtime_ms": 50,
+                           "timeout_s": 100, "converge": "throttle"}),
+    );
+    let (status, max_throttle) = wait_migration(&mut src);
+    let src_exit = src.wait_exit(WATCHDOG);
+    dst.wait_line("tick ");
+    dst.send("x");
+    dst.wait_line("OK dirty stopped");
+    dst.send("dirty-check");
+    let check = dst.wait_any(&["OK dirty-check", "ERR dirty-check"]);
+
+    // Assert
+    assert_eq!(src_exit.code(), Some(MIGRATED), "{status}");
+    assert!(max_throttle > 0, "the guest was never throttled: {status}");
+    assert!(check.starts_with("OK dirty-check"), "{check}");
+}
+
+#[test]
+fn test_cancelled_migration_leaves_the_source_running() {
+    // Arrange: enough memory to copy slowly (32 MiB at 4 MiB/s).
+    let endpoint = free_tcp_endpoint();
+    let mut src = Vm::start("mig-cancel", "mem-fill 3 32;dirty 4 500 100");
+    src.wait_line("tick n=2 ");
+    let mut dst = start_destination("mig-cancel-d", &endpoint);
+    migrate(
+        &mut src,
+        serde_json::json!({"to": endpoint, "bandwidth_mib_s": 4}),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Act
+    let reply = src.request(r#"{"op":"migrate-cancel"}"#);
+    let (status, _) = wait_migration(&mut src);
+
+    // Assert
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(status["phase"], "cancelled", "{status}");
+    assert_source_runs_on(&mut src);
+    assert_never_ran(&mut dst);
+}
+
+/// Where the proxy between source and destination cuts the connection.
+#[derive(Clone, Copy)]
+enum Cut {
+    /// After this many bytes from the source (during the copy rounds).
+    SourceBytes(u64),
+    /// Instead of passing on the destination's reply byte number `n` (1: accept, 2: ready,
+    /// 3: running).
+    ReplyByte(u64),
+}
+
+/// Forward `from` to `to`; with `limit`, pass on only that many bytes, then `cut`.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    limit: Option<u64>,
+    cut: Arc<dyn Fn() + Send + Sync>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        let mut total = 0u64;
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n as u64,
+            };
+            if let Some(l) = limit.filter(|&l| total + n >= l) {
+                let _ = to.write_all(&buf[..(l - total) as usize]);
+                cut();
+                break;
+            }
+            total += n;
+            if to.write_all(&buf[..n as usize]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    })
+}
+
+/// A one-connection TCP proxy in front of `target` that cuts both ways at `cut`; returns its
+/// endpoint.
+fn cutting_proxy(target: &str, cut: Cut) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!("tcp:{}", listener.local_addr().expect("addr"));
+    let target = target.trim_start_matches("tcp:").to_string();
+    std::thread::spawn(move || {
+        let (src, _) = listener.accept().expect("accept");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let dst = loop {
+            match TcpStream::connect(&target) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("proxy cannot reach {target}: {e}"),
+            }
+        };
+        let cut_all: Arc<dyn Fn() + Send + Sync> = {
+            let (a, b) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+            Arc::new(move || {
+                let _ = a.shutdown(Shutdown::Both);
+                let _ = b.shutdown(Shutdown::Both);
+            })
+        };
+        let (src_limit, reply_limit) = match cut {
+            Cut::SourceBytes(n) => (Some(n), None),
+            // Pass on the replies before byte n, cut instead of passing byte n.
+            Cut::ReplyByte(n) => (None, Some(n - 1)),
+        };
+        let a = pump(
+            src.try_clone().unwrap(),
+            dst.try_clone().unwrap(),
+            src_limit,
+            cut_all.clone(),
+        );
+        let b = pump(dst, src, reply_limit, cut_all);
+        let _ = a.join();
+        let _ = b.join();
+    });
+    endpoint
+}
+
+#[test]
+fn test_connection_cut_during_the_copy_rounds_leaves_the_source_running() {
+    // Arrange: a proxy that cuts after 2 MiB of a slow (8 MiB/s) copy.
+    let endpoint = free_tcp_endpoint();
+    let mut src = Vm::start("mig-cut1", "mem-fill 5 16;dirty 4 500 100");
+    src.wait_line("tick n=2 ");
+    let mut dst = start_destination("mig-cut1-d", &endpoint);
+    let proxy = cutting_proxy(&endpoint, Cut::SourceBytes(2 << 20));
+
+    // Act
+    migrate(
+        &mut src,
+        serde_json::json!({"to": proxy, "bandwidth_mib_s": 8}),
+    );
+    let (status, _) = wait_migration(&mut src);
+
+    // Assert
+    assert_eq!(status["phase"], "failed", "{status}");
+    assert_source_runs_on(&mut src);
+    assert_never_ran(&mut dst);
+}
+
+#[test]
+fn test_connection_cut_after_the_final_state_before_the_commit_leaves_the_source_running() {
+    // Arrange: the proxy swallows the destination's "ready" (the state arrived, the VM is
+    // built, the source is paused waiting to commit) and cuts.
+    let endpoint = free_tcp_endpoint();
+    let mut src = Vm::start("mig-cut2", "dirty 4 500 100");
+    src.wait_line("tick n=2 ");
+    let mut dst = start_destination("mig-cut2-d", &endpoint);
+    let proxy = cutting_proxy(&endpoint, Cut::ReplyByte(2));
+
+    // Act
+    migrate(&mut src, serde_json::json!({"to": proxy}));
+    let (status, _) = wait_migration(&mut src);
+
+    // Assert: the source resumed its guest, the destination discarded everything.
+    assert_eq!(status["phase"], "failed", "{status}");
+    assert_source_runs_on(&mut src);
+    assert_never_ran(&mut dst);
+}
+
+#[test]
+fn test_connection_cut_after_the_commit_runs_the_guest_only_on_the_destination() {
+    // Arrange: the proxy passes the commit but swallows the destination's "running".
+    let endpoint = free_tcp_endpoint();
+    let mut src = Vm::start("mig-cut3", "dirty 4 500 100");
+    src.wait_line("tick n=2 ");
+    let mut dst = start_destination("mig-cut3-d", &endpoint);
+    let proxy = cutting_proxy(&endpoint, Cut::ReplyByte(3));
+
+    // Act
+    migrate(&mut src, serde_json::json!({"to": proxy}));
+    let (status, _) = wait_migration(&mut src);
+    let src_lines = src.lines_within(Duration::from_millis(500));
+    let stats = src.request(r#"{"op":"stats"}"#);
+    let dst_tick = dst.wait_line("tick ");
+
+    // Assert: the source keeps its copy paused and says why; the guest runs on the
+    // destination.
+    assert_eq!(status["phase"], "unknown", "{status}");
+    assert!(
+        status["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("stays paused")),
+        "{status}"
+    );
+    assert_eq!(stats["state"], "paused", "{stats}");
+    assert!(
+        !src_lines.iter().any(|l| l.starts_with("tick ")),
+        "{src_lines:?}"
+    );
+    assert!(num(&dst_tick, "value=") > 0);
+}
+
+/// The first bytes of a migration stream: magic and protocol version.
+fn stream_start(version: u32) -> Vec<u8> {
+    let mut out = b"FERRMIG\0".to_vec();
+    out.extend_from_slice(&version.to_le_bytes());
+    out
+}
+
+/// Send `bytes` to a fresh `--incoming` destination; returns its reply and the process.
+fn talk_to_destination(name: &str, bytes: &[u8]) -> (Vec<u8>, Vm) {
+    let endpoint = free_tcp_endpoint();
+    let dst = start_destination(name, &endpoint);
+    let addr = endpoint.trim_start_matches("tcp:").to_string();
+    let deadline = Instant::now() + WATCHDOG;
+    let mut conn = loop {
+        match TcpStream::connect(&addr) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("connect {addr}: {e}"),
+        }
+    };
+    conn.write_all(bytes).expect("send");
+    conn.set_read_timeout(Some(WATCHDOG)).unwrap();
+    let mut reply = Vec::new();
+    let _ = conn.read_to_end(&mut reply);
+    (reply, dst)
+}
+
+#[test]
+fn test_destination_refuses_another_protocol_version_before_any_memory_moves() {
+    // Arrange
+    let hello = stream_start(99);
+
+    // Act
+    let (reply, mut dst) = talk_to_destination("mig-ver", &hello);
+    let status = dst.wait_exit(WATCHDOG);
+    let stderr = stderr_of(&mut dst);
+
+    // Assert: a refusal (0x82) naming the fix, and a usage-error exit.
+    assert_eq!(reply.first(), Some(&0x82), "{reply:?}");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.contains("same Ferrite version"), "{text}");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("migration protocol 99"), "{stderr}");
+}
+
+#[test]
+fn test_destination_refuses_another_ferrite_version() {
+    // Arrange: a well-formed hello from a different Ferrite release.
+    let json = serde_json::json!({
+        "ferrite_version": "0.0.1-other",
+        "config": {},
+        "regions": [],
+    })
+    .to_string();
+    let mut hello = stream_start(1);
+    hello.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    hello.extend_from_slice(json.as_bytes());
+
+    // Act
+    let (reply, mut dst) = talk_to_destination("mig-fver", &hello);
+    let status = dst.wait_exit(WATCHDOG);
+
+    // Assert
+    assert_eq!(reply.first(), Some(&0x82), "{reply:?}");
+    assert!(
+        String::from_utf8_lossy(&reply).contains("0.0.1-other"),
+        "{reply:?}"
+    );
+    assert_eq!(status.code(), Some(2));
+}
+
+#[test]
+fn test_migrating_a_vm_with_disks_is_refused_and_it_keeps_running() {
+    // Arrange
+    let disk = testguest_common::ScratchDisk::zeroed("mig-disk", 1 << 20);
+    let mut src = Vm::boot(
+        "mig-disk",
+        &[
+            "--disk".into(),
+            format!("{},format=raw", disk.arg()),
+            "--cmdline".into(),
+            "cmds=\"dirty 4 500 100\"".into(),
+        ],
+    );
+    src.wait_line("tick n=1 ");
+
+    // Act
+    let reply = src.request(&format!(
+        r#"{{"op":"migrate","to":"{}"}}"#,
+        free_tcp_endpoint()
+    ));
+
+    // Assert
+    assert_eq!(reply["error"], "not-supported", "{reply}");
+    assert_source_runs_on(&mut src);
+}
