@@ -287,7 +287,12 @@ fn receive_migration(
     let mut config = incoming.config.clone();
     // The source's control socket is its own: only --api-socket names one here.
     config.api_socket = args.api_socket.clone();
-    let snap = incoming.receive().map_err(|e| chain_to_line(&e))?;
+    let snap = incoming.receive().map_err(|e| {
+        format!(
+            "Incoming migration failed; the guest did not run here: {}",
+            chain_to_line(&e)
+        )
+    })?;
     tracing::debug!("migration received");
     Ok((config, Some(snap)))
 }

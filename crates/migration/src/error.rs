@@ -26,7 +26,7 @@ pub enum MigrationError {
     #[error("Incompatible migration peer: {0}")]
     Incompatible(String),
     /// The peer refused or aborted the migration.
-    #[error("The {side} refused the migration: {reason}")]
+    #[error("The {side} gave up the migration: {reason}")]
     Refused {
         /// "source" or "destination".
         side: &'static str,
