@@ -117,9 +117,11 @@ fn parse_mib(cmd: &str, s: &str, base: u64, avail: u64) -> Option<u64> {
 /// (`value`) and measuring the longest gap between two iterations by the TSC. Every
 /// REPORT_MS ms (default 100) it prints
 /// `tick n=N value=V gen=G pos=P dirtied=D gap_us=X maxgap_us=Y` (`gap_us`: longest gap
-/// since the previous tick line, `maxgap_us`: since the start; the time spent printing is
-/// not a gap) and looks at the power button (`idle`). A byte on the serial port (polled
-/// every ms, consumed) stops it: `OK dirty stopped gen=G pos=P dirtied=D maxgap_us=Y`.
+/// since the previous tick line, `maxgap_us`: since the start; a gap is the TSC time between
+/// two consecutive iterations, including the serial poll and the printing of a tick line, so
+/// a pause of the vCPU shows wherever it lands) and looks at the power button (`idle`). A
+/// byte on the serial port (polled every ms, consumed) stops it:
+/// `OK dirty stopped gen=G pos=P dirtied=D maxgap_us=Y`.
 /// `dirtied` counts the rewrites after the generation-0 fill.
 pub fn cmd_dirty(
     last: &mut Option<Region>,
@@ -231,10 +233,12 @@ pub fn cmd_dirty(
             gap_tick = 0;
             idle();
             next_tick = next_tick.wrapping_add(tick_period);
-            prev = sys::rdtsc();
-            if reached(prev, next_tick) {
+            // `prev` stays the time of this iteration: the next gap includes the print and
+            // the power-button look. Those are port I/O exits, where a pause often begins.
+            let after = sys::rdtsc();
+            if reached(after, next_tick) {
                 // Paused or descheduled for longer than a period: restart from now.
-                next_tick = prev.wrapping_add(tick_period);
+                next_tick = after.wrapping_add(tick_period);
             }
         }
     }

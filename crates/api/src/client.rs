@@ -141,57 +141,13 @@ impl Client {
         body: Option<&[u8]>,
         extra: &[(&str, &str)],
     ) -> Result<(u16, Headers, BufReader<UnixStream>)> {
-        let mut stream = self.connect()?;
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: ferrited\r\nUser-Agent: ferrite/{}\r\nAccept: application/json\r\n",
-            env!("CARGO_PKG_VERSION")
-        );
-        if !extra
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("connection"))
-        {
-            head.push_str("Connection: close\r\n");
-        }
-        for (k, v) in extra {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        match body {
-            Some(b) => head.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                b.len()
-            )),
-            None if method != "GET" => head.push_str("Content-Length: 0\r\n"),
-            None => {}
-        }
-        head.push_str("\r\n");
-        let mut msg = head.into_bytes();
-        if let Some(b) = body {
-            msg.extend_from_slice(b);
-        }
-        stream.write_all(&msg)?;
-        stream.flush()?;
-        let mut reader = BufReader::new(stream);
-        let (status, headers) = read_head(&mut reader)?;
-        Ok((status, headers, reader))
+        send_on(self.connect()?, "ferrited", method, path, body, extra)
     }
 
     /// Send a request and read the whole response; non-2xx statuses become
     /// [`ClientError::Api`].
     pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Response> {
-        let (status, headers, reader) = self.send(method, path, body, &[])?;
-        let body = if status == 204 || status == 304 || method == "HEAD" {
-            Vec::new()
-        } else {
-            let mut b = Vec::new();
-            body_reader(&headers, reader)?.read_to_end(&mut b)?;
-            b
-        };
-        check_status(status, &body)?;
-        Ok(Response {
-            status,
-            headers,
-            body,
-        })
+        request_on(self.connect()?, "ferrited", method, path, body)
     }
 
     /// A request with a JSON body (or none) whose answer is JSON.
@@ -311,6 +267,26 @@ impl Client {
         self.json::<(), _>("POST", &crate::routes::disk_flatten(vm, disk), None)
     }
 
+    /// `POST /v1/vms/{name}/migrate`: returns once the migration started (202).
+    pub fn migrate(&self, vm: &str, req: &crate::MigrateRequest) -> Result<crate::MigrationInfo> {
+        self.json("POST", &crate::routes::vm_action(vm, "migrate"), Some(req))
+    }
+
+    /// `GET /v1/vms/{name}/migration`: the VM's current or last outgoing migration (also
+    /// after it completed and the VM left this daemon).
+    pub fn migration(&self, vm: &str) -> Result<crate::MigrationInfo> {
+        self.json::<(), _>("GET", &crate::routes::vm_action(vm, "migration"), None)
+    }
+
+    /// `POST /v1/vms/{name}/migrate/cancel`.
+    pub fn cancel_migration(&self, vm: &str) -> Result<crate::MigrationInfo> {
+        self.json::<(), _>(
+            "POST",
+            &crate::routes::vm_action(vm, "migrate/cancel"),
+            None,
+        )
+    }
+
     /// `GET /v1/stats`.
     pub fn stats(&self) -> Result<Vec<VmStats>> {
         self.json::<(), _>("GET", "/v1/stats", None)
@@ -378,6 +354,75 @@ impl Client {
         stream.set_write_timeout(None)?;
         Ok((stream, pending))
     }
+}
+
+/// Send one request on `stream` (any transport: a Unix socket, a TLS session) naming `host`,
+/// and read the head of its response.
+fn send_on<S: Read + Write>(
+    mut stream: S,
+    host: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    extra: &[(&str, &str)],
+) -> Result<(u16, Headers, BufReader<S>)> {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: ferrite/{}\r\nAccept: application/json\r\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    if !extra
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("connection"))
+    {
+        head.push_str("Connection: close\r\n");
+    }
+    for (k, v) in extra {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    match body {
+        Some(b) => head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        )),
+        None if method != "GET" => head.push_str("Content-Length: 0\r\n"),
+        None => {}
+    }
+    head.push_str("\r\n");
+    let mut msg = head.into_bytes();
+    if let Some(b) = body {
+        msg.extend_from_slice(b);
+    }
+    stream.write_all(&msg)?;
+    stream.flush()?;
+    let mut reader = BufReader::new(stream);
+    let (status, headers) = read_head(&mut reader)?;
+    Ok((status, headers, reader))
+}
+
+/// One whole request on `stream`, as [`Client::request`] does over the Unix socket: for
+/// clients that reach a daemon another way (a TLS session to its `--tls-listen`). Non-2xx
+/// statuses become [`ClientError::Api`].
+pub fn request_on<S: Read + Write + Send + 'static>(
+    stream: S,
+    host: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<Response> {
+    let (status, headers, reader) = send_on(stream, host, method, path, body, &[])?;
+    let body = if status == 204 || status == 304 || method == "HEAD" {
+        Vec::new()
+    } else {
+        let mut b = Vec::new();
+        body_reader(&headers, reader)?.read_to_end(&mut b)?;
+        b
+    };
+    check_status(status, &body)?;
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// Turn a non-2xx status into [`ClientError::Api`].

@@ -22,6 +22,9 @@ pub enum ErrorCode {
     Internal,
     /// 502: the VM's monitor process did not answer.
     VmmUnavailable,
+    /// 502: another ferrited (a migration's destination) could not be reached or did not
+    /// answer as the API says.
+    PeerUnavailable,
 }
 
 impl ErrorCode {
@@ -35,6 +38,7 @@ impl ErrorCode {
         ErrorCode::NotSupported,
         ErrorCode::Internal,
         ErrorCode::VmmUnavailable,
+        ErrorCode::PeerUnavailable,
     ];
 
     /// The HTTP status this code is sent with.
@@ -46,7 +50,7 @@ impl ErrorCode {
             ErrorCode::Conflict | ErrorCode::InsufficientCapacity => 409,
             ErrorCode::NotSupported => 501,
             ErrorCode::Internal => 500,
-            ErrorCode::VmmUnavailable => 502,
+            ErrorCode::VmmUnavailable | ErrorCode::PeerUnavailable => 502,
         }
     }
 }
@@ -105,6 +109,7 @@ mod tests {
             ErrorCode::NotSupported => 5,
             ErrorCode::Internal => 6,
             ErrorCode::VmmUnavailable => 7,
+            ErrorCode::PeerUnavailable => 8,
         }
     }
 

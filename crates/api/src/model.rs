@@ -239,6 +239,10 @@ pub enum VmState {
     Stopping,
     /// Its VMM process died without a clean exit (signal, crash), or the VM failed.
     Crashed,
+    /// A live migration is arriving (destination side): its VMM waits for the source and
+    /// receives the VM; it becomes `running` once the guest runs here, and the definition is
+    /// dropped again if the migration fails.
+    Incoming,
 }
 
 impl VmState {
@@ -246,7 +250,11 @@ impl VmState {
     pub fn is_active(self) -> bool {
         matches!(
             self,
-            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+            VmState::Starting
+                | VmState::Running
+                | VmState::Paused
+                | VmState::Stopping
+                | VmState::Incoming
         )
     }
 
@@ -259,6 +267,7 @@ impl VmState {
             VmState::Paused => "paused",
             VmState::Stopping => "stopping",
             VmState::Crashed => "crashed",
+            VmState::Incoming => "incoming",
         }
     }
 }
@@ -267,7 +276,7 @@ impl VmState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastExit {
     /// `poweroff`, `reset`, `stopped`, `failed`, `error` (the VMM could not run it),
-    /// `killed`, `crashed`.
+    /// `killed`, `crashed`, `migrated` (it runs on another host now).
     pub outcome: String,
     /// Details (failure reason, signal).
     #[serde(default)]
@@ -415,11 +424,184 @@ pub struct Event {
     pub vm: String,
     /// `defined`, `starting`, `running`, `paused`, `resumed`, `stopping`, `stopped`,
     /// `crashed`, `restarted`, `restart-failed`, `autostart-failed`, `rebooted`, `updated`,
-    /// `deleted`, `adopted`, `snapshot-created`, `snapshot-deleted`, `restored`.
+    /// `deleted`, `adopted`, `snapshot-created`, `snapshot-deleted`, `restored`, and for
+    /// live migrations `migration-started`, `migration-progress`, `migrated`,
+    /// `migration-failed`, `migration-cancelled`, `migration-unknown` (source) and
+    /// `incoming`, `migrated-in`, `incoming-failed` (destination).
     pub kind: String,
     /// Free text.
     #[serde(default)]
     pub detail: String,
+}
+
+/// What to do when the guest dirties memory faster than the link carries it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Converge {
+    /// Slow the guest's vCPUs down more each round until the rest fits the downtime budget
+    /// (give up at the timeout).
+    #[default]
+    Throttle,
+    /// Never slow the guest; give up at the timeout.
+    Abort,
+}
+
+impl Converge {
+    /// The name used in the API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Converge::Throttle => "throttle",
+            Converge::Abort => "abort",
+        }
+    }
+}
+
+/// Body of `POST /v1/vms/{name}/migrate`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The destination daemon: the path of its Unix socket (two daemons on one host), or
+    /// `https://HOST:PORT` (its `--tls-listen`).
+    pub to: String,
+    /// Longest acceptable pause of the guest for the last copy, ms (default 10, 1..=60000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Bandwidth limit in MiB/s (default 0: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mib_s: Option<u64>,
+    /// Give up after this many seconds, the VM staying here (default 120, 1..=86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+    /// What to do when the copy does not converge (default `throttle`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converge: Option<Converge>,
+}
+
+/// Default pause budget of a migration, ms.
+pub const DEFAULT_MIGRATION_DOWNTIME_MS: u64 = 10;
+/// Default time limit of a migration, seconds.
+pub const DEFAULT_MIGRATION_TIMEOUT_S: u64 = 120;
+
+/// Where a migration stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPhase {
+    /// No migration was started.
+    #[default]
+    None,
+    /// Connecting to the destination's VMM and handshaking.
+    Connecting,
+    /// Copying memory while the guest runs.
+    Copying,
+    /// The guest is paused for the last copy and its state.
+    Final,
+    /// The guest runs on the destination; the source forgot the VM.
+    Completed,
+    /// It failed; the guest keeps running on the source.
+    Failed,
+    /// Cancelled; the guest keeps running on the source.
+    Cancelled,
+    /// The commit was sent but the destination did not confirm: the guest stays paused on
+    /// the source. Check the destination: if it does not run the VM, resume it here.
+    Unknown,
+}
+
+impl MigrationPhase {
+    /// Whether the migration is over (whatever the result).
+    pub fn is_done(self) -> bool {
+        !matches!(
+            self,
+            MigrationPhase::Connecting | MigrationPhase::Copying | MigrationPhase::Final
+        )
+    }
+
+    /// The name used in the API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationPhase::None => "none",
+            MigrationPhase::Connecting => "connecting",
+            MigrationPhase::Copying => "copying",
+            MigrationPhase::Final => "final",
+            MigrationPhase::Completed => "completed",
+            MigrationPhase::Failed => "failed",
+            MigrationPhase::Cancelled => "cancelled",
+            MigrationPhase::Unknown => "unknown",
+        }
+    }
+}
+
+/// An outgoing live migration (`GET /v1/vms/{name}/migration`): the source VMM's progress.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    /// The VM.
+    pub vm: String,
+    /// The destination daemon, as given.
+    #[serde(default)]
+    pub to: String,
+    /// The destination VMM's endpoint the memory goes to (`tcp:HOST:PORT`).
+    #[serde(default)]
+    pub endpoint: String,
+    /// Where it stands.
+    pub phase: MigrationPhase,
+    /// When it started (ms since the Unix epoch).
+    #[serde(default)]
+    pub started_ms: u64,
+    /// The current copy round (0: the first full pass).
+    #[serde(default)]
+    pub round: u32,
+    /// Dirty bytes left to copy at the start of this round.
+    #[serde(default)]
+    pub remaining_bytes: u64,
+    /// Bytes sent so far.
+    #[serde(default)]
+    pub sent_bytes: u64,
+    /// Pages sent with their bytes.
+    #[serde(default)]
+    pub pages_sent: u64,
+    /// Pages sent as zero-page markers.
+    #[serde(default)]
+    pub zero_pages: u64,
+    /// Achieved rate, bytes/s.
+    #[serde(default)]
+    pub rate_bytes_per_s: u64,
+    /// Share of time the vCPUs are held back by auto-converge, percent.
+    #[serde(default)]
+    pub throttle_pct: u32,
+    /// Time since the start, ms.
+    #[serde(default)]
+    pub elapsed_ms: u64,
+    /// How long the guest was paused, ms (once completed).
+    #[serde(default)]
+    pub downtime_ms: Option<f64>,
+    /// Total time, ms (once completed).
+    #[serde(default)]
+    pub total_ms: Option<f64>,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Body of `POST /v1/migrations/incoming` (sent by the source daemon).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingMigrationRequest {
+    /// The VM's definition as the source stores it (its name is reserved here).
+    pub spec: VmSpec,
+    /// The migration's time limit in seconds: the destination gives up on a VM that does
+    /// not run here within this (plus a grace period).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+}
+
+/// The answer to `POST /v1/migrations/incoming`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingMigration {
+    /// The reserved VM (state `incoming`).
+    pub vm: VmInfo,
+    /// Where the source VMM must send the VM: `tcp:HOST:PORT` (the host is unspecified,
+    /// `0.0.0.0` or `::`, when the destination listens on every address; the source then uses
+    /// the destination daemon's host).
+    pub endpoint: String,
 }
 
 #[cfg(test)]
@@ -443,6 +625,19 @@ mod tests {
         assert_eq!(spec.vcpus, 1);
         assert_eq!(spec.memory_mib, 512);
         assert!(spec.disks.is_empty());
+    }
+
+    #[test]
+    fn test_migrate_request_takes_defaults_and_refuses_unknown_fields() {
+        let r: MigrateRequest =
+            serde_json::from_str(r#"{"to":"/run/b.sock","converge":"abort"}"#).unwrap();
+        let bad = serde_json::from_str::<MigrateRequest>(r#"{"to":"x","speed":1}"#);
+
+        assert_eq!(r.converge, Some(Converge::Abort));
+        assert_eq!(r.downtime_ms, None);
+        assert!(bad.is_err());
+        assert!(MigrationPhase::Completed.is_done());
+        assert!(!MigrationPhase::Final.is_done());
     }
 
     #[test]

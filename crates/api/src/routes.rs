@@ -31,6 +31,11 @@ pub const ALL: &[(&str, &str)] = &[
     ("POST", "/v1/vms/{name}/disk-snapshots"),
     ("POST", "/v1/vms/{name}/disk-snapshots/{tag}/revert"),
     ("POST", "/v1/vms/{name}/disks/{disk}/flatten"),
+    ("POST", "/v1/vms/{name}/migrate"),
+    ("POST", "/v1/vms/{name}/migrate/cancel"),
+    ("GET", "/v1/vms/{name}/migration"),
+    ("POST", "/v1/migrations/incoming"),
+    ("DELETE", "/v1/migrations/incoming/{name}"),
 ];
 
 /// Path of a VM's resource.
@@ -66,4 +71,12 @@ pub fn disk_snapshot_revert(vm: &str, tag: &str) -> String {
 /// Path of the flatten action of disk `disk` (its index) of a VM.
 pub fn disk_flatten(vm: &str, disk: usize) -> String {
     format!("/v1/vms/{vm}/disks/{disk}/flatten")
+}
+
+/// Where a destination daemon takes incoming migrations.
+pub const INCOMING_MIGRATIONS: &str = "/v1/migrations/incoming";
+
+/// Path of an incoming migration (a reservation) of VM `name`.
+pub fn incoming_migration(name: &str) -> String {
+    format!("{INCOMING_MIGRATIONS}/{name}")
 }

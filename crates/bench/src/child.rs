@@ -205,6 +205,15 @@ impl VmmProcess {
         String::from_utf8_lossy(&buf).trim().replace('\n', " | ")
     }
 
+    /// The whole stderr tail of a VMM that has exited, once its stderr is drained (bounded
+    /// wait); call after [`VmmProcess::wait_exit`] returned.
+    pub fn stderr_after_exit(&mut self) -> String {
+        if let Some(done) = self.stderr_done.take() {
+            let _ = done.recv_timeout(STDERR_DRAIN_TIMEOUT);
+        }
+        self.stderr_tail()
+    }
+
     /// The next complete console line, waiting at most until `deadline`.
     pub fn next_line(&mut self, deadline: Instant, waiting_for: &str) -> Result<Line> {
         loop {

@@ -198,6 +198,44 @@ struct Args {
     /// Parent of the snapshot scenario's temporary directory (removed at the end).
     #[arg(long)]
     snapshot_dir: Option<PathBuf>,
+    /// Guest RAM sizes of the migrate scenario, MiB.
+    #[arg(long, value_delimiter = ',', default_value = "512,2048")]
+    migrate_sizes_mib: Vec<u64>,
+    /// Workloads of the migrate scenario: idle (at the prompt), spin (`dirty 1 1`: a busy
+    /// loop that measures the pause), dirty (`dirty` with --migrate-dirty).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "idle,spin,dirty"
+    )]
+    migrate_workloads: Vec<scenario::migrate::Workload>,
+    /// `MIB RATE` of the dirtying guest's `dirty` command (RATE pages/s, 0 = as fast as it can).
+    #[arg(long, default_value = "64 20000")]
+    migrate_dirty: String,
+    /// Tick period (`dirty ... REPORT_MS`) of the migrate scenario's guests, ms.
+    #[arg(long, default_value_t = 20)]
+    migrate_report_ms: u64,
+    /// Milliseconds the workload runs before the migration starts.
+    #[arg(long, default_value_t = 500)]
+    migrate_settle_ms: u64,
+    /// Ferrite's `downtime_ms` (its default is 10).
+    #[arg(long, default_value_t = 10)]
+    migrate_downtime_ms: u64,
+    /// Ferrite's `bandwidth_mib_s` (0: unlimited, its default).
+    #[arg(long, default_value_t = 0)]
+    migrate_bandwidth_mib_s: u64,
+    /// Ferrite's `converge`: throttle (its default) or abort.
+    #[arg(long, default_value = "throttle")]
+    migrate_converge: String,
+    /// QEMU columns of the migrate scenario: its default max-bandwidth, and unlimited.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "default,unlimited"
+    )]
+    migrate_qemu_bandwidths: Vec<scenario::migrate::QemuBandwidth>,
     /// Print JSON on stdout instead of Markdown.
     #[arg(long)]
     json: bool,
@@ -238,6 +276,12 @@ fn main() -> ExitCode {
             "ferrite-bench: the minimal guest has no network stack: skipping the net scenario"
         );
         args.scenarios.retain(|s| *s != Scenario::Net);
+    }
+    if minimal && args.scenarios.contains(&Scenario::Migrate) {
+        eprintln!(
+            "ferrite-bench: the minimal guest has no console commands: skipping the migrate scenario"
+        );
+        args.scenarios.retain(|s| *s != Scenario::Migrate);
     }
     if !guest.is_file() {
         eprintln!(
@@ -298,6 +342,27 @@ fn main() -> ExitCode {
         r.host = host.clone();
         r
     });
+    let migrate = args.scenarios.contains(&Scenario::Migrate);
+    args.scenarios.retain(|s| *s != Scenario::Migrate);
+    let migrate = migrate.then(|| {
+        let mplan = scenario::migrate::MigratePlan {
+            sizes_mib: args.migrate_sizes_mib.clone(),
+            workloads: args.migrate_workloads.clone(),
+            dirty_args: args.migrate_dirty.clone(),
+            spin_args: "1 1".to_string(),
+            report_ms: args.migrate_report_ms.clamp(1, 60_000),
+            settle: Duration::from_millis(args.migrate_settle_ms),
+            downtime_ms: args.migrate_downtime_ms,
+            bandwidth_mib_s: args.migrate_bandwidth_mib_s,
+            converge: args.migrate_converge.clone(),
+            qemu_bandwidths: args.migrate_qemu_bandwidths.clone(),
+            dir: std::env::temp_dir(),
+        };
+        let mut r = scenario::migrate::run(&vmms, plan, &mplan, &cfg);
+        r.reproduce = reproduce_command();
+        r.host = host.clone();
+        r
+    });
     let reports = if args.scenarios.is_empty() {
         Vec::new()
     } else {
@@ -325,6 +390,7 @@ fn main() -> ExitCode {
         netio.as_ref(),
         daemon.as_ref(),
         snapshot.as_ref(),
+        migrate.as_ref(),
     );
     let json = match value
         .and_then(|v| serde_json::to_string_pretty(&v))
@@ -358,6 +424,9 @@ fn main() -> ExitCode {
             snapshot
                 .as_ref()
                 .map(scenario::snapshot::SnapshotReport::to_markdown),
+            migrate
+                .as_ref()
+                .map(scenario::migrate::MigrateReport::to_markdown),
         ]
         .into_iter()
         .flatten()
@@ -379,6 +448,7 @@ fn json_value(
     netio: Option<&netio::NetReport>,
     daemon: Option<&scenario::daemon::DaemonReport>,
     snapshot: Option<&scenario::snapshot::SnapshotReport>,
+    migrate: Option<&scenario::migrate::MigrateReport>,
 ) -> serde_json::Result<serde_json::Value> {
     let mut parts = serde_json::Map::new();
     if !report.scenarios.is_empty() {
@@ -395,6 +465,9 @@ fn json_value(
     }
     if let Some(s) = snapshot {
         parts.insert("snapshot".into(), serde_json::to_value(s)?);
+    }
+    if let Some(m) = migrate {
+        parts.insert("migrate".into(), serde_json::to_value(m)?);
     }
     if parts.len() == 1 {
         return Ok(parts.into_iter().next().map(|(_, v)| v).unwrap_or_default());

@@ -28,6 +28,9 @@ pub enum Scenario {
     /// Snapshot size and creation time, restore latency and clone rate vs QEMU migration to a
     /// file (reported in its own tables).
     Snapshot,
+    /// Live migration over TCP loopback, Ferrite vs QEMU, idle and dirtying guests (reported
+    /// in its own tables).
+    Migrate,
 }
 
 /// One row of the report.

@@ -112,6 +112,7 @@ fn run_one(
         Scenario::Net => return Err(crate::error::BenchError::Unsupported("net")),
         Scenario::Daemon => return Err(crate::error::BenchError::Unsupported("daemon")),
         Scenario::Snapshot => return Err(crate::error::BenchError::Unsupported("snapshot")),
+        Scenario::Migrate => return Err(crate::error::BenchError::Unsupported("migrate")),
         Scenario::Memory => {
             let idle = idle_memory::memory_once(command, cfg)?;
             let m = idle.memory;

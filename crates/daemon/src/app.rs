@@ -158,6 +158,9 @@ pub struct Daemon {
     pub capacity: Capacity,
     /// The VMM binary.
     pub vmm_binary: PathBuf,
+    /// The current or last outgoing live migration of each VM, by VM name (kept after the
+    /// VM left, until the daemon restarts or the name migrates again).
+    pub migrations: Mutex<BTreeMap<String, crate::migration::Outgoing>>,
     vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
 }
 
@@ -177,6 +180,7 @@ impl Daemon {
             cgroups,
             events,
             capacity,
+            migrations: Mutex::new(BTreeMap::new()),
             vms: Mutex::new(BTreeMap::new()),
         }
     }
@@ -212,6 +216,34 @@ impl Daemon {
     /// Forget a slot (after the store deleted the VM).
     pub fn remove_slot(&self, name: &str) {
         lock(&self.vms).remove(name);
+    }
+
+    /// Forget a VM that no longer belongs to this daemon (it migrated away, or an incoming
+    /// migration failed): its definition with its snapshot records, its slot, its run
+    /// directory, snapshot and disk directories. Its console and VMM logs stay. Does nothing
+    /// to a newer VM of the same name.
+    pub fn forget_vm(&self, slot: &Arc<VmSlot>) {
+        {
+            let mut vms = lock(&self.vms);
+            match vms.get(&slot.name) {
+                Some(now) if Arc::ptr_eq(now, slot) => {
+                    vms.remove(&slot.name);
+                }
+                _ => return,
+            }
+        }
+        match self.store.delete_vm(&slot.name) {
+            Ok(()) | Err(store::StoreError::NotFound(_)) => {}
+            Err(e) => tracing::error!(vm = %slot.name, "cannot delete the definition: {e}"),
+        }
+        let _ = std::fs::remove_dir_all(&slot.paths.dir);
+        crate::snapshots::remove_dir(&slot.paths.snapshots);
+        crate::snapshots::remove_dir(&slot.paths.disks);
+    }
+
+    /// The last outgoing migration of VM `name`.
+    pub fn migration_of(&self, name: &str) -> Option<api::MigrationInfo> {
+        lock(&self.migrations).get(name).map(|m| m.info.clone())
     }
 
     /// Record an event in the store and publish it.

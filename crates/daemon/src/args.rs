@@ -1,6 +1,6 @@
 //! `ferrited`'s command line.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -49,6 +49,12 @@ pub struct DaemonArgs {
     /// CA certificates (PEM) that client certificates must chain to.
     #[arg(long, value_name = "PEM")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Accept incoming live migrations: each incoming VM's VMM listens on this address, on a
+    /// free port, for the source's VMM. Without it, incoming migrations are refused. An
+    /// unspecified address (0.0.0.0, ::) listens everywhere; sources then connect to the host
+    /// they reached this daemon at.
+    #[arg(long, value_name = "IP")]
+    pub migration_addr: Option<IpAddr>,
     /// Seconds between crash restarts of a VM with restart_on_crash (doubles per crash, max 60).
     #[arg(long, value_name = "SECONDS", default_value_t = 1)]
     pub restart_backoff_s: u64,

@@ -7,16 +7,28 @@
 
 use std::fmt::Write;
 
-use api::{HostInfo, VmState, VmStats};
+use api::{HostInfo, MigrationInfo, MigrationPhase, VmState, VmStats};
 
 /// Every state a VM can be in, for the `ferrite_vm_state` state set.
-const STATES: [VmState; 6] = [
+const STATES: [VmState; 7] = [
     VmState::Stopped,
     VmState::Starting,
     VmState::Running,
     VmState::Paused,
     VmState::Stopping,
     VmState::Crashed,
+    VmState::Incoming,
+];
+
+/// Every phase of a migration that was started, for the `ferrite_migration_phase` state set.
+const PHASES: [MigrationPhase; 7] = [
+    MigrationPhase::Connecting,
+    MigrationPhase::Copying,
+    MigrationPhase::Final,
+    MigrationPhase::Completed,
+    MigrationPhase::Failed,
+    MigrationPhase::Cancelled,
+    MigrationPhase::Unknown,
 ];
 
 /// Prometheus metric kind.
@@ -129,12 +141,97 @@ fn per_device(
     }
 }
 
-/// Render the host figures and every VM's statistics.
-pub fn render(host: &HostInfo, all: &[VmStats]) -> String {
+/// Render the host figures, every VM's statistics and the last outgoing migration of each VM
+/// that had one.
+pub fn render(host: &HostInfo, all: &[VmStats], migrations: &[MigrationInfo]) -> String {
     let mut out = String::with_capacity(4096 + all.len() * 2048);
     render_host(&mut out, host, all);
     render_vms(&mut out, all);
+    render_migrations(&mut out, migrations);
     out
+}
+
+/// A per-migration family: one sample per VM whose migration has a value.
+fn per_migration(
+    out: &mut String,
+    all: &[MigrationInfo],
+    name: &'static str,
+    help: &str,
+    value: impl Fn(&MigrationInfo) -> Option<f64>,
+) {
+    let mut family = Family::new(out, name, Kind::Gauge, help);
+    for m in all {
+        if let Some(v) = value(m) {
+            family.sample(&[("vm", &m.vm)], v);
+        }
+    }
+}
+
+fn render_migrations(out: &mut String, all: &[MigrationInfo]) {
+    let mut family = Family::new(
+        out,
+        "ferrite_migration_phase",
+        Kind::Gauge,
+        "1 for the phase of the VM's current or last outgoing live migration, 0 for the others.",
+    );
+    for m in all {
+        for phase in PHASES {
+            let on = m.phase == phase;
+            family.sample(
+                &[("vm", &m.vm), ("phase", phase.as_str())],
+                if on { 1.0 } else { 0.0 },
+            );
+        }
+    }
+    per_migration(
+        out,
+        all,
+        "ferrite_migration_round",
+        "The migration's copy round (0: the first full pass).",
+        |m| Some(f64::from(m.round)),
+    );
+    per_migration(
+        out,
+        all,
+        "ferrite_migration_remaining_bytes",
+        "Dirty guest memory left to copy at the start of the round, in bytes.",
+        |m| Some(m.remaining_bytes as f64),
+    );
+    per_migration(
+        out,
+        all,
+        "ferrite_migration_sent_bytes",
+        "Bytes the migration sent so far.",
+        |m| Some(m.sent_bytes as f64),
+    );
+    per_migration(
+        out,
+        all,
+        "ferrite_migration_rate_bytes_per_second",
+        "The migration's achieved rate in bytes per second.",
+        |m| Some(m.rate_bytes_per_s as f64),
+    );
+    per_migration(
+        out,
+        all,
+        "ferrite_migration_throttle_ratio",
+        "Share of time auto-converge holds the guest's vCPUs back (0 to 1).",
+        |m| Some(f64::from(m.throttle_pct) / 100.0),
+    );
+    per_migration(
+        out,
+        all,
+        "ferrite_migration_elapsed_seconds",
+        "Seconds since the migration started.",
+        |m| Some(m.elapsed_ms as f64 / 1000.0),
+    );
+    per_migration(
+        out,
+        all,
+        "ferrite_migration_downtime_seconds",
+        "How long the guest was paused for the switch-over, in seconds (once completed).",
+        |m| m.downtime_ms.map(|d| d / 1000.0),
+    );
 }
 
 fn render_host(out: &mut String, host: &HostInfo, all: &[VmStats]) {
@@ -416,7 +513,16 @@ mod tests {
 
     #[test]
     fn test_every_family_has_help_and_type_once() {
-        let text = render(&HostInfo::default(), &[sample_vm("a"), sample_vm("b")]);
+        let migration = MigrationInfo {
+            vm: "a".into(),
+            phase: MigrationPhase::Copying,
+            ..Default::default()
+        };
+        let text = render(
+            &HostInfo::default(),
+            &[sample_vm("a"), sample_vm("b")],
+            &[migration],
+        );
 
         let helps: Vec<&str> = text.lines().filter(|l| l.starts_with("# HELP ")).collect();
         let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
@@ -429,7 +535,7 @@ mod tests {
 
     #[test]
     fn test_vm_samples_carry_the_values() {
-        let text = render(&HostInfo::default(), &[sample_vm("web")]);
+        let text = render(&HostInfo::default(), &[sample_vm("web")], &[]);
 
         assert!(text.contains("ferrite_vm_balloon_target_bytes{vm=\"web\"} 33554432\n"));
         assert!(text.contains("ferrite_vm_vcpu_seconds_total{vm=\"web\",vcpu=\"0\"} 1.25\n"));
@@ -439,6 +545,28 @@ mod tests {
         );
         assert!(text.contains("ferrite_vm_state{vm=\"web\",state=\"running\"} 1\n"));
         assert!(text.contains("ferrite_vm_state{vm=\"web\",state=\"stopped\"} 0\n"));
+    }
+
+    #[test]
+    fn test_migration_samples_carry_the_progress() {
+        let m = MigrationInfo {
+            vm: "web".into(),
+            phase: MigrationPhase::Copying,
+            round: 3,
+            remaining_bytes: 8 << 20,
+            rate_bytes_per_s: 100 << 20,
+            throttle_pct: 40,
+            ..Default::default()
+        };
+
+        let text = render(&HostInfo::default(), &[], &[m]);
+
+        assert!(text.contains("ferrite_migration_round{vm=\"web\"} 3\n"));
+        assert!(text.contains("ferrite_migration_remaining_bytes{vm=\"web\"} 8388608\n"));
+        assert!(text.contains("ferrite_migration_rate_bytes_per_second{vm=\"web\"} 104857600\n"));
+        assert!(text.contains("ferrite_migration_throttle_ratio{vm=\"web\"} 0.4\n"));
+        assert!(text.contains("ferrite_migration_phase{vm=\"web\",phase=\"copying\"} 1\n"));
+        assert!(!text.contains("ferrite_migration_downtime_seconds{"));
     }
 
     #[test]

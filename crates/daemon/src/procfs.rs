@@ -55,6 +55,28 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Whether a TCP socket of this network namespace listens on `port` (any address, IPv4 or
+/// IPv6): `/proc/net/tcp` and `/proc/net/tcp6`, state `0A`.
+pub fn tcp_listening(port: u16) -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table)
+            .map(|text| listening_in(&text, port))
+            .unwrap_or(false)
+    })
+}
+
+fn listening_in(table: &str, port: u16) -> bool {
+    table.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace();
+        let local = fields.nth(1);
+        let state = fields.nth(1);
+        let local_port = local
+            .and_then(|l| l.rsplit_once(':'))
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+        local_port == Some(port) && state == Some("0A")
+    })
+}
+
 /// A pidfd for `pid` (readable once the process exits).
 pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
@@ -110,6 +132,18 @@ pub fn host_memory_bytes() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_listening_in_finds_only_listening_sockets_on_the_port() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:1F91 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 100 0 0 10 0
+";
+
+        assert!(listening_in(table, 0x1f90));
+        assert!(!listening_in(table, 0x1f91));
+        assert!(!listening_in(table, 80));
+    }
 
     #[test]
     fn test_own_process_is_identified_by_start_ticks() {

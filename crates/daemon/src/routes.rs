@@ -73,6 +73,14 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             post(revert_disk_snapshot),
         )
         .route("/v1/vms/{name}/disks/{disk}/flatten", post(flatten_disk))
+        .route("/v1/vms/{name}/migrate", post(migrate))
+        .route("/v1/vms/{name}/migrate/cancel", post(cancel_migration))
+        .route("/v1/vms/{name}/migration", get(migration))
+        .route("/v1/migrations/incoming", post(accept_incoming))
+        .route(
+            "/v1/migrations/incoming/{name}",
+            axum::routing::delete(abandon_incoming),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(daemon)
@@ -148,7 +156,14 @@ async fn collect_all(d: &Daemon) -> Vec<api::VmStats> {
 
 async fn prometheus(State(d): AppState) -> Response {
     let all = collect_all(&d).await;
-    let text = metrics::render(&d.host_info(), &all);
+    let migrations: Vec<api::MigrationInfo> = d
+        .migrations
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .map(|m| m.info.clone())
+        .collect();
+    let text = metrics::render(&d.host_info(), &all, &migrations);
     (
         [(
             header::CONTENT_TYPE,
@@ -216,7 +231,11 @@ async fn delete(
         }
         d.kill_locked(&slot).await?;
     }
-    d.store.delete_vm(&name).map_err(store_error)?;
+    match d.store.delete_vm(&name) {
+        // A killed incoming migration drops its reservation itself.
+        Ok(()) | Err(store::StoreError::NotFound(_)) => {}
+        Err(e) => return Err(store_error(e).into()),
+    }
     d.remove_slot(&name);
     let _ = std::fs::remove_dir_all(&slot.paths.dir);
     let _ = std::fs::remove_file(&slot.paths.console_log);
@@ -464,6 +483,53 @@ async fn flatten_disk(
     // Copies the whole disk: off the async workers.
     let task = tokio::task::spawn_blocking(move || d.flatten_disk_locked(&slot, index));
     Ok(Json(task.await.map_err(internal)??))
+}
+
+async fn migrate(
+    State(d): AppState,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> HttpResult<(StatusCode, Json<api::MigrationInfo>)> {
+    let req: api::MigrateRequest = parse_body(&body)?;
+    // Its own task: once the destination reserved the VM, the migration starts (or the
+    // reservation is dropped) even if the client goes away.
+    let task = tokio::spawn(async move {
+        let (slot, _guard) = lock_vm(&d, &name).await?;
+        d.migrate_locked(&slot, &req).await
+    });
+    let info = task.await.map_err(internal)??;
+    Ok((StatusCode::ACCEPTED, Json(info)))
+}
+
+async fn migration(
+    State(d): AppState,
+    Path(name): Path<String>,
+) -> HttpResult<Json<api::MigrationInfo>> {
+    Ok(Json(d.migration_status(&name).await?))
+}
+
+async fn cancel_migration(
+    State(d): AppState,
+    Path(name): Path<String>,
+) -> HttpResult<Json<api::MigrationInfo>> {
+    Ok(Json(d.cancel_migration(&name).await?))
+}
+
+async fn accept_incoming(
+    State(d): AppState,
+    body: Bytes,
+) -> HttpResult<(StatusCode, Json<api::IncomingMigration>)> {
+    let req: api::IncomingMigrationRequest = parse_body(&body)?;
+    // Its own task: a reservation is either handed out or dropped again.
+    let task = tokio::spawn(async move { d.accept_incoming(req).await });
+    let info = task.await.map_err(internal)??;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn abandon_incoming(State(d): AppState, Path(name): Path<String>) -> HttpResult<StatusCode> {
+    let (slot, _guard) = lock_vm(&d, &name).await?;
+    d.abandon_incoming_locked(&slot).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 macro_rules! simple_action {

@@ -25,10 +25,30 @@ pub const DEFAULT_STOP_TIMEOUT_S: u64 = 30;
 
 /// Exit as the VMM reported it in its status file.
 #[derive(Debug, serde::Deserialize)]
-struct StatusFile {
-    outcome: String,
+pub(crate) struct StatusFile {
+    pub outcome: String,
     #[serde(default)]
-    detail: String,
+    pub detail: String,
+    /// With `migrated`: the migration's final status (`migrate-status`'s `migration`).
+    #[serde(default)]
+    pub migration: Option<Value>,
+}
+
+/// What an exit means for the VM.
+enum Fate {
+    /// An earlier run's late report: nothing to do.
+    Stale,
+    /// An ordinary end: the VM stays defined in `state`.
+    Ended {
+        state: VmState,
+        outcome: String,
+        detail: String,
+        restart: bool,
+    },
+    /// Its guest was migrated away and runs on the destination: forget it here.
+    Migrated(String),
+    /// An incoming migration ended before its guest ran here: drop the reservation.
+    IncomingFailed(String),
 }
 
 fn read_status(slot: &VmSlot) -> Option<StatusFile> {
@@ -36,7 +56,7 @@ fn read_status(slot: &VmSlot) -> Option<StatusFile> {
     serde_json::from_str(&text).ok()
 }
 
-fn last_stderr_line(slot: &VmSlot) -> String {
+pub(crate) fn last_stderr_line(slot: &VmSlot) -> String {
     std::fs::read_to_string(&slot.paths.vmm_log)
         .ok()
         .and_then(|t| {
@@ -57,6 +77,17 @@ pub struct RestoreFrom<'a> {
     pub clone_identity: Option<&'a Path>,
 }
 
+/// How a VM's VMM process is started.
+#[derive(Debug, Clone, Copy)]
+pub enum Launch<'a> {
+    /// A fresh boot of the definition (`--config`).
+    Boot,
+    /// Continue a snapshot (`--restore`).
+    Restore(RestoreFrom<'a>),
+    /// Receive a live migration on this endpoint (`--incoming tcp:HOST:PORT`).
+    Incoming(&'a str),
+}
+
 impl Daemon {
     /// Start VM `slot` (caller holds its op lock): a fresh boot of its definition, or, with
     /// `restore`, the snapshot in that directory (`ferrite run --restore`). Returns once the
@@ -75,119 +106,11 @@ impl Daemon {
                 rt.state.as_str()
             )));
         }
-        let spec = slot.spec();
-        // A restored VM's configuration comes from its snapshot.
-        let config = match restore {
-            None => Some(spec::to_vm_config(&spec, &slot.paths.control)?),
-            Some(_) => None,
+        let launch = match restore {
+            None => Launch::Boot,
+            Some(from) => Launch::Restore(from),
         };
-        self.check_capacity(&slot.name, spec.vcpus, spec.memory_mib)?;
-
-        std::fs::create_dir_all(&slot.paths.dir).map_err(internal)?;
-        if let Some(logs) = slot.paths.console_log.parent() {
-            std::fs::create_dir_all(logs).map_err(internal)?;
-        }
-        for stale in [&slot.paths.status, &slot.paths.control, &slot.paths.console] {
-            let _ = std::fs::remove_file(stale);
-        }
-        if let Some(config) = &config {
-            let config_json = serde_json::to_vec_pretty(config).map_err(internal)?;
-            std::fs::write(&slot.paths.config, config_json).map_err(internal)?;
-        }
-
-        let cgroup = match &self.cgroups {
-            Some(mgr) => {
-                let cg = mgr.create(&slot.name).map_err(internal)?;
-                crate::resources::apply(&cg, &spec.resources, spec.memory_mib)?;
-                Some(cg)
-            }
-            None => {
-                crate::resources::refuse_without_cgroups(&spec.resources)?;
-                None
-            }
-        };
-
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&slot.paths.vmm_log)
-            .map_err(internal)?;
-        let log2 = log.try_clone().map_err(internal)?;
-        let mut cmd = Command::new(&self.vmm_binary);
-        cmd.arg("run");
-        match restore {
-            None => cmd.arg("--config").arg(&slot.paths.config),
-            Some(from) => {
-                cmd.arg("--restore")
-                    .arg(from.dir)
-                    .arg("--api-socket")
-                    .arg(&slot.paths.control);
-                if let Some(identity) = from.clone_identity {
-                    cmd.arg("--clone-identity").arg(identity);
-                }
-                &mut cmd
-            }
-        };
-        cmd.arg("--console")
-            .arg(format!(
-                "socket:{},log={}",
-                slot.paths.console.display(),
-                slot.paths.console_log.display()
-            ))
-            .arg("--status-file")
-            .arg(&slot.paths.status)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .env("FERRITE_VM_NAME", &slot.name);
-        // SAFETY: setsid is async-signal-safe; the VMM gets its own session so that neither a
-        // terminal nor the daemon's death signals it.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(|e| {
-            ApiError::new(
-                ErrorCode::Internal,
-                format!("Cannot run the VMM {}: {e}", self.vmm_binary.display()),
-            )
-        })?;
-        let pid = child.id();
-        if let Some(cg) = &cgroup {
-            if let Err(e) = cg.add_process(pid) {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(internal(e));
-            }
-        }
-        let generation = slot.update_runtime(|rt| {
-            rt.state = VmState::Starting;
-            rt.pid = Some(pid);
-            rt.start_ticks = procfs::start_ticks(pid);
-            rt.started_ms = Some(now_ms());
-            rt.stop_intent = None;
-            if user {
-                rt.crash_restarts = 0;
-            }
-            rt.generation += 1;
-            rt.generation
-        });
-        self.persist_runtime(slot)?;
-        self.event(&slot.name, "starting", format!("pid {pid}"));
-
-        // Reap the child on a blocking thread and report its exit.
-        let daemon = self.clone();
-        let watched = slot.clone();
-        tokio::spawn(async move {
-            let status = tokio::task::spawn_blocking(move || child.wait()).await;
-            let signal = match status {
-                Ok(Ok(s)) => std::os::unix::process::ExitStatusExt::signal(&s),
-                _ => None,
-            };
-            daemon.on_exit(&watched, generation, signal).await;
-        });
+        let (pid, generation) = self.spawn_vmm(slot, user, launch)?;
 
         // Wait for the control socket.
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
@@ -234,6 +157,150 @@ impl Daemon {
             self.event(&slot.name, "running", format!("pid {pid}"));
         }
         Ok(())
+    }
+
+    /// Prepare VM `slot`'s files and cgroup and run its VMM as `launch` says (caller holds
+    /// its op lock and checked its state); a task reports the process's exit to
+    /// [`Daemon::on_exit`]. Returns (pid, the run's generation) with the runtime set to
+    /// `starting` (or `incoming`).
+    pub(crate) fn spawn_vmm(
+        self: &Arc<Self>,
+        slot: &Arc<VmSlot>,
+        user: bool,
+        launch: Launch<'_>,
+    ) -> Result<(u32, u64), ApiError> {
+        let spec = slot.spec();
+        // A restored VM's configuration comes from its snapshot.
+        let config = match launch {
+            Launch::Boot => Some(spec::to_vm_config(&spec, &slot.paths.control)?),
+            Launch::Restore(_) | Launch::Incoming(_) => None,
+        };
+        self.check_capacity(&slot.name, spec.vcpus, spec.memory_mib)?;
+
+        std::fs::create_dir_all(&slot.paths.dir).map_err(internal)?;
+        if let Some(logs) = slot.paths.console_log.parent() {
+            std::fs::create_dir_all(logs).map_err(internal)?;
+        }
+        for stale in [&slot.paths.status, &slot.paths.control, &slot.paths.console] {
+            let _ = std::fs::remove_file(stale);
+        }
+        if let Some(config) = &config {
+            let config_json = serde_json::to_vec_pretty(config).map_err(internal)?;
+            std::fs::write(&slot.paths.config, config_json).map_err(internal)?;
+        }
+
+        let cgroup = match &self.cgroups {
+            Some(mgr) => {
+                let cg = mgr.create(&slot.name).map_err(internal)?;
+                crate::resources::apply(&cg, &spec.resources, spec.memory_mib)?;
+                Some(cg)
+            }
+            None => {
+                crate::resources::refuse_without_cgroups(&spec.resources)?;
+                None
+            }
+        };
+
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&slot.paths.vmm_log)
+            .map_err(internal)?;
+        let log2 = log.try_clone().map_err(internal)?;
+        let mut cmd = Command::new(&self.vmm_binary);
+        cmd.arg("run");
+        match launch {
+            Launch::Boot => cmd.arg("--config").arg(&slot.paths.config),
+            Launch::Incoming(endpoint) => cmd
+                .arg("--incoming")
+                .arg(endpoint)
+                .arg("--api-socket")
+                .arg(&slot.paths.control),
+            Launch::Restore(from) => {
+                cmd.arg("--restore")
+                    .arg(from.dir)
+                    .arg("--api-socket")
+                    .arg(&slot.paths.control);
+                if let Some(identity) = from.clone_identity {
+                    cmd.arg("--clone-identity").arg(identity);
+                }
+                &mut cmd
+            }
+        };
+        cmd.arg("--console")
+            .arg(format!(
+                "socket:{},log={}",
+                slot.paths.console.display(),
+                slot.paths.console_log.display()
+            ))
+            .arg("--status-file")
+            .arg(&slot.paths.status)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .env("FERRITE_VM_NAME", &slot.name);
+        // SAFETY: setsid is async-signal-safe; the VMM gets its own session so that neither a
+        // terminal nor the daemon's death signals it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            ApiError::new(
+                ErrorCode::Internal,
+                format!("Cannot run the VMM {}: {e}", self.vmm_binary.display()),
+            )
+        })?;
+        let pid = child.id();
+        if let Some(cg) = &cgroup {
+            if let Err(e) = cg.add_process(pid) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(internal(e));
+            }
+        }
+        let incoming = matches!(launch, Launch::Incoming(_));
+        let generation = slot.update_runtime(|rt| {
+            rt.state = if incoming {
+                VmState::Incoming
+            } else {
+                VmState::Starting
+            };
+            rt.pid = Some(pid);
+            rt.start_ticks = procfs::start_ticks(pid);
+            rt.started_ms = Some(now_ms());
+            rt.stop_intent = None;
+            if user {
+                rt.crash_restarts = 0;
+            }
+            rt.generation += 1;
+            rt.generation
+        });
+        self.persist_runtime(slot)?;
+        match launch {
+            Launch::Incoming(endpoint) => self.event(
+                &slot.name,
+                "incoming",
+                format!("pid {pid}, waiting for the source on {endpoint}"),
+            ),
+            _ => self.event(&slot.name, "starting", format!("pid {pid}")),
+        }
+
+        // Reap the child on a blocking thread and report its exit.
+        let daemon = self.clone();
+        let watched = slot.clone();
+        tokio::spawn(async move {
+            let status = tokio::task::spawn_blocking(move || child.wait()).await;
+            let signal = match status {
+                Ok(Ok(s)) => std::os::unix::process::ExitStatusExt::signal(&s),
+                _ => None,
+            };
+            daemon.on_exit(&watched, generation, signal).await;
+        });
+
+        Ok((pid, generation))
     }
 
     /// Refuse a start that would take the host past its overcommit limits.
@@ -288,11 +355,24 @@ impl Daemon {
         signal: Option<i32>,
     ) {
         let status = read_status(slot);
-        let (state, outcome, detail, restart) = slot.update_runtime(|rt| {
+        // Why an incoming migration ended, when its VMM left no status.
+        let vmm_said = (slot.runtime().state == VmState::Incoming).then(|| last_stderr_line(slot));
+        let fate = slot.update_runtime(|rt| {
             if rt.generation != generation {
-                return (None, String::new(), String::new(), false);
+                return Fate::Stale;
             }
+            let incoming = rt.state == VmState::Incoming;
+            let migrated = status.as_ref().is_some_and(|s| s.outcome == "migrated");
             let (state, outcome, detail) = match (rt.stop_intent, &status) {
+                _ if incoming => (
+                    VmState::Stopped,
+                    "error".to_string(),
+                    match &status {
+                        Some(s) if !s.detail.is_empty() => s.detail.clone(),
+                        _ => vmm_said.clone().unwrap_or_default(),
+                    },
+                ),
+                (_, Some(s)) if migrated => (VmState::Stopped, s.outcome.clone(), s.detail.clone()),
                 (Some(StopIntent::Kill), _) => {
                     (VmState::Stopped, "killed".to_string(), String::new())
                 }
@@ -324,14 +404,45 @@ impl Daemon {
             });
             let restart = state == VmState::Crashed && rt.stop_intent.is_none();
             rt.stop_intent = None;
-            (Some(state), outcome, detail, restart)
+            if incoming {
+                Fate::IncomingFailed(detail)
+            } else if migrated {
+                Fate::Migrated(detail)
+            } else {
+                Fate::Ended {
+                    state,
+                    outcome,
+                    detail,
+                    restart,
+                }
+            }
         });
-        let Some(state) = state else { return };
+        if matches!(fate, Fate::Stale) {
+            return;
+        }
         if let Some(mgr) = &self.cgroups {
             if let Some(cg) = mgr.open(&slot.name) {
                 let _ = cg.remove_when_empty(std::time::Duration::from_secs(2));
             }
         }
+        let (state, outcome, detail, restart) = match fate {
+            Fate::Stale => return,
+            Fate::Migrated(detail) => {
+                let final_status = status.and_then(|s| s.migration);
+                self.finish_outgoing_migration(slot, final_status, &detail);
+                return;
+            }
+            Fate::IncomingFailed(detail) => {
+                self.drop_incoming(slot, &detail);
+                return;
+            }
+            Fate::Ended {
+                state,
+                outcome,
+                detail,
+                restart,
+            } => (state, outcome, detail, restart),
+        };
         let _ = self.persist_runtime(slot);
         let text = if detail.is_empty() {
             outcome
@@ -342,6 +453,7 @@ impl Daemon {
         if restart && slot.spec().restart_on_crash {
             self.schedule_restart(slot.clone());
         }
+        self.outgoing_vmm_exited(slot);
     }
 
     fn schedule_restart(self: &Arc<Self>, slot: Arc<VmSlot>) {
@@ -491,6 +603,11 @@ impl Daemon {
         } else {
             None
         };
+        if let (true, Some(pid), None, VmState::Incoming) = (alive, rt.pid, &answer, rt.state) {
+            // Still waiting for (or receiving) its migration.
+            self.adopt_incoming(slot, pid);
+            return;
+        }
         let (Some(pid), Some(stats)) = (rt.pid, answer) else {
             // The VMM is gone (or is not ours any more): record its end.
             let generation = slot.update_runtime(|rt| {

@@ -38,7 +38,7 @@ pub async fn call_within(path: &Path, request: &Value, limit: Duration) -> Resul
         "not-supported" => ErrorCode::NotSupported,
         "busy" => ErrorCode::Conflict,
         "bad-request" | "unknown-device" => ErrorCode::BadRequest,
-        "snapshot-failed" | "disk-error" => ErrorCode::Internal,
+        "snapshot-failed" | "disk-error" | "migrate-failed" => ErrorCode::Internal,
         "disk-snapshot-failed" => ErrorCode::Conflict,
         _ => ErrorCode::VmmUnavailable,
     };

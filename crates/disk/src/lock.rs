@@ -13,6 +13,9 @@ pub enum LockMode {
     Read,
     /// Exclusive lock: a single read-write user.
     Write,
+    /// No lock: the image is open but handed over (a migrating VM's source lets the
+    /// destination take it while its own guest is paused).
+    Unlocked,
 }
 
 /// Take a whole-file OFD lock without waiting. OFD locks belong to the open file description,
@@ -21,6 +24,7 @@ pub fn lock_file(file: &File, path: &Path, mode: LockMode) -> Result<()> {
     let l_type = match mode {
         LockMode::Read => libc::F_RDLCK,
         LockMode::Write => libc::F_WRLCK,
+        LockMode::Unlocked => libc::F_UNLCK,
     };
     // SAFETY: all-zero is a valid `flock` (plain integers).
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };

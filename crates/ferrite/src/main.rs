@@ -136,9 +136,10 @@ fn console_sink(arg: &ConsoleArg) -> std::io::Result<ConsoleSetup> {
 
 /// `ferrite run`: run the VM, then record how it ended in `--status-file` if asked.
 fn run(args: RunArgs) -> i32 {
-    let (code, outcome, detail, reboots) = run_vm(&args);
+    let (code, outcome, detail, reboots, migration) = run_vm(&args);
     if let Some(path) = &args.status_file {
-        let status = status_file::RunStatus::now(outcome, code, detail, reboots);
+        let mut status = status_file::RunStatus::now(outcome, code, detail, reboots);
+        status.migration = migration;
         if let Err(e) = status.write(path) {
             eprintln!(
                 "ferrite: cannot write the status file {}: {e}",
@@ -149,11 +150,21 @@ fn run(args: RunArgs) -> i32 {
     code
 }
 
-/// Run the VM: (exit status, outcome name, one-line detail, reboots).
-fn run_vm(args: &RunArgs) -> (i32, &'static str, String, u32) {
+/// How a run ended: (exit status, outcome name, one-line detail, reboots, the final status
+/// of the migration that moved the guest away).
+type RunEnd = (
+    i32,
+    &'static str,
+    String,
+    u32,
+    Option<vmm::migrate::MigrationStatus>,
+);
+
+/// Run the VM: how it ended (see [`RunEnd`]).
+fn run_vm(args: &RunArgs) -> RunEnd {
     let error = |code: i32, line: String| {
         eprintln!("ferrite: {line}");
-        (code, "error", line, 0)
+        (code, "error", line, 0, None)
     };
     let (config, restore) = match (&args.restore, &args.incoming) {
         (None, Some(endpoint)) => match receive_migration(endpoint, args) {
@@ -262,7 +273,11 @@ fn run_vm(args: &RunArgs) -> (i32, &'static str, String, u32) {
                 Outcome::Failed(failure) => ("failed", failure_line(failure)),
                 Outcome::Migrated(status) => ("migrated", migrated_line(status)),
             };
-            (code, outcome, detail, report.reboots)
+            let migration = match &report.outcome {
+                Outcome::Migrated(status) => Some(status.as_ref().clone()),
+                _ => None,
+            };
+            (code, outcome, detail, report.reboots, migration)
         }
         Err(e) => {
             let code = if e.is_user_error() {

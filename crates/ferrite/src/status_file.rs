@@ -8,10 +8,11 @@ use std::path::Path;
 use serde::Serialize;
 
 /// The file's content.
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize)]
 pub struct RunStatus {
     /// `poweroff`, `reset` (with --no-reboot), `stopped` (from the host), `failed` (the VM
-    /// failed) or `error` (Ferrite could not run it).
+    /// failed), `error` (Ferrite could not run it) or `migrated` (the guest runs on a
+    /// migration's destination now).
     pub outcome: &'static str,
     /// The process's exit status.
     pub exit_code: i32,
@@ -21,6 +22,10 @@ pub struct RunStatus {
     pub reboots: u32,
     /// When it ended, in milliseconds since the Unix epoch.
     pub at_ms: u64,
+    /// With `migrated`: the migration's final status (as the control socket's
+    /// `migrate-status` reports it), so a supervisor has the numbers after the process is gone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<vmm::migrate::MigrationStatus>,
 }
 
 impl RunStatus {
@@ -36,6 +41,7 @@ impl RunStatus {
             detail,
             reboots,
             at_ms,
+            migration: None,
         }
     }
 
@@ -73,6 +79,10 @@ mod tests {
         assert_eq!(v["detail"], "triple fault");
         assert_eq!(v["reboots"], 2);
         assert!(v["at_ms"].as_u64().unwrap() > 0);
+        assert!(
+            v.get("migration").is_none(),
+            "no migration key unless migrated"
+        );
         let names: Vec<_> = std::fs::read_dir(dir.as_path()).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary file is left behind");
     }

@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use daemon_common::{create, start, testguest_spec, TestDaemon};
+use daemon_common::{create, new_key_and_request, openssl, start, testguest_spec, TestDaemon};
 use serde_json::{json, Value};
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -244,43 +244,6 @@ fn test_console_attaches_through_the_daemon_and_detaches_without_stopping() {
     assert_eq!(status, 200);
     assert!(log.contains("through-the-daemon"));
     d.cli_ok(&["vm", "kill", &name]);
-}
-
-fn openssl(args: &[&str], dir: &std::path::Path) {
-    let st = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl");
-    assert!(st.success(), "openssl {args:?}");
-}
-
-/// `openssl req` for a new P-256 key `NAME.key` and `NAME.EXT` with subject CN=`cn`
-/// (`extra`: `-x509 -days N` for a self-signed certificate instead of a request).
-fn new_key_and_request(dir: &std::path::Path, name: &str, cn: &str, extra: &[&str], ext: &str) {
-    let (key, out, subj) = (
-        format!("{name}.key"),
-        format!("{name}.{ext}"),
-        format!("/CN={cn}"),
-    );
-    let mut args = vec!["req"];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&[
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        &key,
-        "-out",
-        &out,
-        "-subj",
-        &subj,
-    ]);
-    openssl(&args, dir);
 }
 
 #[test]

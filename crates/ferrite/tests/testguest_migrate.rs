@@ -494,11 +494,59 @@ fn test_destination_refuses_another_ferrite_version() {
 }
 
 #[test]
-fn test_migrating_a_vm_with_disks_is_refused_and_it_keeps_running() {
-    // Arrange
+fn test_disk_on_shared_storage_moves_with_the_guest_and_stays_consistent() {
+    // Arrange: a guest that wrote a pattern to its disk and keeps dirtying memory.
     let disk = testguest_common::ScratchDisk::zeroed("mig-disk", 1 << 20);
+    let endpoint = free_tcp_endpoint();
     let mut src = Vm::boot(
         "mig-disk",
+        &[
+            "--disk".into(),
+            format!("{},format=raw", disk.arg()),
+            "--cmdline".into(),
+            "cmds=\"blk-write 0 0 64 7;dirty 4 500 100\"".into(),
+        ],
+    );
+    src.wait_line("OK blk-write");
+    src.wait_line("tick n=2 ");
+    let mut dst = start_destination("mig-disk-d", &endpoint);
+
+    // Act: migrate, then write more from the destination and power off.
+    migrate(&mut src, serde_json::json!({"to": endpoint}));
+    let src_exit = src.wait_exit(WATCHDOG);
+    dst.wait_line("tick ");
+    dst.send("x");
+    dst.wait_line("OK dirty stopped");
+    dst.send("blk-check 0 0 64 7");
+    let check = dst.wait_any(&["OK blk-check", "ERR blk-check"]);
+    dst.send("blk-write 0 64 32 9");
+    let write = dst.wait_any(&["OK blk-write", "ERR blk-write"]);
+    dst.send("poweroff");
+    let dst_exit = dst.wait_exit(WATCHDOG);
+    let on_disk = disk.read();
+
+    // Assert: the destination read the source's data, wrote its own, and both are on disk.
+    assert_eq!(src_exit.code(), Some(MIGRATED));
+    assert!(check.starts_with("OK blk-check"), "{check}");
+    assert!(write.starts_with("OK blk-write"), "{write}");
+    assert!(dst_exit.success(), "{dst_exit:?}");
+    assert_eq!(
+        &on_disk[..64 * 512],
+        &testguest_common::pattern_bytes(7, 0, 64)[..]
+    );
+    assert_eq!(
+        &on_disk[64 * 512..96 * 512],
+        &testguest_common::pattern_bytes(9, 64, 32)[..]
+    );
+}
+
+#[test]
+fn test_failed_migration_gives_the_disk_back_to_the_source() {
+    // Arrange: the destination's "ready" is swallowed, after the source let go of the disk.
+    let disk = testguest_common::ScratchDisk::zeroed("mig-disk-back", 1 << 20);
+    let endpoint = free_tcp_endpoint();
+    let mut src = Vm::boot(
+        "mig-disk-back",
         &[
             "--disk".into(),
             format!("{},format=raw", disk.arg()),
@@ -506,15 +554,34 @@ fn test_migrating_a_vm_with_disks_is_refused_and_it_keeps_running() {
             "cmds=\"dirty 4 500 100\"".into(),
         ],
     );
-    src.wait_line("tick n=1 ");
+    src.wait_line("tick n=2 ");
+    let mut dst = start_destination("mig-disk-back-d", &endpoint);
+    let proxy = cutting_proxy(&endpoint, Cut::ReplyByte(2));
 
     // Act
-    let reply = src.request(&format!(
-        r#"{{"op":"migrate","to":"{}"}}"#,
-        free_tcp_endpoint()
-    ));
+    migrate(&mut src, serde_json::json!({"to": proxy}));
+    let (status, _) = wait_migration(&mut src);
+    assert_never_ran(&mut dst);
+    src.wait_line("tick ");
+    src.send("x");
+    src.wait_line("OK dirty stopped");
+    src.send("blk-write 0 0 16 5");
+    let write = src.wait_any(&["OK blk-write", "ERR blk-write"]);
+    let second_user = std::process::Command::new(common::ferrite_bin())
+        .args(["run", "--kernel"])
+        .arg(common::asset("testguest.elf"))
+        .args(["--memory", "128M", "--disk"])
+        .arg(format!("{},format=raw", disk.arg()))
+        .output()
+        .expect("run a second VM");
 
-    // Assert
-    assert_eq!(reply["error"], "not-supported", "{reply}");
-    assert_source_runs_on(&mut src);
+    // Assert: the source owns its disk again (writes work, another VM is kept off it).
+    assert_eq!(status["phase"], "failed", "{status}");
+    assert!(write.starts_with("OK blk-write"), "{write}");
+    assert_eq!(second_user.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&second_user.stderr).contains("locked by another"),
+        "{}",
+        String::from_utf8_lossy(&second_user.stderr)
+    );
 }

@@ -464,7 +464,11 @@ impl BuiltVm {
         if let Some(snap) = restore {
             // After the vCPUs (their LAPICs), with the clock last, right before they run.
             crate::persist::restore_vm(&vm, &snap.kvm_vm).map_err(VmSnapshotError::from)?;
-            activate_restored(&virtio_devices)?;
+            // An incoming migration's devices start only once the source committed: a disk
+            // request popped earlier could write while the source still owns the disk.
+            if snap.start_gate.is_none() {
+                activate_restored(&virtio_devices)?;
+            }
             tracing::debug!("vCPUs, VM state and devices restored");
             if snap.new_identity {
                 // Into the restored irqchip: GPE0 bit 0 runs \_GPE._E00, which notifies VGEN.
@@ -513,6 +517,10 @@ impl BuiltVm {
                 return Err(VmmError::Migration(reason));
             }
             tracing::debug!("migration committed");
+            if let Err(e) = activate_restored(&built.virtio_devices) {
+                built.teardown(console, &crate::control::LiveSlot::default());
+                return Err(e);
+            }
         }
         for (id, fd) in fds.into_iter().enumerate() {
             match Vcpu::new(id as u32, fd, ctx.clone()).spawn() {

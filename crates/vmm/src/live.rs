@@ -114,6 +114,45 @@ impl LiveVm {
 }
 
 impl LiveVm {
+    /// Hand the writable disks over to a migration destination (storage both hosts see):
+    /// flush them, then drop their write locks so the destination can open them. The VM is
+    /// paused, so nothing writes them here any more.
+    pub(crate) fn release_disks(&self) -> Result<(), String> {
+        use disk::DiskBackend;
+        for d in self.disks.iter().filter(|d| !d.readonly) {
+            let path = d.disk.path();
+            d.disk
+                .flush()
+                .and_then(|()| d.disk.relock(disk::LockMode::Unlocked))
+                .map_err(|e| format!("Cannot hand over the disk {}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Take the writable disks' locks back after a failed migration, waiting up to
+    /// `patience` for a destination that is still exiting to let go of them.
+    pub(crate) fn retake_disks(&self, patience: Duration) -> Result<(), String> {
+        use disk::DiskBackend;
+        let deadline = std::time::Instant::now() + patience;
+        for d in self.disks.iter().filter(|d| !d.readonly) {
+            loop {
+                match d.disk.relock(disk::LockMode::Write) {
+                    Ok(()) => break,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(e) => {
+                        return Err(format!(
+                            "Cannot take the disk {} back: {e}",
+                            d.disk.path().display()
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Do the slow part of saving vCPU state (probing the host's MSR list) ahead of a pause.
     pub(crate) fn prepare_save(&self) -> Result<(), crate::vm_snapshot::VmSnapshotError> {
         snapshot_msrs().map(|_| ())
@@ -558,15 +597,6 @@ impl VmOps for LiveHandle {
             return Err((
                 "not-supported",
                 "The VM is paused: resume it before migrating it".to_string(),
-            ));
-        }
-        if !self.vm.snapshot.config.disks.is_empty() {
-            return Err((
-                "not-supported",
-                "Migrating a VM with disks is not supported yet (block migration and the \
-                 shared-storage handover are not built): stop it and move its disks with a \
-                 snapshot instead"
-                    .to_string(),
             ));
         }
         let job = crate::migrate::source::SourceJob::start(

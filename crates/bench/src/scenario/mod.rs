@@ -6,6 +6,7 @@ pub mod disk;
 pub mod exits;
 pub mod idle_memory;
 pub mod interrupt;
+pub mod migrate;
 pub mod net;
 pub mod snapshot;
 

@@ -205,7 +205,7 @@ pub struct SnapshotReport {
 }
 
 /// Removes a directory tree when dropped.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -554,13 +554,13 @@ fn ferrite_snapshot(sock: &Path, path: &Path, cfg: &RunConfig) -> Result<(Snap, 
 }
 
 /// A minimal QMP client: one command at a time, events skipped.
-struct Qmp {
+pub(crate) struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
 }
 
 impl Qmp {
-    fn connect(sock: &Path, timeout: Duration) -> Result<Self, String> {
+    pub(crate) fn connect(sock: &Path, timeout: Duration) -> Result<Self, String> {
         let s =
             UnixStream::connect(sock).map_err(|e| format!("connect {}: {e}", sock.display()))?;
         s.set_read_timeout(Some(timeout))
@@ -578,7 +578,7 @@ impl Qmp {
         Ok(q)
     }
 
-    fn execute(
+    pub(crate) fn execute(
         &mut self,
         cmd: &str,
         args: Option<serde_json::Value>,

@@ -4,6 +4,7 @@
 mod clone;
 mod console;
 mod disk_snapshot;
+mod migrate;
 mod set;
 mod snapshot;
 mod spinner;
@@ -149,6 +150,10 @@ pub enum VmCommand {
     /// Start clones of a snapshot, each with its own MAC, vsock CID, VM generation ID and
     /// qcow2 overlay disks (the source VM must be stopped if it has disks).
     Clone(clone::CloneArgs),
+    /// Live-migrate a running VM to another ferrited (its definition moves with it), showing
+    /// the progress until the guest runs there; --cancel stops a migration in progress
+    /// (Ctrl-C only stops following it).
+    Migrate(migrate::MigrateArgs),
     /// Follow lifecycle events (all VMs, or the ones named).
     Events {
         /// Only these VMs.
@@ -265,6 +270,7 @@ fn vm(g: &Global, cmd: VmCommand) -> Res {
         }
         VmCommand::Create(a) => create(g, &c, a),
         VmCommand::Clone(a) => clone::run(g, &c, a),
+        VmCommand::Migrate(a) => migrate::run(g, &c, a),
         VmCommand::Start(n) => each(g, "Starting", &n.names, |name| c.action(name, "start")),
         VmCommand::Stop { names, timeout } => {
             each(g, "Stopping", &names, |name| c.stop(name, timeout))

@@ -243,7 +243,9 @@ impl TestDaemon {
             };
             let cmd = String::from_utf8_lossy(&cmd);
             if cmd.contains(&needle)
-                && (cmd.contains("run\0--config") || cmd.contains("run\0--restore"))
+                && (cmd.contains("run\0--config")
+                    || cmd.contains("run\0--restore")
+                    || cmd.contains("run\0--incoming"))
             {
                 pids.push(pid);
             }
@@ -343,4 +345,77 @@ pub fn event_kinds(d: &TestDaemon, vm: &str) -> Vec<String> {
         .filter(|ev| ev["vm"] == vm)
         .map(|ev| ev["kind"].as_str().unwrap_or("").to_string())
         .collect()
+}
+
+/// Run `openssl ARGS` in `dir` (must succeed).
+pub fn openssl(args: &[&str], dir: &std::path::Path) {
+    let st = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(st.success(), "openssl {args:?}");
+}
+
+/// `openssl req` for a new P-256 key `NAME.key` and `NAME.EXT` with subject CN=`cn`
+/// (`extra`: `-x509 -days N` for a self-signed certificate instead of a request).
+pub fn new_key_and_request(dir: &std::path::Path, name: &str, cn: &str, extra: &[&str], ext: &str) {
+    let (key, out, subj) = (
+        format!("{name}.key"),
+        format!("{name}.{ext}"),
+        format!("/CN={cn}"),
+    );
+    let mut args = vec!["req"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &key,
+        "-out",
+        &out,
+        "-subj",
+        &subj,
+    ]);
+    openssl(&args, dir);
+}
+
+/// A CA (`ca.pem`, `ca.key`) and, per name, a key and certificate `NAME.key`/`NAME.pem` it
+/// signed for `localhost` and 127.0.0.1 (usable as server and client certificates), in `dir`.
+pub fn tls_certs(dir: &Path, names: &[&str]) {
+    std::fs::create_dir_all(dir).unwrap();
+    new_key_and_request(dir, "ca", "ferrite-ca", &["-x509", "-days", "2"], "pem");
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    for name in names {
+        new_key_and_request(dir, name, name, &[], "csr");
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ],
+            dir,
+        );
+    }
 }

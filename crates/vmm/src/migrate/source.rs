@@ -32,6 +32,8 @@ const FREE_ROUNDS: u32 = 4;
 const THROTTLE_STEP: u32 = 20;
 /// Auto-converge ceiling, percent.
 const THROTTLE_MAX: u32 = 95;
+/// How long a failed migration's source waits for the destination to let go of the disks.
+const DISK_RETAKE_PATIENCE: Duration = Duration::from_secs(10);
 /// Buffer in front of the socket: run headers and small runs are gathered.
 const SEND_BUFFER: usize = 256 << 10;
 
@@ -73,6 +75,7 @@ impl SourceJob {
                     start: Instant::now(),
                     committed: false,
                     paused_at: None,
+                    disks_released: false,
                 };
                 let result = job.run(&endpoint);
                 job.finish(result);
@@ -142,6 +145,7 @@ struct Migration<'a> {
     start: Instant,
     committed: bool,
     paused_at: Option<Instant>,
+    disks_released: bool,
 }
 
 /// The socket with its buffer, pacing and counters.
@@ -474,6 +478,10 @@ impl Migration<'_> {
             s.round = round;
             s.throttle_pct = 0;
         });
+        // The destination opens the disks once the state arrived, so they are flushed and
+        // let go of before it is sent.
+        self.disks_released = true;
+        self.vm.release_disks().map_err(Failure::Failed)?;
         let last = self.vm.harvest_dirty().map_err(Failure::Failed)?;
         for (acc, new) in dirty.iter_mut().zip(&last) {
             for (a, n) in acc.iter_mut().zip(new) {
@@ -576,6 +584,23 @@ impl Migration<'_> {
                     Failure::Cancelled => (Phase::Cancelled, "Cancelled".to_string()),
                     Failure::Failed(m) => (Phase::Failed, m),
                 };
+                let disks = if self.disks_released {
+                    self.vm.retake_disks(DISK_RETAKE_PATIENCE)
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = disks {
+                    // Never run the guest without owning its disks.
+                    self.update(|s| {
+                        s.phase = Phase::Failed;
+                        s.error = Some(format!(
+                            "{message}. The VM stays paused here: {e}; resume it once the \
+                             destination has exited"
+                        ));
+                        s.total_ms = Some(total);
+                    });
+                    return;
+                }
                 if self.paused_at.is_some() {
                     if let Err((_, m)) = self.vm.resume() {
                         tracing::warn!("cannot resume after a failed migration: {m}");

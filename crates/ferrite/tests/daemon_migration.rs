@@ -1,0 +1,337 @@
+//! Live migration between two daemons on one host: `ferrite vm migrate NAME --to B_SOCKET`
+//! moves a counting guest (and one that keeps rewriting its memory) from daemon A to daemon
+//! B; the guest continues on B from where it was, A forgets the VM and B runs it. A migration
+//! the destination refuses, and one that is cancelled, leave the VM running on A and nothing
+//! on B.
+
+mod common;
+mod daemon_common;
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::process::Output;
+use std::time::Duration;
+
+use daemon_common::{create, event_kinds, start, testguest_spec, tls_certs, under, TestDaemon};
+use serde_json::json;
+
+const BOOT: Duration = Duration::from_secs(60);
+
+/// A daemon that takes incoming migrations on loopback.
+fn daemon() -> TestDaemon {
+    TestDaemon::start(&["--migration-addr", "127.0.0.1"])
+}
+
+/// `n` of every complete `tick n=K ...` line in `log` from byte `from` on.
+fn ticks_from(log: &str, from: usize) -> Vec<u64> {
+    log.get(from.min(log.len())..)
+        .unwrap_or("")
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.strip_prefix("tick n="))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// Wait until VM `name`'s console on `d` has a tick numbered above `after`; returns it.
+fn wait_tick_after(d: &TestDaemon, name: &str, after: u64) -> u64 {
+    let mut seen = 0;
+    d.wait(&format!("a tick of {name} after n={after}"), BOOT, || {
+        seen = ticks_from(&d.console_log(name), 0)
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        seen > after
+    });
+    seen
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn names(d: &TestDaemon) -> Vec<String> {
+    let (status, list) = d.api("GET", "/v1/vms", None);
+    assert_eq!(status, 200, "{list}");
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["spec"]["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `promtool check metrics` finds nothing wrong with `text`.
+fn promtool_accepts(text: &str) {
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+}
+
+/// Start a test guest running `cmds` on `d` and wait for its first tick.
+fn start_guest(d: &TestDaemon, name: &str, cmds: &[&str]) {
+    create(d, testguest_spec(name, cmds));
+    start(d, name);
+    wait_tick_after(d, name, 0);
+}
+
+#[test]
+fn test_counting_guest_moves_to_another_daemon_and_counts_on_there() {
+    let a = daemon();
+    let b = daemon();
+    start_guest(&a, "mover", &["count-forever 100"]);
+    let before = wait_tick_after(&a, "mover", 2);
+    let to = b.socket.display().to_string();
+
+    let out = a.cli(&["vm", "migrate", "mover", "--to", &to, "--downtime-ms", "50"]);
+
+    let summary = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\n{summary}\nA:\n{}\nB:\n{}\nB's VMM log:\n{}",
+        stderr(&out),
+        a.daemon_log(),
+        b.daemon_log(),
+        b.vmm_log("mover")
+    );
+    assert!(summary.contains("mover: migrated to"), "{summary}");
+    assert!(summary.contains("downtime"), "{summary}");
+    // The guest continues on B from where it was on A.
+    let after = wait_tick_after(&b, "mover", before);
+    assert!(after > before);
+    let first_on_b = ticks_from(&b.console_log("mover"), 0)[0];
+    assert!(
+        first_on_b > before,
+        "B's first tick {first_on_b} should continue A's count (>{before})"
+    );
+    assert_eq!(b.state("mover"), "running");
+    assert!(!names(&a).contains(&"mover".to_string()));
+    let (status, _) = a.api("GET", "/v1/vms/mover", None);
+    assert_eq!(status, 404);
+    // A keeps the record of the migration; its metrics and events tell the story.
+    let (status, m) = a.api("GET", "/v1/vms/mover/migration", None);
+    assert_eq!(status, 200, "{m}");
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert_eq!(m["to"], to.as_str(), "{m}");
+    assert!(m["downtime_ms"].as_f64().is_some(), "{m}");
+    assert!(m["sent_bytes"].as_u64().unwrap() > 0, "{m}");
+    let (_, metrics) = a.raw("GET", "/metrics", None).unwrap();
+    assert!(
+        metrics.contains("ferrite_migration_phase{vm=\"mover\",phase=\"completed\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ferrite_migration_remaining_bytes{vm=\"mover\"}"));
+    promtool_accepts(&metrics);
+    let on_a = event_kinds(&a, "mover");
+    for kind in ["migration-started", "migrated", "deleted"] {
+        assert!(
+            on_a.contains(&kind.to_string()),
+            "{kind} missing on A: {on_a:?}"
+        );
+    }
+    let on_b = event_kinds(&b, "mover");
+    for kind in ["defined", "incoming", "running", "migrated-in"] {
+        assert!(
+            on_b.contains(&kind.to_string()),
+            "{kind} missing on B: {on_b:?}"
+        );
+    }
+    // The definition moved: B can stop it and start it afresh.
+    let (status, info) = b.api("POST", "/v1/vms/mover/kill", None);
+    assert_eq!(status, 200, "{info}");
+    assert_eq!(info["spec"]["cmdline"], "cmds=\"count-forever 100\"");
+}
+
+#[test]
+fn test_guest_memory_that_keeps_changing_arrives_intact() {
+    let a = daemon();
+    let b = daemon();
+    start_guest(&a, "dirtier", &["dirty 8 1000", "dirty-check"]);
+    let before = wait_tick_after(&a, "dirtier", 3);
+
+    let out = a.cli(&[
+        "vm",
+        "migrate",
+        "dirtier",
+        "--to",
+        &b.socket.display().to_string(),
+        "--timeout",
+        "60",
+    ]);
+
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nA:\n{}\nB:\n{}",
+        stderr(&out),
+        a.daemon_log(),
+        b.daemon_log()
+    );
+    wait_tick_after(&b, "dirtier", before + 1);
+    // A byte on the console stops `dirty`; `dirty-check` then verifies every page on B.
+    let sock = under(&b, "run/vms/dirtier/console.sock");
+    let mut console = UnixStream::connect(&sock).unwrap();
+    console.write_all(b"q").unwrap();
+    b.wait_console("dirtier", "OK dirty stopped", BOOT);
+    b.wait_console("dirtier", "dirty-check ", BOOT);
+    let log = b.console_log("dirtier");
+    assert!(
+        log.contains("OK dirty-check pages=2048"),
+        "memory differs after the migration:\n{log}"
+    );
+}
+
+#[test]
+fn test_refused_and_cancelled_migrations_leave_the_vm_running_here() {
+    let a = daemon();
+    let b = daemon();
+    let no_incoming = TestDaemon::start(&[]);
+    start_guest(&a, "stayer", &["count-forever 100"]);
+    create(&b, testguest_spec("stayer", &[]));
+    let to_b = b.socket.display().to_string();
+
+    // B has a VM of that name: refused before anything moves.
+    let out = a.cli(&["vm", "migrate", "stayer", "--to", &to_b]);
+    let (status, err) = a.api("POST", "/v1/vms/stayer/migrate", Some(json!({"to": to_b})));
+    let (no_addr, err_no_addr) = a.api(
+        "POST",
+        "/v1/vms/stayer/migrate",
+        Some(json!({"to": no_incoming.socket})),
+    );
+    let (bad_to, err_bad_to) = a.api(
+        "POST",
+        "/v1/vms/stayer/migrate",
+        Some(json!({"to": "b.example:1"})),
+    );
+    let (idle, err_idle) = a.api("POST", "/v1/vms/stayer/migrate/cancel", None);
+
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    assert_eq!(status, 409, "{err}");
+    assert_eq!(err["code"], "conflict");
+    assert_eq!(no_addr, 501, "{err_no_addr}");
+    assert!(
+        err_no_addr["message"]
+            .as_str()
+            .unwrap()
+            .contains("--migration-addr"),
+        "{err_no_addr}"
+    );
+    assert_eq!(bad_to, 400, "{err_bad_to}");
+    assert_eq!(err_bad_to["field"], "to");
+    assert_eq!(idle, 409, "{err_idle}");
+    assert_eq!(a.state("stayer"), "running");
+    assert_eq!(b.state("stayer"), "stopped");
+    let (_, m) = a.api("GET", "/v1/vms/stayer/migration", None);
+    assert_eq!(m["phase"], "none", "{m}");
+
+    // Cancelled half-way (1 MiB/s makes the first pass last seconds): back as before.
+    let (status, _) = b.api("DELETE", "/v1/vms/stayer", None);
+    assert_eq!(status, 204);
+    let (status, started) = a.api(
+        "POST",
+        "/v1/vms/stayer/migrate",
+        Some(json!({"to": to_b, "bandwidth_mib_s": 1})),
+    );
+    assert_eq!(status, 202, "{started}");
+    assert_eq!(b.state("stayer"), "incoming");
+    let cancel = a.cli(&["vm", "migrate", "stayer", "--cancel"]);
+
+    assert!(cancel.status.success(), "{}", stderr(&cancel));
+    let (_, m) = a.api("GET", "/v1/vms/stayer/migration", None);
+    assert_eq!(m["phase"], "cancelled", "{m}");
+    let before = ticks_from(&a.console_log("stayer"), 0)
+        .into_iter()
+        .max()
+        .unwrap();
+    wait_tick_after(&a, "stayer", before);
+    assert_eq!(a.state("stayer"), "running");
+    b.wait("B to drop the reservation", Duration::from_secs(30), || {
+        names(&b).is_empty()
+    });
+    let on_b = event_kinds(&b, "stayer");
+    assert!(on_b.contains(&"incoming-failed".to_string()), "{on_b:?}");
+    let on_a = event_kinds(&a, "stayer");
+    assert!(
+        on_a.contains(&"migration-cancelled".to_string()),
+        "{on_a:?}"
+    );
+}
+
+#[test]
+fn test_migration_over_https_reaches_the_destination_on_its_tls_listener() {
+    let dir = std::path::PathBuf::from(format!("/tmp/fd-mig-tls-{}", std::process::id()));
+    tls_certs(&dir, &["a", "b"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = |name: &str| dir.join(name).display().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let b = TestDaemon::start(&[
+        "--migration-addr",
+        "0.0.0.0",
+        "--tls-listen",
+        &listen,
+        "--tls-cert",
+        &f("b.pem"),
+        "--tls-key",
+        &f("b.key"),
+        "--tls-client-ca",
+        &f("ca.pem"),
+    ]);
+    let a = TestDaemon::start(&[
+        "--tls-cert",
+        &f("a.pem"),
+        "--tls-key",
+        &f("a.key"),
+        "--tls-client-ca",
+        &f("ca.pem"),
+    ]);
+    start_guest(&a, "far", &["count-forever 100"]);
+    let before = wait_tick_after(&a, "far", 1);
+
+    let out = a.cli(&[
+        "vm",
+        "migrate",
+        "far",
+        "--to",
+        &format!("https://localhost:{port}"),
+    ]);
+
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nA:\n{}\nB:\n{}",
+        stderr(&out),
+        a.daemon_log(),
+        b.daemon_log()
+    );
+    wait_tick_after(&b, "far", before);
+    assert!(!names(&a).contains(&"far".to_string()));
+    // B listened on every address: A's VMM went to the host it reached B's API at.
+    let (_, m) = a.api("GET", "/v1/vms/far/migration", None);
+    assert!(
+        m["endpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with("tcp:localhost:"),
+        "{m}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
