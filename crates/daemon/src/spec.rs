@@ -88,6 +88,7 @@ pub fn to_vm_config(spec: &VmSpec, api_socket: &Path) -> Result<VmConfig, ApiErr
         virtio_console: None,
         api_socket: Some(api_socket.to_path_buf()),
         track_dirty_pages: false,
+        memory_shared: false,
     };
     config
         .validate(None)

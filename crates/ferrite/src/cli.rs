@@ -211,7 +211,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "vsock", "rng",
         "balloon", "virtio_console", "api_socket", "no_reboot", "repair_emulation",
-        "cpu_features", "track_dirty_pages",
+        "cpu_features", "track_dirty_pages", "memory_shared",
     ])]
     pub config: Option<PathBuf>,
     /// Continue the VM saved in this snapshot directory (taken with the control socket's
@@ -220,7 +220,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "config", "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "vsock",
         "rng", "balloon", "virtio_console", "no_reboot", "repair_emulation", "cpu_features",
-        "track_dirty_pages",
+        "track_dirty_pages", "memory_shared",
     ])]
     pub restore: Option<PathBuf>,
     /// Receive a running VM from a migration source on ENDPOINT (tcp:HOST:PORT or
@@ -231,7 +231,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "ENDPOINT", conflicts_with_all = [
         "config", "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "vsock",
         "rng", "balloon", "virtio_console", "no_reboot", "repair_emulation", "cpu_features",
-        "track_dirty_pages", "restore",
+        "track_dirty_pages", "memory_shared", "restore",
     ])]
     pub incoming: Option<String>,
     /// With --restore: start the snapshot as a clone with its own identity, from this JSON
@@ -303,6 +303,11 @@ pub struct RunArgs {
     /// restored from a snapshot can be snapshotted again (kept by snapshots of this VM).
     #[arg(long)]
     pub track_dirty_pages: bool,
+    /// Back guest RAM with shared memory files (memfd), so a live migration to a
+    /// destination on this host can hand it over by file descriptor instead of copying it
+    /// (`"fd_handover":true`; for upgrading Ferrite under a running VM).
+    #[arg(long)]
+    pub memory_shared: bool,
     /// Finish instructions the host's KVM cannot emulate (auto: only on kvm_pvm hosts).
     #[arg(long, value_name = "on|off|auto", default_value = "auto")]
     pub repair_emulation: RepairMode,

@@ -110,6 +110,7 @@ fn config_from_flags(args: &RunArgs) -> VmConfig {
         virtio_console: args.virtio_console.clone(),
         api_socket: args.api_socket.clone(),
         track_dirty_pages: args.track_dirty_pages,
+        memory_shared: args.memory_shared,
     }
 }
 

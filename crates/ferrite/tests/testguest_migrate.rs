@@ -585,3 +585,68 @@ fn test_failed_migration_gives_the_disk_back_to_the_source() {
         String::from_utf8_lossy(&second_user.stderr)
     );
 }
+
+#[test]
+fn test_same_host_handover_passes_memory_by_file_descriptor_without_copying_it() {
+    // Arrange: a guest in shared memory, dirtying 4 MiB.
+    let endpoint = format!(
+        "unix:{}",
+        std::env::temp_dir()
+            .join(format!("ferrite-mig-fd-{}.sock", std::process::id()))
+            .display()
+    );
+    let mut src = Vm::boot(
+        "mig-fd",
+        &[
+            "--memory-shared".into(),
+            "--cmdline".into(),
+            "cmds=\"dirty 4 2000 100\"".into(),
+        ],
+    );
+    let before = src.wait_line("tick n=3 ");
+    let mut dst = start_destination("mig-fd-d", &endpoint);
+
+    // Act
+    migrate(
+        &mut src,
+        serde_json::json!({"to": endpoint, "fd_handover": true}),
+    );
+    let src_exit = src.wait_exit(WATCHDOG);
+    let src_err = stderr_of(&mut src);
+    let first = dst.wait_line("tick ");
+    dst.send("x");
+    dst.wait_line("OK dirty stopped");
+    dst.send("dirty-check");
+    let check = dst.wait_any(&["OK dirty-check", "ERR dirty-check"]);
+
+    // Assert: no page was sent, and the guest continued with all its memory.
+    assert_eq!(src_exit.code(), Some(MIGRATED), "{src_err}");
+    assert!(src_err.contains("(0 pages, 0 zero pages)"), "{src_err}");
+    assert!(
+        num(&first, "value") > num(&before, "value"),
+        "{before} / {first}"
+    );
+    assert!(check.starts_with("OK dirty-check"), "{check}");
+}
+
+#[test]
+fn test_handover_needs_shared_memory_and_a_unix_endpoint() {
+    // Arrange: a VM in anonymous memory.
+    let mut src = Vm::start("mig-fd-no", "dirty 4 500 100");
+    src.wait_line("tick n=1 ");
+
+    // Act
+    let anonymous = src.request(r#"{"op":"migrate","to":"unix:/tmp/x.sock","fd_handover":true}"#);
+    let over_tcp = src.request(r#"{"op":"migrate","to":"tcp:127.0.0.1:9","fd_handover":true}"#);
+
+    // Assert
+    assert_eq!(anonymous["error"], "not-supported", "{anonymous}");
+    assert!(
+        anonymous["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--memory-shared")),
+        "{anonymous}"
+    );
+    assert_eq!(over_tcp["error"], "bad-request", "{over_tcp}");
+    assert_source_runs_on(&mut src);
+}

@@ -71,6 +71,57 @@ impl Stream {
         };
     }
 
+    /// Send `tag` with the open files `fds` attached (`SCM_RIGHTS`): same-host memory
+    /// handover. Only over a Unix socket.
+    pub fn send_fds(&self, tag: &[u8], fds: &[std::os::fd::RawFd]) -> Result<()> {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        match self {
+            Stream::Unix(s) => {
+                let sent = s.send_with_fds(&[tag], fds).map_err(|e| {
+                    MigrationError::Io(std::io::Error::from_raw_os_error(e.errno()))
+                })?;
+                if sent != tag.len() {
+                    return Err(MigrationError::Protocol(
+                        "short file-descriptor message".into(),
+                    ));
+                }
+                Ok(())
+            }
+            Stream::Tcp(_) => Err(MigrationError::Protocol(
+                "file descriptors can only be handed over on a unix: endpoint".into(),
+            )),
+        }
+    }
+
+    /// Receive a `tag.len()`-byte message with up to `max` open files attached; returns the
+    /// message and the files (owned, closed when dropped).
+    pub fn recv_fds(&self, len: usize, max: usize) -> Result<(Vec<u8>, Vec<std::fs::File>)> {
+        use std::os::fd::FromRawFd;
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let Stream::Unix(s) = self else {
+            return Err(MigrationError::Protocol(
+                "file descriptors can only be handed over on a unix: endpoint".into(),
+            ));
+        };
+        let mut buf = vec![0u8; len];
+        let mut fds = vec![-1; max];
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the iovec points into `buf`, which lives until the call returns and may be
+        // written arbitrary bytes.
+        let (n, count) = unsafe { s.recv_with_fds(&mut iov, &mut fds) }
+            .map_err(|e| MigrationError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+        let files = fds[..count]
+            .iter()
+            // SAFETY: the first `count` descriptors were just received and are owned by us.
+            .map(|&fd| unsafe { std::fs::File::from_raw_fd(fd) })
+            .collect();
+        buf.truncate(n);
+        Ok((buf, files))
+    }
+
     /// Bound how long one read may block (None: forever).
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<()> {
         match self {
@@ -199,6 +250,51 @@ impl Drop for Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_memory_files_travel_with_their_tag_over_a_unix_socket() {
+        use std::io::{Read, Seek};
+        let (a, b) = UnixStream::pair().unwrap();
+        let (a, b) = (Stream::Unix(a), Stream::Unix(b));
+        let file = tempfile_with(b"guest ram");
+
+        a.send_fds(b"MEMFDS\0\0", &[std::os::fd::AsRawFd::as_raw_fd(&file)])
+            .unwrap();
+        let (tag, files) = b.recv_fds(8, 2).unwrap();
+        let mut got = String::new();
+        let mut received = &files[0];
+        received.rewind().unwrap();
+        received.read_to_string(&mut got).unwrap();
+
+        assert_eq!(tag, b"MEMFDS\0\0");
+        assert_eq!(files.len(), 1);
+        assert_eq!(got, "guest ram");
+    }
+
+    #[test]
+    fn test_file_descriptors_are_refused_over_tcp() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = Stream::Tcp(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
+
+        let err = tcp.send_fds(b"x", &[0]).unwrap_err().to_string();
+
+        assert!(err.contains("unix:"), "{err}");
+    }
+
+    fn tempfile_with(bytes: &[u8]) -> std::fs::File {
+        use std::io::Write;
+        let path = std::env::temp_dir().join(format!("ferrite-mig-fd-{}", std::process::id()));
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file.write_all(bytes).unwrap();
+        file
+    }
 
     #[test]
     fn test_endpoints_parse_and_bad_ones_name_the_forms() {

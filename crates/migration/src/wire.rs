@@ -52,7 +52,15 @@ pub struct Hello {
     pub config: serde_json::Value,
     /// Guest RAM regions in order; page runs name them by index.
     pub regions: Vec<RegionInfo>,
+    /// Same-host handover: guest RAM is not copied; the source sends one open memory file
+    /// per region ([`MEMORY_FDS_TAG`]) right after [`Reply::Accept`], and the destination
+    /// answers [`Reply::Mapped`] once it mapped them.
+    #[serde(default)]
+    pub memory_fds: bool,
 }
+
+/// The message the memory files of a same-host handover are attached to.
+pub const MEMORY_FDS_TAG: &[u8; 8] = b"MEMFDS\0\0";
 
 /// Source → destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +109,8 @@ pub enum Reply {
     Failed(String),
     /// The guest runs on the destination.
     Running,
+    /// Same-host handover: the memory files are mapped and the VM is built over them.
+    Mapped,
 }
 
 const F_PAGES: u8 = 1;
@@ -115,6 +125,7 @@ const R_REFUSE: u8 = 0x82;
 const R_READY: u8 = 0x83;
 const R_FAILED: u8 = 0x84;
 const R_RUNNING: u8 = 0x85;
+const R_MAPPED: u8 = 0x86;
 
 fn protocol(msg: impl Into<String>) -> MigrationError {
     MigrationError::Protocol(msg.into())
@@ -330,6 +341,7 @@ pub fn write_reply(w: &mut impl Write, reply: &Reply) -> Result<()> {
             out.extend_from_slice(&text_bytes(reason));
         }
         Reply::Running => out.push(R_RUNNING),
+        Reply::Mapped => out.push(R_MAPPED),
     }
     w.write_all(&out)?;
     w.flush()?;
@@ -344,6 +356,7 @@ pub fn read_reply(r: &mut impl Read) -> Result<Reply> {
         R_READY => Reply::Ready,
         R_FAILED => Reply::Failed(read_text(r)?),
         R_RUNNING => Reply::Running,
+        R_MAPPED => Reply::Mapped,
         other => return Err(protocol(format!("unknown reply type {other:#x}"))),
     })
 }
@@ -448,6 +461,7 @@ mod tests {
                 guest_addr: 0,
                 size: 1 << 20,
             }],
+            memory_fds: false,
         };
         let mut buf = Vec::new();
         write_hello(&mut buf, &hello).unwrap();
@@ -457,16 +471,18 @@ mod tests {
             Reply::Ready,
             Reply::Failed("bad".into()),
             Reply::Running,
+            Reply::Mapped,
         ] {
             write_reply(&mut buf, &reply).unwrap();
         }
 
         let mut r = buf.as_slice();
         let got = read_hello(&mut r).unwrap();
-        let replies: Vec<Reply> = (0..5).map(|_| read_reply(&mut r).unwrap()).collect();
+        let replies: Vec<Reply> = (0..6).map(|_| read_reply(&mut r).unwrap()).collect();
 
         assert_eq!(got.regions, hello.regions);
         assert_eq!(replies[1], Reply::Refuse("no".into()));
         assert_eq!(replies[4], Reply::Running);
+        assert_eq!(replies[5], Reply::Mapped);
     }
 }

@@ -369,6 +369,7 @@ impl BuiltVm {
                     mem.clone()
                 }
             },
+            None if config.memory_shared => memory::create_guest_memory_shared(&ranges)?,
             None => memory::create_guest_memory(&ranges)?,
         };
         tracing::debug!(restore = restore.is_some(), "guest memory mapped");

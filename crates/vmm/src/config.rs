@@ -263,6 +263,11 @@ pub struct VmConfig {
     /// first time it is written after each snapshot.
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// Back guest RAM with shared memory files (memfd) instead of anonymous memory, so a
+    /// same-host migration can hand the memory over by file descriptor instead of copying it
+    /// (upgrading Ferrite under a running VM).
+    #[serde(default)]
+    pub memory_shared: bool,
 }
 
 impl Default for VmConfig {
@@ -284,6 +289,7 @@ impl Default for VmConfig {
             virtio_console: None,
             api_socket: None,
             track_dirty_pages: false,
+            memory_shared: false,
         }
     }
 }

@@ -599,6 +599,16 @@ impl VmOps for LiveHandle {
                 "The VM is paused: resume it before migrating it".to_string(),
             ));
         }
+        if opts.fd_handover && crate::memory::shared_memory_fds(&self.vm.snapshot.memory).is_none()
+        {
+            return Err((
+                "not-supported",
+                "fd_handover needs guest RAM in shared memory files: start the VM with \
+                 --memory-shared (a VM restored from a snapshot maps the snapshot file \
+                 privately and cannot be handed over)"
+                    .to_string(),
+            ));
+        }
         let job = crate::migrate::source::SourceJob::start(
             self.vm.clone(),
             opts.clone(),

@@ -110,6 +110,99 @@ pub fn create_guest_memory_from_file(
     GuestMemoryMmap::from_regions(regions).map_err(|e| bad(e.to_string()))
 }
 
+/// Map guest RAM at `ranges` as shared memory files (one memfd per region, `MAP_SHARED`):
+/// like [`create_guest_memory`], lazily populated, but another process on this host can map
+/// the same memory (a same-host migration hands the files over instead of copying).
+pub fn create_guest_memory_shared(
+    ranges: &[(GuestAddress, usize)],
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let size: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+    let bad = |reason: String| MemoryError::File {
+        size: size >> 20,
+        reason,
+    };
+    let files = ranges
+        .iter()
+        .map(|&(_, len)| {
+            // memfd_create by hand: vmm-sys-util has no wrapper for it, and it is one call.
+            // SAFETY: the name is a valid NUL-terminated string; the returned descriptor is
+            // checked and then owned by the File.
+            let fd =
+                unsafe { libc::memfd_create(c"ferrite-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(bad(format!(
+                    "cannot create a memory file: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            // SAFETY: `fd` is a freshly created descriptor nothing else owns.
+            let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            file.set_len(len as u64)
+                .map_err(|e| bad(format!("cannot size the memory file: {e}")))?;
+            Ok(file)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    create_guest_memory_from_files(ranges, files)
+}
+
+/// Map guest RAM at `ranges` from shared memory files (region `i` is `files[i]` from offset
+/// 0, `MAP_SHARED`): the memory files of a same-host migration. Each file must be at least
+/// its region's size.
+pub fn create_guest_memory_from_files(
+    ranges: &[(GuestAddress, usize)],
+    files: Vec<std::fs::File>,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    use vm_memory::mmap::{GuestRegionMmap, MmapRegionBuilder};
+    use vm_memory::FileOffset;
+    let size: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+    let bad = |reason: String| MemoryError::File {
+        size: size >> 20,
+        reason,
+    };
+    if ranges.len() != files.len() {
+        return Err(bad(format!(
+            "{} memory regions but {} memory files",
+            ranges.len(),
+            files.len()
+        )));
+    }
+    let mut regions = Vec::with_capacity(ranges.len());
+    for (&(addr, len), file) in ranges.iter().zip(files) {
+        let file_len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+        if file_len < len as u64 {
+            return Err(bad(format!(
+                "a memory file is {file_len} bytes, too short for a {len}-byte region"
+            )));
+        }
+        let mapping =
+            MmapRegionBuilder::new_with_bitmap(len, vm_memory::bitmap::NewBitmap::with_len(len))
+                .with_file_offset(FileOffset::new(file, 0))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| bad(e.to_string()))?;
+        advise(mapping.as_ptr(), len);
+        let region = GuestRegionMmap::new(mapping, addr)
+            .ok_or_else(|| bad(format!("region at {:#x} wraps the address space", addr.0)))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| bad(e.to_string()))
+}
+
+/// The shared memory files behind guest RAM (one per region), or None when it is not
+/// shared ([`create_guest_memory_shared`]).
+pub fn shared_memory_fds(mem: &GuestMemoryMmap) -> Option<Vec<std::os::fd::RawFd>> {
+    use std::os::fd::AsRawFd;
+    mem.iter()
+        .map(|r| {
+            let mapping = std::ops::Deref::deref(r);
+            (mapping.flags() & libc::MAP_SHARED != 0)
+                .then(|| mapping.file_offset().map(|f| f.file().as_raw_fd()))
+                .flatten()
+        })
+        .collect()
+}
+
 fn advise(addr: *mut u8, len: usize) {
     // SAFETY: `addr..addr+len` is a mapping owned by the guest memory object; madvise only
     // changes the core-dump policy and cannot invalidate it. A failure only means guest RAM

@@ -43,6 +43,8 @@ pub enum IncomingError {
 pub struct Incoming {
     stream: Stream,
     hello: Hello,
+    /// Same-host handover: guest RAM's memory files, one per region.
+    memory_files: Option<Vec<std::fs::File>>,
     /// The VM's configuration (the source's).
     pub config: VmConfig,
 }
@@ -70,10 +72,16 @@ pub fn accept(endpoint: &Endpoint) -> Result<Incoming, IncomingError> {
     match check_hello(&hello) {
         Ok(config) => {
             wire::write_reply(&mut stream, &Reply::Accept)?;
+            let memory_files = if hello.memory_fds {
+                Some(receive_memory_files(&stream, hello.regions.len())?)
+            } else {
+                None
+            };
             Ok(Incoming {
                 stream,
                 hello,
                 config,
+                memory_files,
             })
         }
         Err(reason) => {
@@ -81,6 +89,23 @@ pub fn accept(endpoint: &Endpoint) -> Result<Incoming, IncomingError> {
             Err(IncomingError::Refused(reason))
         }
     }
+}
+
+/// Receive the memory files of a same-host handover: exactly one per region.
+fn receive_memory_files(
+    stream: &Stream,
+    regions: usize,
+) -> Result<Vec<std::fs::File>, IncomingError> {
+    let (tag, files) = stream.recv_fds(wire::MEMORY_FDS_TAG.len(), regions + 1)?;
+    if tag != wire::MEMORY_FDS_TAG || files.len() != regions {
+        return Err(MigrationError::Protocol(format!(
+            "expected {regions} memory files, got {} with a {}-byte message",
+            files.len(),
+            tag.len()
+        ))
+        .into());
+    }
+    Ok(files)
 }
 
 fn check_hello(hello: &Hello) -> Result<VmConfig, String> {
@@ -117,25 +142,44 @@ fn check_hello(hello: &Hello) -> Result<VmConfig, String> {
 impl Incoming {
     /// Receive guest RAM and the VM's state. The returned snapshot carries the commit gate:
     /// the builder calls it with the VM built, right before the vCPUs start.
-    pub fn receive(self) -> Result<LoadedSnapshot, IncomingError> {
+    pub fn receive(mut self) -> Result<LoadedSnapshot, IncomingError> {
         let layout = arch::e820::MemoryLayout::new(
             self.config.memory_bytes,
             Some(arch::e820::host_phys_bits()),
         )
         .map_err(|e| IncomingError::Refused(e.to_string()))?;
-        let mem = crate::memory::create_guest_memory(&layout.ram_ranges())?;
+        let handed_over = self.memory_files.is_some();
+        let mem = match self.memory_files.take() {
+            Some(files) => {
+                crate::memory::create_guest_memory_from_files(&layout.ram_ranges(), files)?
+            }
+            None => crate::memory::create_guest_memory(&layout.ram_ranges())?,
+        };
         // The KVM VM is built while memory arrives, off the guest's pause.
-        let prebuild = {
+        let mut prebuild_done = None;
+        let mut prebuild = Some({
             let (config, mem) = (self.config.clone(), mem.clone());
             std::thread::Builder::new()
                 .name("migrate-prebuild".into())
                 .spawn(move || crate::builder::PrebuiltVm::create(&config, &mem))
                 .map_err(MigrationError::Io)?
-        };
+        });
+        if handed_over {
+            // The source pauses only once the VM is built over its memory.
+            let prebuilt = join_prebuild(prebuild.take())?;
+            wire::write_reply(&mut self.stream, &Reply::Mapped)?;
+            prebuild_done = Some(prebuilt);
+        }
         let regions: Vec<(*mut u8, u64)> = mem.iter().map(|r| (r.as_ptr(), r.len())).collect();
         let mut reader = std::io::BufReader::with_capacity(1 << 20, self.stream.try_clone()?);
         let state = loop {
             match wire::read_frame(&mut reader)? {
+                Frame::Pages { .. } | Frame::Zero { .. } if handed_over => {
+                    return Err(MigrationError::Protocol(
+                        "page data in a same-host handover, whose memory is shared".into(),
+                    )
+                    .into())
+                }
                 Frame::Pages {
                     region,
                     first_page,
@@ -207,16 +251,26 @@ impl Incoming {
             .map_err(crate::vm_snapshot::VmSnapshotError::from)?;
         let mut snap =
             crate::vm_snapshot::from_reader(&reader, None, SnapshotMemory::Received(mem))?;
-        let prebuilt = prebuild
-            .join()
-            .map_err(|_| IncomingError::Prebuild("the thread building it panicked".into()))?
-            .map_err(|e| IncomingError::Prebuild(crate::error::chain_to_line(&e)))?;
+        let prebuilt = match prebuild_done {
+            Some(p) => p,
+            None => join_prebuild(prebuild.take())?,
+        };
         snap.prebuilt = Some(Mutex::new(Some(prebuilt)));
         snap.start_gate = Some(Mutex::new(Some(StartGate {
             stream: self.stream,
         })));
         Ok(snap)
     }
+}
+
+fn join_prebuild(
+    prebuild: Option<std::thread::JoinHandle<Result<crate::builder::PrebuiltVm, crate::VmmError>>>,
+) -> Result<crate::builder::PrebuiltVm, IncomingError> {
+    prebuild
+        .ok_or_else(|| IncomingError::Prebuild("it was already taken".into()))?
+        .join()
+        .map_err(|_| IncomingError::Prebuild("the thread building it panicked".into()))?
+        .map_err(|e| IncomingError::Prebuild(crate::error::chain_to_line(&e)))
 }
 
 /// Holds the destination's vCPUs until the source commits.

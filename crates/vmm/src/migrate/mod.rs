@@ -41,6 +41,11 @@ pub struct MigrateOptions {
     /// What to do when the copy does not converge.
     #[serde(default)]
     pub converge: Converge,
+    /// Same host only (`unix:` endpoint): hand guest RAM over by file descriptor instead of
+    /// copying it; needs a VM started with `--memory-shared`. The guest pauses once, for the
+    /// state only.
+    #[serde(default)]
+    pub fd_handover: bool,
 }
 
 fn default_downtime_ms() -> u64 {
@@ -62,6 +67,13 @@ impl MigrateOptions {
             return Err(format!(
                 "downtime_ms {} is out of range: give 1..=60000",
                 self.downtime_ms
+            ));
+        }
+        if self.fd_handover && !matches!(endpoint, migration::Endpoint::Unix(_)) {
+            return Err(format!(
+                "fd_handover hands memory over on this host only: give a unix:PATH endpoint, \
+                 not {}",
+                self.to
             ));
         }
         if self.timeout_s == 0 || self.timeout_s > 86_400 {

@@ -240,7 +240,13 @@ impl Migration<'_> {
             .map(|r| RegionView {
                 ptr: r.as_ptr(),
                 len: r.len() as usize,
-                file_backed: std::ops::Deref::deref(r).file_offset().is_some(),
+                // A private file mapping (a restored VM): pages it never touched are still the
+                // snapshot's. Shared memory files count their touched pages like anonymous
+                // memory (mincore sees them in the page cache).
+                file_backed: {
+                    let m = std::ops::Deref::deref(r);
+                    m.file_offset().is_some() && m.flags() & libc::MAP_SHARED == 0
+                },
             })
             .collect()
     }
@@ -266,6 +272,7 @@ impl Migration<'_> {
                     size: r.len(),
                 })
                 .collect(),
+            memory_fds: self.opts.fd_handover,
         };
         let mut out = Out {
             w: BufWriter::with_capacity(SEND_BUFFER, stream),
@@ -284,12 +291,27 @@ impl Migration<'_> {
             }
             other => return Err(Failure::Failed(format!("Unexpected reply {other:?}"))),
         }
-        self.vm.start_dirty_log().map_err(Failure::Failed)?;
+        let fd_handover = self.opts.fd_handover;
+        if fd_handover {
+            self.hand_over_memory(&out, &mut reader)?;
+        } else {
+            self.vm.start_dirty_log().map_err(Failure::Failed)?;
+        }
         // Probe the MSR list now, not while the guest is paused.
-        self.vm
+        let result = self
+            .vm
             .prepare_save()
-            .map_err(|e| Failure::Failed(e.to_string()))?;
-        let result = self.copy(&mut out, &mut reader, &regions);
+            .map_err(|e| Failure::Failed(e.to_string()))
+            .and_then(|()| {
+                if fd_handover {
+                    self.finish_copy(&mut out, &mut reader, &regions, None, 0)
+                } else {
+                    self.copy(&mut out, &mut reader, &regions)
+                }
+            });
+        if result.is_err() && !self.committed && !fd_handover {
+            self.vm.stop_dirty_log();
+        }
         if result.is_err() && !self.committed {
             let reason = match &result {
                 Err(Failure::Cancelled) => "cancelled on the source".to_string(),
@@ -298,7 +320,6 @@ impl Migration<'_> {
             };
             let _ = out.frame(&Frame::Abort(reason));
             let _ = out.w.flush();
-            self.vm.stop_dirty_log();
         }
         if let Some(s) = self
             .stream_slot
@@ -309,6 +330,26 @@ impl Migration<'_> {
             s.shutdown();
         }
         result
+    }
+
+    /// Same-host handover: send the guest RAM's memory files and wait until the destination
+    /// has mapped them and built its VM over them (while the guest still runs here).
+    fn hand_over_memory(&self, out: &Out, reader: &mut Stream) -> Result<(), Failure> {
+        let fds = crate::memory::shared_memory_fds(&self.vm.snapshot.memory).ok_or_else(|| {
+            Failure::Failed(
+                "Guest RAM is not in shared memory files: start the VM with --memory-shared \
+                 to hand it over"
+                    .into(),
+            )
+        })?;
+        out.w.get_ref().send_fds(wire::MEMORY_FDS_TAG, &fds)?;
+        match wire::read_reply(reader)? {
+            Reply::Mapped => Ok(()),
+            Reply::Failed(reason) => Err(Failure::Failed(format!(
+                "The destination could not map the memory: {reason}"
+            ))),
+            other => Err(Failure::Failed(format!("Unexpected reply {other:?}"))),
+        }
     }
 
     /// Send the pages `wanted` (in order) of every region: non-zero pages with their bytes;
@@ -455,7 +496,7 @@ impl Migration<'_> {
             self.report(out, round);
         };
         drop(throttle);
-        self.finish_copy(out, reader, regions, dirty, round + 1)
+        self.finish_copy(out, reader, regions, Some(dirty), round + 1)
     }
 
     /// Pause, send the rest and the state, and hand the guest over.
@@ -464,7 +505,7 @@ impl Migration<'_> {
         out: &mut Out,
         reader: &mut Stream,
         regions: &[RegionView],
-        mut dirty: Vec<Vec<u64>>,
+        dirty: Option<Vec<Vec<u64>>>,
         round: u32,
     ) -> Result<(), Failure> {
         self.check_cancel()?;
@@ -482,15 +523,18 @@ impl Migration<'_> {
         // let go of before it is sent.
         self.disks_released = true;
         self.vm.release_disks().map_err(Failure::Failed)?;
-        let last = self.vm.harvest_dirty().map_err(Failure::Failed)?;
-        for (acc, new) in dirty.iter_mut().zip(&last) {
-            for (a, n) in acc.iter_mut().zip(new) {
-                *a |= n;
+        // Without a copy (memory handed over by file), there are no pages to send.
+        if let Some(mut dirty) = dirty {
+            let last = self.vm.harvest_dirty().map_err(Failure::Failed)?;
+            for (acc, new) in dirty.iter_mut().zip(&last) {
+                for (a, n) in acc.iter_mut().zip(new) {
+                    *a |= n;
+                }
             }
+            out.frame(&Frame::Round(round))?;
+            self.send_pages(out, regions, &|r, p| bit(&dirty[r], p), false)?;
+            tracing::debug!("final pages sent");
         }
-        out.frame(&Frame::Round(round))?;
-        self.send_pages(out, regions, &|r, p| bit(&dirty[r], p), false)?;
-        tracing::debug!("final pages sent");
         let vcpus = self
             .vm
             .save_vcpus()
