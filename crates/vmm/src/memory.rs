@@ -71,7 +71,6 @@ pub fn create_guest_memory_from_file(
     file: &std::fs::File,
     file_offsets: &[u64],
 ) -> Result<GuestMemoryMmap, MemoryError> {
-    use vm_memory::mmap::{GuestRegionMmap, MmapRegionBuilder};
     use vm_memory::FileOffset;
     let size: u64 = ranges.iter().map(|r| r.1 as u64).sum();
     let bad = |reason: String| MemoryError::File {
@@ -95,17 +94,9 @@ pub fn create_guest_memory_from_file(
             )));
         }
         let dup = file.try_clone().map_err(|e| bad(e.to_string()))?;
-        let mapping =
-            MmapRegionBuilder::new_with_bitmap(len, vm_memory::bitmap::NewBitmap::with_len(len))
-                .with_file_offset(FileOffset::new(dup, offset))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                .build()
-                .map_err(|e| bad(e.to_string()))?;
-        advise(mapping.as_ptr(), len);
-        let region = GuestRegionMmap::new(mapping, addr)
-            .ok_or_else(|| bad(format!("region at {:#x} wraps the address space", addr.0)))?;
-        regions.push(region);
+        regions.push(
+            file_region(addr, len, FileOffset::new(dup, offset), libc::MAP_PRIVATE).map_err(bad)?,
+        );
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| bad(e.to_string()))
 }
@@ -152,7 +143,6 @@ pub fn create_guest_memory_from_files(
     ranges: &[(GuestAddress, usize)],
     files: Vec<std::fs::File>,
 ) -> Result<GuestMemoryMmap, MemoryError> {
-    use vm_memory::mmap::{GuestRegionMmap, MmapRegionBuilder};
     use vm_memory::FileOffset;
     let size: u64 = ranges.iter().map(|r| r.1 as u64).sum();
     let bad = |reason: String| MemoryError::File {
@@ -174,17 +164,8 @@ pub fn create_guest_memory_from_files(
                 "a memory file is {file_len} bytes, too short for a {len}-byte region"
             )));
         }
-        let mapping =
-            MmapRegionBuilder::new_with_bitmap(len, vm_memory::bitmap::NewBitmap::with_len(len))
-                .with_file_offset(FileOffset::new(file, 0))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
-                .build()
-                .map_err(|e| bad(e.to_string()))?;
-        advise(mapping.as_ptr(), len);
-        let region = GuestRegionMmap::new(mapping, addr)
-            .ok_or_else(|| bad(format!("region at {:#x} wraps the address space", addr.0)))?;
-        regions.push(region);
+        regions
+            .push(file_region(addr, len, FileOffset::new(file, 0), libc::MAP_SHARED).map_err(bad)?);
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| bad(e.to_string()))
 }
@@ -201,6 +182,27 @@ pub fn shared_memory_fds(mem: &GuestMemoryMmap) -> Option<Vec<std::os::fd::RawFd
                 .flatten()
         })
         .collect()
+}
+
+/// One guest RAM region of `len` bytes at `addr`, mapped from `file` (`MAP_PRIVATE` or
+/// `MAP_SHARED`, never reserving swap), with its dirty bitmap.
+fn file_region(
+    addr: GuestAddress,
+    len: usize,
+    file: vm_memory::FileOffset,
+    share: libc::c_int,
+) -> Result<vm_memory::mmap::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>, String> {
+    use vm_memory::mmap::{GuestRegionMmap, MmapRegionBuilder};
+    let mapping =
+        MmapRegionBuilder::new_with_bitmap(len, vm_memory::bitmap::NewBitmap::with_len(len))
+            .with_file_offset(file)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(share | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| e.to_string())?;
+    advise(mapping.as_ptr(), len);
+    GuestRegionMmap::new(mapping, addr)
+        .ok_or_else(|| format!("region at {:#x} wraps the address space", addr.0))
 }
 
 fn advise(addr: *mut u8, len: usize) {

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::interrupt::{interrupted, SignalGuard};
-use super::snapshot::{Qmp, TempDir};
+use super::snapshot::{sized, source_spec, Qmp, TempDir};
 use crate::child::{CommandSpec, VmmProcess};
 use crate::error::BenchError;
 use crate::runner::Plan;
@@ -526,27 +526,6 @@ fn column_result(key: &str, samples: &[Result<Sample, String>]) -> ColumnResult 
             .filter_map(|s| s.as_ref().err().cloned())
             .collect(),
     }
-}
-
-fn sized(guest: &GuestSpec, mib: u64) -> GuestSpec {
-    GuestSpec {
-        memory_mib: mib,
-        ..guest.clone()
-    }
-}
-
-/// The source VM's command: the usual one plus the control socket.
-fn source_spec(v: &Vmm, guest: &GuestSpec, cmdline: &str, sock: &Path) -> CommandSpec {
-    let mut spec = v.command(guest, cmdline);
-    let sock = sock.display().to_string();
-    match v.kind {
-        VmmKind::Ferrite => spec.args.extend(["--api-socket".to_string(), sock]),
-        VmmKind::QemuMicrovm | VmmKind::QemuQ35 => spec.args.extend([
-            "-qmp".to_string(),
-            format!("unix:{sock},server=on,wait=off"),
-        ]),
-    }
-    spec
 }
 
 /// The destination's command: Ferrite takes everything from the source; QEMU needs the same

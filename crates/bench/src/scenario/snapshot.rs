@@ -417,7 +417,7 @@ fn map(r: &Result<Taken, String>, f: impl Fn(&Taken) -> f64) -> Result<f64, Stri
     r.as_ref().map(f).map_err(Clone::clone)
 }
 
-fn sized(guest: &GuestSpec, mib: u64) -> GuestSpec {
+pub(crate) fn sized(guest: &GuestSpec, mib: u64) -> GuestSpec {
     GuestSpec {
         memory_mib: mib,
         ..guest.clone()
@@ -425,7 +425,7 @@ fn sized(guest: &GuestSpec, mib: u64) -> GuestSpec {
 }
 
 /// The source VM's command: the usual one plus the control socket.
-fn source_spec(v: &Vmm, guest: &GuestSpec, cmdline: &str, sock: &Path) -> CommandSpec {
+pub(crate) fn source_spec(v: &Vmm, guest: &GuestSpec, cmdline: &str, sock: &Path) -> CommandSpec {
     let mut spec = v.command(guest, cmdline);
     let sock = sock.display().to_string();
     match v.kind {
