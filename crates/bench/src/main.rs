@@ -236,6 +236,17 @@ struct Args {
         default_value = "default,unlimited"
     )]
     migrate_qemu_bandwidths: Vec<scenario::migrate::QemuBandwidth>,
+    /// Transports of the migrate scenario, each with every column: loopback (TCP 127.0.0.1),
+    /// netns (TCP between two network namespaces over a veth pair; needs root and `ip`), fd
+    /// (same-host handover: Ferrite `--memory-shared` + `fd_handover`, QEMU a shared RAM file
+    /// + `x-ignore-shared`, over a Unix socket).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "loopback,netns,fd"
+    )]
+    migrate_transports: Vec<scenario::migrate::Transport>,
     /// Print JSON on stdout instead of Markdown.
     #[arg(long)]
     json: bool,
@@ -356,6 +367,7 @@ fn main() -> ExitCode {
             bandwidth_mib_s: args.migrate_bandwidth_mib_s,
             converge: args.migrate_converge.clone(),
             qemu_bandwidths: args.migrate_qemu_bandwidths.clone(),
+            transports: args.migrate_transports.clone(),
             dir: std::env::temp_dir(),
         };
         let mut r = scenario::migrate::run(&vmms, plan, &mplan, &cfg);

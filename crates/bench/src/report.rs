@@ -28,8 +28,9 @@ pub enum Scenario {
     /// Snapshot size and creation time, restore latency and clone rate vs QEMU migration to a
     /// file (reported in its own tables).
     Snapshot,
-    /// Live migration over TCP loopback, Ferrite vs QEMU, idle and dirtying guests (reported
-    /// in its own tables).
+    /// Live migration on this host, Ferrite vs QEMU, idle and dirtying guests, over TCP
+    /// loopback, between network namespaces and by same-host handover (reported in its own
+    /// tables).
     Migrate,
 }
 

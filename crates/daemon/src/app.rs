@@ -220,9 +220,10 @@ impl Daemon {
 
     /// Forget a VM that no longer belongs to this daemon (it migrated away, or an incoming
     /// migration failed): its definition with its snapshot records, its slot, its run
-    /// directory, snapshot and disk directories. Its console and VMM logs stay. Does nothing
-    /// to a newer VM of the same name.
-    pub fn forget_vm(&self, slot: &Arc<VmSlot>) {
+    /// directory, snapshot and (unless `keep_disks`: a VM that migrated away takes its disks,
+    /// on storage both hosts see, with it) disk directories. Its console and VMM logs stay.
+    /// Does nothing to a newer VM of the same name.
+    pub fn forget_vm(&self, slot: &Arc<VmSlot>, keep_disks: bool) {
         {
             let mut vms = lock(&self.vms);
             match vms.get(&slot.name) {
@@ -238,7 +239,9 @@ impl Daemon {
         }
         let _ = std::fs::remove_dir_all(&slot.paths.dir);
         crate::snapshots::remove_dir(&slot.paths.snapshots);
-        crate::snapshots::remove_dir(&slot.paths.disks);
+        if !keep_disks {
+            crate::snapshots::remove_dir(&slot.paths.disks);
+        }
     }
 
     /// The last outgoing migration of VM `name`.

@@ -201,15 +201,6 @@ impl Daemon {
             )));
         }
         let spec = slot.spec();
-        if !spec.disks.is_empty() {
-            return Err(ApiError::new(
-                ErrorCode::NotSupported,
-                format!(
-                    "VM {:?} has disks: migrating disks (block migration or a shared-storage handover) is not supported yet",
-                    slot.name
-                ),
-            ));
-        }
         if let Some(m) = self.migration_of(&slot.name) {
             if !m.phase.is_done() {
                 return Err(conflict(format!(
@@ -360,7 +351,7 @@ impl Daemon {
             self.set_outgoing(info);
         }
         self.event(&slot.name, "migrated", detail.to_string());
-        self.forget_vm(slot);
+        self.forget_vm(slot, true);
         self.event(&slot.name, "deleted", "migrated away");
     }
 
@@ -459,12 +450,6 @@ impl Daemon {
         let paths =
             crate::paths::VmPaths::new(&self.args.run_dir, &self.args.state_dir, &spec.name);
         spec::to_vm_config(&spec, &paths.control)?;
-        if !spec.disks.is_empty() {
-            return Err(ApiError::new(
-                ErrorCode::NotSupported,
-                "Migrating a VM with disks is not supported yet",
-            ));
-        }
         self.check_capacity(&spec.name, spec.vcpus, spec.memory_mib)?;
         let value = serde_json::to_value(&spec).map_err(internal)?;
         self.store
@@ -638,7 +623,7 @@ impl Daemon {
             return;
         }
         self.event(&slot.name, "incoming-failed", detail.to_string());
-        self.forget_vm(slot);
+        self.forget_vm(slot, false);
         if let Some(cg) = self.cgroups.as_ref().and_then(|m| m.open(&slot.name)) {
             let _ = cg.remove_when_empty(Duration::from_secs(2));
         }

@@ -234,6 +234,19 @@ pub struct RunArgs {
         "track_dirty_pages", "memory_shared", "restore",
     ])]
     pub incoming: Option<String>,
+    /// With --incoming: take the migration only over TLS, presenting this certificate chain
+    /// (PEM, leaf first; issued for the host or IP address the source connects to). The
+    /// source must present a certificate signed by --incoming-tls-ca. Needs
+    /// --incoming-tls-key and --incoming-tls-ca.
+    #[arg(long, value_name = "PEM", requires_all = ["incoming", "incoming_tls_key", "incoming_tls_ca"])]
+    pub incoming_tls_cert: Option<PathBuf>,
+    /// With --incoming-tls-cert: its private key (PEM, unencrypted).
+    #[arg(long, value_name = "PEM", requires_all = ["incoming", "incoming_tls_cert", "incoming_tls_ca"])]
+    pub incoming_tls_key: Option<PathBuf>,
+    /// With --incoming-tls-cert: the CA bundle (PEM) the source's certificate must be signed
+    /// by; a source without one is refused.
+    #[arg(long, value_name = "PEM", requires_all = ["incoming", "incoming_tls_cert", "incoming_tls_key"])]
+    pub incoming_tls_ca: Option<PathBuf>,
     /// With --restore: start the snapshot as a clone with its own identity, from this JSON
     /// file: {"nets":[{"tap":NAME,"mac":MAC}],"vsock":{"cid":N,"socket":PATH},
     /// "disks":[{"overlay":PATH}]} (one entry per NIC and disk, in order; tap and mac may be

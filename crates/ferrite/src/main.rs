@@ -299,7 +299,21 @@ fn receive_migration(
     args: &RunArgs,
 ) -> Result<(VmConfig, Option<vmm::vm_snapshot::LoadedSnapshot>), String> {
     let endpoint: migration::Endpoint = endpoint.parse().map_err(|e| chain_to_line(&e))?;
-    let incoming = vmm::migrate::incoming::accept(&endpoint).map_err(|e| chain_to_line(&e))?;
+    // The TLS files are loaded and checked before listening.
+    let tls = migration::TlsFiles::from_options(
+        args.incoming_tls_cert.as_deref(),
+        args.incoming_tls_key.as_deref(),
+        args.incoming_tls_ca.as_deref(),
+        [
+            "--incoming-tls-cert",
+            "--incoming-tls-key",
+            "--incoming-tls-ca",
+        ],
+    )
+    .and_then(|files| files.map(|f| migration::TlsServer::new(&f)).transpose())
+    .map_err(|e| chain_to_line(&e))?;
+    let incoming =
+        vmm::migrate::incoming::accept(&endpoint, tls.as_ref()).map_err(|e| chain_to_line(&e))?;
     let mut config = incoming.config.clone();
     // The source's control socket is its own: only --api-socket names one here.
     config.api_socket = args.api_socket.clone();

@@ -335,3 +335,70 @@ fn test_migration_over_https_reaches_the_destination_on_its_tls_listener() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn test_guest_with_a_disk_on_shared_storage_moves_and_both_sides_writes_land() {
+    // Arrange: a guest that wrote a pattern to its raw disk and counts.
+    let a = daemon();
+    let b = daemon();
+    let dir = std::env::temp_dir().join(format!("ferrite-dmig-disk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut spec = testguest_spec("disky", &["blk-write 0 0 64 7", "dirty 4 500 100"]);
+    spec["disks"] = json!([format!("{},format=raw", disk.display())]);
+    create(&a, spec);
+    start(&a, "disky");
+    let before = wait_tick_after(&a, "disky", 1);
+
+    // Act: migrate, write more from B, stop it.
+    let out = a.cli(&[
+        "vm",
+        "migrate",
+        "disky",
+        "--to",
+        &b.socket.display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nA:\n{}\nB:\n{}",
+        stderr(&out),
+        a.daemon_log(),
+        b.daemon_log()
+    );
+    wait_tick_after(&b, "disky", before);
+    let sock = under(&b, "run/vms/disky/console.sock");
+    let mut console = UnixStream::connect(&sock).unwrap();
+    console.write_all(b"x").unwrap();
+    b.wait_console("disky", "OK dirty stopped", BOOT);
+    console.write_all(b"blk-write 0 64 32 9\r").unwrap();
+    b.wait_console("disky", "OK blk-write", BOOT);
+    let (status, info) = b.api("POST", "/v1/vms/disky/kill", None);
+    let on_disk = std::fs::read(&disk).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Assert: A's write and B's write are both in the image; B owns the definition.
+    assert_eq!(status, 200, "{info}");
+    assert!(!names(&a).contains(&"disky".to_string()));
+    assert_eq!(
+        &on_disk[..64 * 512],
+        &pattern_bytes(7, 0, 64)[..],
+        "the source's write"
+    );
+    assert_eq!(
+        &on_disk[64 * 512..96 * 512],
+        &pattern_bytes(9, 64, 32)[..],
+        "the destination's write"
+    );
+}
+
+fn pattern_bytes(seed: u64, sector: u64, count: u64) -> Vec<u8> {
+    let mut out = vec![0u8; count as usize * common::pattern::SECTOR_SIZE];
+    for (k, chunk) in out
+        .chunks_exact_mut(common::pattern::SECTOR_SIZE)
+        .enumerate()
+    {
+        common::pattern::fill_sector(seed, sector + k as u64, chunk);
+    }
+    out
+}

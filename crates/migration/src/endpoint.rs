@@ -1,4 +1,5 @@
-//! Where a migration goes: a TCP address or a Unix socket, and the connection itself.
+//! Where a migration goes: a TCP address or a Unix socket, and the connection itself
+//! (plain, or TLS over TCP).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -7,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{MigrationError, Result};
+use crate::tls::{TlsClient, TlsServer, TlsStream};
 
 /// A migration endpoint: `tcp:HOST:PORT` (another host, or loopback) or `unix:PATH` (same
 /// host).
@@ -52,14 +54,18 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Over a Unix socket.
     Unix(UnixStream),
+    /// TLS over TCP; its handles share one connection (see [`TlsStream`]).
+    Tls(TlsStream),
 }
 
 impl Stream {
     /// Another handle on the same connection (a reader next to a writer, or a canceller).
+    /// The protocol must not read or write one connection from two handles at once.
     pub fn try_clone(&self) -> Result<Stream> {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(s.try_clone()?),
         })
     }
 
@@ -68,6 +74,10 @@ impl Stream {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
             Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tls(s) => {
+                s.shutdown();
+                Ok(())
+            }
         };
     }
 
@@ -87,7 +97,7 @@ impl Stream {
                 }
                 Ok(())
             }
-            Stream::Tcp(_) => Err(MigrationError::Protocol(
+            Stream::Tcp(_) | Stream::Tls(_) => Err(MigrationError::Protocol(
                 "file descriptors can only be handed over on a unix: endpoint".into(),
             )),
         }
@@ -127,8 +137,14 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(timeout)?,
             Stream::Unix(s) => s.set_read_timeout(timeout)?,
+            Stream::Tls(s) => s.set_read_timeout(timeout)?,
         }
         Ok(())
+    }
+
+    /// Whether the connection is encrypted and both sides authenticated.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
     }
 }
 
@@ -137,6 +153,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -146,6 +163,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
 
@@ -153,22 +171,27 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
         }
     }
 }
 
 /// A destination waiting for its source.
 pub enum Listener {
-    /// Listening on TCP.
-    Tcp(TcpListener),
+    /// Listening on TCP; with TLS, every source must present a certificate it accepts.
+    Tcp(TcpListener, Option<TlsServer>),
     /// Listening on a Unix socket (removed when dropped).
     Unix(UnixListener, PathBuf),
 }
 
 impl Endpoint {
     /// Connect to a listening destination, trying for up to `patience` (the destination may
-    /// still be starting).
-    pub fn connect(&self, patience: Duration) -> Result<Stream> {
+    /// still be starting); with `tls`, the TLS handshake follows (not retried: a refused
+    /// certificate is final).
+    pub fn connect(&self, patience: Duration, tls: Option<&TlsClient>) -> Result<Stream> {
+        if let Some(tls) = tls {
+            tls.server_name_for(self)?;
+        }
         let start = std::time::Instant::now();
         loop {
             let attempt = match self {
@@ -178,29 +201,39 @@ impl Endpoint {
                 }),
                 Endpoint::Unix(path) => UnixStream::connect(path).map(Stream::Unix),
             };
-            match attempt {
-                Ok(stream) => return Ok(stream),
-                Err(e) if start.elapsed() >= patience => {
+            match (attempt, tls) {
+                (Ok(Stream::Tcp(tcp)), Some(tls)) => {
+                    return tls.handshake(tcp, self).map(Stream::Tls)
+                }
+                (Ok(stream), _) => return Ok(stream),
+                (Err(e), _) if start.elapsed() >= patience => {
                     return Err(MigrationError::Connect {
                         action: "connect to",
                         endpoint: self.to_string(),
                         source: e,
                     })
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                (Err(_), _) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
     }
 
-    /// Listen for one source.
-    pub fn listen(&self) -> Result<Listener> {
+    /// Listen for one source; with `tls`, it must connect with TLS and a certificate `tls`
+    /// accepts.
+    pub fn listen(&self, tls: Option<&TlsServer>) -> Result<Listener> {
+        if tls.is_some() {
+            crate::tls::check_endpoint(self)?;
+        }
         let err = |source| MigrationError::Connect {
             action: "listen on",
             endpoint: self.to_string(),
             source,
         };
         match self {
-            Endpoint::Tcp(addr) => Ok(Listener::Tcp(TcpListener::bind(addr).map_err(err)?)),
+            Endpoint::Tcp(addr) => Ok(Listener::Tcp(
+                TcpListener::bind(addr).map_err(err)?,
+                tls.cloned(),
+            )),
             Endpoint::Unix(path) => Ok(Listener::Unix(
                 UnixListener::bind(path).map_err(err)?,
                 path.clone(),
@@ -210,7 +243,7 @@ impl Endpoint {
 }
 
 impl Listener {
-    /// Wait for the source to connect.
+    /// Wait for the source to connect (and with TLS, for its handshake).
     pub fn accept(&self) -> Result<Stream> {
         let err = |source| MigrationError::Connect {
             action: "accept on",
@@ -218,10 +251,13 @@ impl Listener {
             source,
         };
         match self {
-            Listener::Tcp(l) => {
+            Listener::Tcp(l, tls) => {
                 let (s, _) = l.accept().map_err(err)?;
                 let _ = s.set_nodelay(true);
-                Ok(Stream::Tcp(s))
+                match tls {
+                    Some(tls) => Ok(Stream::Tls(tls.handshake(s)?)),
+                    None => Ok(Stream::Tcp(s)),
+                }
             }
             Listener::Unix(l, _) => Ok(Stream::Unix(l.accept().map_err(err)?.0)),
         }
@@ -230,7 +266,7 @@ impl Listener {
     /// The address actually bound (a TCP port 0 becomes the real port).
     pub fn describe(&self) -> String {
         match self {
-            Listener::Tcp(l) => match l.local_addr() {
+            Listener::Tcp(l, _) => match l.local_addr() {
                 Ok(a) => format!("tcp:{a}"),
                 Err(_) => "tcp:?".to_string(),
             },

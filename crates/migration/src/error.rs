@@ -25,6 +25,10 @@ pub enum MigrationError {
     /// The peer is not a Ferrite migration endpoint, or speaks another protocol version.
     #[error("Incompatible migration peer: {0}")]
     Incompatible(String),
+    /// TLS could not be set up (a bad PEM file, a refused certificate, a peer without TLS);
+    /// the text says which and what to do.
+    #[error("{0}")]
+    Tls(String),
     /// The peer refused or aborted the migration.
     #[error("The {side} gave up the migration: {reason}")]
     Refused {

@@ -2,6 +2,7 @@
 //!
 //! - [`Endpoint`]: where a destination listens and a source connects (`tcp:HOST:PORT`,
 //!   `unix:PATH`), and the connected [`Stream`];
+//! - [`TlsClient`], [`TlsServer`]: mutual-certificate TLS over TCP, loaded from [`TlsFiles`];
 //! - [`wire`]: the framed protocol (handshake, page runs, zero-page runs, the device and vCPU
 //!   state, and the commit exchange that guarantees the guest runs on exactly one side);
 //! - [`Pacer`]: the bandwidth limit.
@@ -11,8 +12,10 @@
 mod endpoint;
 mod error;
 mod pacer;
+mod tls;
 pub mod wire;
 
 pub use endpoint::{Endpoint, Listener, Stream};
 pub use error::{MigrationError, Result};
 pub use pacer::Pacer;
+pub use tls::{check_endpoint as check_tls_endpoint, TlsClient, TlsFiles, TlsServer, TlsStream};

@@ -187,6 +187,15 @@ pub fn write_hello(w: &mut impl Write, hello: &Hello) -> Result<()> {
 pub fn read_hello(r: &mut impl Read) -> Result<Hello> {
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic)?;
+    // A TLS record: a handshake (0x16), TLS major version 3.
+    if magic[..2] == [0x16, 0x03] {
+        return Err(MigrationError::Incompatible(
+            "the source opened a TLS connection, but this destination takes plaintext \
+             migrations: start it with --incoming-tls-cert, --incoming-tls-key and \
+             --incoming-tls-ca, or migrate without tls_cert, tls_key and tls_ca"
+                .to_string(),
+        ));
+    }
     if &magic != MAGIC {
         return Err(MigrationError::Incompatible(
             "the peer is not a Ferrite migration source".to_string(),

@@ -1,5 +1,18 @@
 //! The migrate scenario: live migration of a running test guest to a new VMM process on the
-//! same host over TCP loopback, Ferrite against QEMU in the same run.
+//! same host, Ferrite against QEMU in the same run, over three transports (each with every
+//! column, reported in a table of its own):
+//!
+//! - `loopback`: TCP 127.0.0.1;
+//! - `netns`: TCP between two network namespaces (`fb-mig-a-PID` 10.99.0.1 and `fb-mig-b-PID`
+//!   10.99.0.2, joined by a veth pair, created once per run and deleted at the end): the source
+//!   runs under `ip netns exec A`, the destination under `ip netns exec B` (control and QMP
+//!   sockets are Unix sockets on the filesystem, reachable from both);
+//! - `fd`: same-host handover over a Unix socket, no guest RAM copied: Ferrite's source runs
+//!   with `--memory-shared` and gets `fd_handover: true`; QEMU keeps guest RAM in a `/dev/shm`
+//!   file mapped shared by both sides (`memory-backend-file,share=on`), its destination starts
+//!   with `-incoming defer`, and both get the `x-ignore-shared` capability.
+//!
+//! The steps below are the loopback ones; the others differ only in the endpoint.
 //!
 //! Per guest RAM size, workload and iteration, for every column in turn (Ferrite, then each
 //! QEMU machine with its default migration bandwidth and with the bandwidth unlimited):
@@ -84,6 +97,49 @@ impl Workload {
     }
 }
 
+/// How the source reaches the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// TCP over 127.0.0.1, both VMMs in the harness's network namespace.
+    Loopback,
+    /// TCP over a veth pair between two network namespaces: the source runs in one
+    /// (10.99.0.1), the destination in the other (10.99.0.2).
+    Netns,
+    /// Same-host handover over a Unix socket without copying guest RAM: Ferrite
+    /// `--memory-shared` + `fd_handover`; QEMU guest RAM in one shared `/dev/shm` file mapped
+    /// by both sides + the `x-ignore-shared` capability.
+    Fd,
+}
+
+impl Transport {
+    fn title(self) -> &'static str {
+        match self {
+            Transport::Loopback => "TCP 127.0.0.1",
+            Transport::Netns => "TCP between two network namespaces (veth)",
+            Transport::Fd => {
+                "same-host handover over a Unix socket (Ferrite fd passing; QEMU shared RAM file + x-ignore-shared)"
+            }
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Transport::Loopback => "",
+            Transport::Netns => "-netns",
+            Transport::Fd => "-fd",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Transport::Loopback => "",
+            Transport::Netns => " (netns)",
+            Transport::Fd => " (handover)",
+        }
+    }
+}
+
 /// QEMU's migration bandwidth in a QEMU column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -117,6 +173,8 @@ pub struct MigratePlan {
     pub converge: String,
     /// The QEMU columns per QEMU machine.
     pub qemu_bandwidths: Vec<QemuBandwidth>,
+    /// The transports, each with every column.
+    pub transports: Vec<Transport>,
     /// Parent of the temporary directory.
     pub dir: PathBuf,
 }
@@ -131,15 +189,19 @@ impl MigratePlan {
         }
     }
 
-    fn ferrite_request(&self, port: u16, timeout: Duration) -> serde_json::Value {
-        serde_json::json!({
+    fn ferrite_request(&self, to: &str, fd_handover: bool, timeout: Duration) -> serde_json::Value {
+        let mut req = serde_json::json!({
             "op": "migrate",
-            "to": format!("tcp:127.0.0.1:{port}"),
+            "to": to,
             "downtime_ms": self.downtime_ms,
             "bandwidth_mib_s": self.bandwidth_mib_s,
             "timeout_s": timeout.as_secs().max(1),
             "converge": self.converge,
-        })
+        });
+        if fd_handover {
+            req["fd_handover"] = serde_json::Value::Bool(true);
+        }
+        req
     }
 }
 
@@ -206,6 +268,8 @@ pub struct ColumnInfo {
     pub vmm: VmmKind,
     /// QEMU bandwidth setting.
     pub qemu_bandwidth: Option<QemuBandwidth>,
+    /// How the source reaches the destination.
+    pub transport: Transport,
     /// Why it did not run, if it did not.
     pub skipped: Option<String>,
     /// Source command (first size and workload, placeholders for the socket).
@@ -287,6 +351,7 @@ pub struct MigrateReport {
 struct Column<'a> {
     vmm: &'a Vmm,
     bw: Option<QemuBandwidth>,
+    transport: Transport,
     key: String,
 }
 
@@ -322,9 +387,8 @@ pub fn run(vmms: &[Vmm], plan: Plan, mplan: &MigratePlan, cfg: &RunConfig) -> Mi
         warmup: plan.warmup,
         host_tsc_hz,
         ferrite_request: mplan
-            .ferrite_request(0, cfg.command_timeout)
-            .to_string()
-            .replace("127.0.0.1:0", "127.0.0.1:PORT"),
+            .ferrite_request("tcp:HOST:PORT", false, cfg.command_timeout)
+            .to_string(),
         qemu_defaults: None,
         report_ms: mplan.report_ms,
         columns: Vec::new(),
@@ -332,48 +396,88 @@ pub fn run(vmms: &[Vmm], plan: Plan, mplan: &MigratePlan, cfg: &RunConfig) -> Mi
         error: None,
     };
     let mut columns: Vec<Column> = Vec::new();
-    for v in vmms {
-        let bws: Vec<Option<QemuBandwidth>> = match v.kind {
-            VmmKind::Ferrite => vec![None],
-            VmmKind::QemuMicrovm | VmmKind::QemuQ35 => {
-                mplan.qemu_bandwidths.iter().copied().map(Some).collect()
+    for &transport in &mplan.transports {
+        for v in vmms {
+            let bws: Vec<Option<QemuBandwidth>> = match (v.kind, transport) {
+                (VmmKind::Ferrite, _) => vec![None],
+                // Nothing is copied on a handover: the bandwidth does not matter.
+                (_, Transport::Fd) => vec![Some(QemuBandwidth::Unlimited)],
+                (VmmKind::QemuMicrovm | VmmKind::QemuQ35, _) => {
+                    mplan.qemu_bandwidths.iter().copied().map(Some).collect()
+                }
+            };
+            for bw in bws {
+                columns.push(Column {
+                    vmm: v,
+                    bw,
+                    transport,
+                    key: column_key(v.kind, bw, transport),
+                });
             }
-        };
-        for bw in bws {
-            columns.push(Column {
-                vmm: v,
-                bw,
-                key: column_key(v.kind, bw),
-            });
         }
     }
+    // The namespaces exist for the whole run and are deleted when this guard drops (also
+    // when the scenario stops early).
+    let netns = if mplan.transports.contains(&Transport::Netns) {
+        Some(NetnsPair::create())
+    } else {
+        None
+    };
+    let netns_error = match &netns {
+        Some(Err(e)) => Some(e.clone()),
+        _ => None,
+    };
+    let pair = match &netns {
+        Some(Ok(p)) => Some(p),
+        _ => None,
+    };
     let first_size = mplan.sizes_mib.first().copied().unwrap_or(512);
     let first_cmds = mplan.guest_cmds(mplan.workloads.first().copied().unwrap_or(Workload::Idle));
     let guest0 = sized(&cfg.guest, first_size);
     for c in &columns {
+        let placeholder = Route::new(c, pair, Path::new("DIR"), 0);
+        // Port 0 of the placeholder shown as PORT (a Unix endpoint has none).
+        let shown_to = match placeholder.to.strip_suffix(":0") {
+            Some(base) if base.starts_with("tcp:") => format!("{base}:PORT"),
+            _ => placeholder.to.clone(),
+        };
+        let skipped = c.vmm.unavailable_reason().or_else(|| {
+            (c.transport == Transport::Netns)
+                .then(|| netns_error.clone())
+                .flatten()
+        });
         report.columns.push(ColumnInfo {
             key: c.key.clone(),
-            label: column_label(c.vmm.kind, c.bw),
+            label: column_label(c),
             vmm: c.vmm.kind,
             qemu_bandwidth: c.bw,
-            skipped: c.vmm.unavailable_reason(),
-            source_command: source_spec(
-                c.vmm,
-                &guest0,
-                &cfg.cmdline(&first_cmds),
-                Path::new("SRC.sock"),
+            transport: c.transport,
+            skipped,
+            source_command: in_ns(
+                source_spec_for(
+                    c,
+                    &guest0,
+                    &cfg.cmdline(&first_cmds),
+                    Path::new("SRC.sock"),
+                    Path::new("RAM"),
+                ),
+                placeholder.src_ns.as_deref(),
             )
             .display(),
-            destination_command: dest_spec(c.vmm, &guest0, &cfg.cmdline(&first_cmds), 0)
-                .display()
-                .replace("127.0.0.1:0", "127.0.0.1:PORT"),
-            request: match (c.vmm.kind, c.bw) {
-                (VmmKind::Ferrite, _) => report.ferrite_request.clone(),
-                (_, Some(QemuBandwidth::Unlimited)) => format!(
-                    "QMP migrate-set-parameters {{\"max-bandwidth\": {QEMU_UNLIMITED}}}; migrate {{\"uri\": \"tcp:127.0.0.1:PORT\"}}"
+            destination_command: in_ns(
+                dest_spec(
+                    c,
+                    &guest0,
+                    &cfg.cmdline(&first_cmds),
+                    &placeholder.to,
+                    Path::new("DST.sock"),
+                    Path::new("RAM"),
                 ),
-                _ => "QMP migrate {\"uri\": \"tcp:127.0.0.1:PORT\"}".to_string(),
-            },
+                placeholder.dst_ns.as_deref(),
+            )
+            .display()
+            .replace(&placeholder.to, &shown_to),
+            request: request_text(c, mplan, cfg, &shown_to),
             guest_tsc_hz: None,
         });
     }
@@ -405,12 +509,13 @@ pub fn run(vmms: &[Vmm], plan: Plan, mplan: &MigratePlan, cfg: &RunConfig) -> Mi
                     eprintln!(
                         "ferrite-bench: migrate {mib} MiB {} {} iteration {}/{}",
                         w.label(),
-                        column_label(c.vmm.kind, c.bw),
+                        column_label(c),
                         it + 1,
                         plan.warmup + plan.iterations
                     );
                     let r = migrate_once(
                         c,
+                        pair,
                         &guest,
                         &cmds,
                         w,
@@ -459,27 +564,48 @@ pub fn run(vmms: &[Vmm], plan: Plan, mplan: &MigratePlan, cfg: &RunConfig) -> Mi
         }
     }
     drop(root);
+    drop(netns);
     report
 }
 
-fn column_key(kind: VmmKind, bw: Option<QemuBandwidth>) -> String {
+fn column_key(kind: VmmKind, bw: Option<QemuBandwidth>, transport: Transport) -> String {
     let vmm = match kind {
         VmmKind::Ferrite => "ferrite",
         VmmKind::QemuMicrovm => "qemu-microvm",
         VmmKind::QemuQ35 => "qemu-q35",
     };
-    match bw {
-        None => vmm.to_string(),
-        Some(QemuBandwidth::Default) => format!("{vmm}-default-bw"),
-        Some(QemuBandwidth::Unlimited) => format!("{vmm}-unlimited-bw"),
-    }
+    let base = match (bw, transport) {
+        (None, _) | (_, Transport::Fd) => vmm.to_string(),
+        (Some(QemuBandwidth::Default), _) => format!("{vmm}-default-bw"),
+        (Some(QemuBandwidth::Unlimited), _) => format!("{vmm}-unlimited-bw"),
+    };
+    format!("{base}{}", transport.suffix())
 }
 
-fn column_label(kind: VmmKind, bw: Option<QemuBandwidth>) -> String {
-    match bw {
-        None => kind.label().to_string(),
-        Some(QemuBandwidth::Default) => format!("{}, default bandwidth", kind.label()),
-        Some(QemuBandwidth::Unlimited) => format!("{}, unlimited bandwidth", kind.label()),
+fn column_label(c: &Column) -> String {
+    let kind = c.vmm.kind;
+    let base = match (c.bw, c.transport) {
+        (None, _) => kind.label().to_string(),
+        (_, Transport::Fd) => format!("{}, shared RAM file", kind.label()),
+        (Some(QemuBandwidth::Default), _) => format!("{}, default bandwidth", kind.label()),
+        (Some(QemuBandwidth::Unlimited), _) => format!("{}, unlimited bandwidth", kind.label()),
+    };
+    format!("{base}{}", c.transport.short())
+}
+
+/// How a column's migration is started, for the report.
+fn request_text(c: &Column, mplan: &MigratePlan, cfg: &RunConfig, to: &str) -> String {
+    match (c.vmm.kind, c.transport, c.bw) {
+        (VmmKind::Ferrite, t, _) => mplan
+            .ferrite_request(to, t == Transport::Fd, cfg.command_timeout)
+            .to_string(),
+        (_, Transport::Fd, _) => format!(
+            "both sides: QMP migrate-set-capabilities x-ignore-shared; destination: migrate-incoming {{\"uri\": \"{to}\"}}; source: migrate-set-parameters {{\"max-bandwidth\": {QEMU_UNLIMITED}}}; migrate {{\"uri\": \"{to}\"}}"
+        ),
+        (_, _, Some(QemuBandwidth::Unlimited)) => format!(
+            "QMP migrate-set-parameters {{\"max-bandwidth\": {QEMU_UNLIMITED}}}; migrate {{\"uri\": \"{to}\"}}"
+        ),
+        _ => format!("QMP migrate {{\"uri\": \"{to}\"}}"),
     }
 }
 
@@ -528,19 +654,213 @@ fn column_result(key: &str, samples: &[Result<Sample, String>]) -> ColumnResult 
     }
 }
 
+/// The source's command: [`source_spec`], plus shared guest RAM for a handover (Ferrite
+/// `--memory-shared`; QEMU a `/dev/shm` file `ram` mapped shared).
+fn source_spec_for(
+    c: &Column,
+    guest: &GuestSpec,
+    cmdline: &str,
+    sock: &Path,
+    ram: &Path,
+) -> CommandSpec {
+    let mut spec = source_spec(c.vmm, guest, cmdline, sock);
+    if c.transport == Transport::Fd {
+        match c.vmm.kind {
+            VmmKind::Ferrite => spec.args.push("--memory-shared".into()),
+            VmmKind::QemuMicrovm | VmmKind::QemuQ35 => {
+                spec.args.extend(qemu_shared_ram(guest, ram))
+            }
+        }
+    }
+    spec
+}
+
+/// QEMU arguments that put guest RAM in the file `ram`, mapped shared.
+fn qemu_shared_ram(guest: &GuestSpec, ram: &Path) -> [String; 4] {
+    [
+        "-object".into(),
+        format!(
+            "memory-backend-file,id=fbram,size={}M,mem-path={},share=on",
+            guest.memory_mib,
+            ram.display()
+        ),
+        "-machine".into(),
+        "memory-backend=fbram".into(),
+    ]
+}
+
 /// The destination's command: Ferrite takes everything from the source; QEMU needs the same
-/// machine and devices (the kernel command line does not matter, it is kept the same).
-fn dest_spec(v: &Vmm, guest: &GuestSpec, cmdline: &str, port: u16) -> CommandSpec {
-    let endpoint = format!("tcp:127.0.0.1:{port}");
+/// machine and devices (the kernel command line does not matter, it is kept the same). For a
+/// QEMU handover the destination maps the source's RAM file, gets a QMP socket `sock` and
+/// waits (`-incoming defer`) until the capability is set there.
+fn dest_spec(
+    c: &Column,
+    guest: &GuestSpec,
+    cmdline: &str,
+    to: &str,
+    sock: &Path,
+    ram: &Path,
+) -> CommandSpec {
+    let v = c.vmm;
     match v.kind {
         VmmKind::Ferrite => CommandSpec {
             program: v.program.clone(),
-            args: vec!["run".into(), "--incoming".into(), endpoint],
+            args: vec!["run".into(), "--incoming".into(), to.to_string()],
         },
         VmmKind::QemuMicrovm | VmmKind::QemuQ35 => {
             let mut spec = v.command(guest, cmdline);
-            spec.args.extend(["-incoming".to_string(), endpoint]);
+            if c.transport == Transport::Fd {
+                spec.args.extend(qemu_shared_ram(guest, ram));
+                spec.args.extend([
+                    "-qmp".to_string(),
+                    format!("unix:{},server=on,wait=off", sock.display()),
+                    "-incoming".to_string(),
+                    "defer".to_string(),
+                ]);
+            } else {
+                spec.args.extend(["-incoming".to_string(), to.to_string()]);
+            }
             spec
+        }
+    }
+}
+
+/// `spec` run inside network namespace `ns` (`ip netns exec`, which execs the program: the
+/// pid stays the VMM's).
+fn in_ns(spec: CommandSpec, ns: Option<&str>) -> CommandSpec {
+    match ns {
+        None => spec,
+        Some(ns) => {
+            let mut args = vec![
+                "netns".to_string(),
+                "exec".to_string(),
+                ns.to_string(),
+                spec.program.display().to_string(),
+            ];
+            args.extend(spec.args);
+            CommandSpec {
+                program: PathBuf::from("ip"),
+                args,
+            }
+        }
+    }
+}
+
+/// The source's namespace's address on the veth pair.
+const NETNS_SRC_CIDR: &str = "10.99.0.1/24";
+/// The destination's.
+const NETNS_DST_CIDR: &str = "10.99.0.2/24";
+const NETNS_DST_ADDR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 99, 0, 2);
+
+/// Two network namespaces joined by a veth pair, deleted on drop (which also deletes the
+/// veth pair).
+struct NetnsPair {
+    a: String,
+    b: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip (iproute2): {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl NetnsPair {
+    fn create() -> Result<Self, String> {
+        let pid = std::process::id();
+        let pair = NetnsPair {
+            a: format!("fb-mig-a-{pid}"),
+            b: format!("fb-mig-b-{pid}"),
+        };
+        let (va, vb) = (format!("fbma{pid}"), format!("fbmb{pid}"));
+        ip(&["netns", "add", &pair.a])?;
+        ip(&["netns", "add", &pair.b])?;
+        ip(&[
+            "-n", &pair.a, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns",
+            &pair.b,
+        ])?;
+        for (ns, dev, cidr) in [
+            (&pair.a, &va, NETNS_SRC_CIDR),
+            (&pair.b, &vb, NETNS_DST_CIDR),
+        ] {
+            ip(&["-n", ns, "addr", "add", cidr, "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(pair)
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.a]);
+        let _ = ip(&["netns", "del", &self.b]);
+    }
+}
+
+/// Where the destination listens, for the readiness check.
+enum Listen {
+    /// TCP: address and port, read from the destination's own `/proc/PID/net/tcp` (its
+    /// namespace's).
+    Tcp(std::net::Ipv4Addr, u16),
+    /// A Unix socket path, read from `/proc/net/unix`.
+    Unix(PathBuf),
+}
+
+/// One migration's endpoints.
+struct Route {
+    src_ns: Option<String>,
+    dst_ns: Option<String>,
+    /// The destination's endpoint (`tcp:...` or `unix:...`).
+    to: String,
+    listen: Listen,
+}
+
+impl Route {
+    fn new(c: &Column, pair: Option<&NetnsPair>, dir: &Path, port: u16) -> Self {
+        match c.transport {
+            Transport::Loopback => Route {
+                src_ns: None,
+                dst_ns: None,
+                to: format!("tcp:127.0.0.1:{port}"),
+                listen: Listen::Tcp(std::net::Ipv4Addr::LOCALHOST, port),
+            },
+            Transport::Netns => Route {
+                src_ns: Some(pair.map_or("NS_A".into(), |p| p.a.clone())),
+                dst_ns: Some(pair.map_or("NS_B".into(), |p| p.b.clone())),
+                to: format!("tcp:{NETNS_DST_ADDR}:{port}"),
+                listen: Listen::Tcp(NETNS_DST_ADDR, port),
+            },
+            Transport::Fd => {
+                let path = dir.join(format!("{}.mig", c.key));
+                Route {
+                    src_ns: None,
+                    dst_ns: None,
+                    to: format!("unix:{}", path.display()),
+                    listen: Listen::Unix(path),
+                }
+            }
+        }
+    }
+
+    /// Whether the destination (pid) listens yet.
+    fn listening(&self, pid: u32) -> bool {
+        match &self.listen {
+            Listen::Tcp(addr, port) => std::fs::read_to_string(format!("/proc/{pid}/net/tcp"))
+                .is_ok_and(|t| listening_in(&t, *addr, *port)),
+            Listen::Unix(path) => {
+                std::fs::read_to_string("/proc/net/unix").is_ok_and(|t| unix_listening_in(&t, path))
+            }
         }
     }
 }
@@ -553,23 +873,36 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("free port: {e}"))
 }
 
-/// Whether something listens on 127.0.0.1:`port` (or on any address), from `/proc/net/tcp`.
-fn listening(port: u16) -> bool {
-    let Ok(text) = std::fs::read_to_string("/proc/net/tcp") else {
-        return false;
-    };
-    listening_in(&text, port)
-}
-
-fn listening_in(proc_net_tcp: &str, port: u16) -> bool {
+/// Whether something listens on `addr`:`port` (or on any address) in a `/proc/net/tcp` text.
+fn listening_in(proc_net_tcp: &str, addr: std::net::Ipv4Addr, port: u16) -> bool {
     let want = [
-        format!("0100007F:{port:04X}"),
+        format!("{:08X}:{port:04X}", u32::from_le_bytes(addr.octets())),
         format!("00000000:{port:04X}"),
     ];
     proc_net_tcp.lines().skip(1).any(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
         f.len() > 3 && f[3] == "0A" && want.iter().any(|w| w == f[1])
     })
+}
+
+/// Whether a `/proc/net/unix` text has a listening socket (flag `__SO_ACCEPTCON`) at `path`.
+fn unix_listening_in(proc_net_unix: &str, path: &Path) -> bool {
+    let Some(path) = path.to_str() else {
+        return false;
+    };
+    proc_net_unix.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 7 && f[3] == "00010000" && f[7] == path
+    })
+}
+
+/// A file removed on drop.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The host's TSC rate: TSC cycles over 200 ms of `Instant` time.
@@ -785,6 +1118,7 @@ fn parse_migrated(stderr: &str) -> Option<Figures> {
 #[allow(clippy::too_many_arguments)]
 fn migrate_once(
     c: &Column,
+    pair: Option<&NetnsPair>,
     guest: &GuestSpec,
     cmds: &str,
     w: Workload,
@@ -795,10 +1129,26 @@ fn migrate_once(
     observed: &mut Observed,
 ) -> Result<Sample, String> {
     let sock = dir.join(format!("{}.sock", c.key));
+    let dst_sock = dir.join(format!("{}-dst.sock", c.key));
     let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(&dst_sock);
+    // QEMU's shared RAM file for a handover: in /dev/shm (tmpfs), removed after the iteration.
+    let ram = RemoveOnDrop(PathBuf::from(format!(
+        "/dev/shm/ferrite-bench-migrate-{}-{}",
+        std::process::id(),
+        c.key
+    )));
+    let _ = std::fs::remove_file(&ram.0);
+    let route = Route::new(c, pair, dir, free_port()?);
+    if let Listen::Unix(p) = &route.listen {
+        let _ = std::fs::remove_file(p);
+    }
     let cmdline = cfg.cmdline(cmds);
     let mut src = VmmProcess::spawn(
-        &source_spec(c.vmm, guest, &cmdline, &sock),
+        &in_ns(
+            source_spec_for(c, guest, &cmdline, &sock, &ram.0),
+            route.src_ns.as_deref(),
+        ),
         cfg.hard_timeout,
     )
     .map_err(|e| e.to_string())?;
@@ -835,14 +1185,30 @@ fn migrate_once(
         .collect(&mut src, Instant::now() + mplan.settle, false)
         .map_err(|e| format!("source: {e}"))?;
 
-    let port = free_port()?;
-    let (mut dst, mut dst_in) =
-        VmmProcess::spawn_with_stdin(&dest_spec(c.vmm, guest, &cmdline, port), cfg.hard_timeout)
-            .map_err(|e| e.to_string())?;
+    let (mut dst, mut dst_in) = VmmProcess::spawn_with_stdin(
+        &in_ns(
+            dest_spec(c, guest, &cmdline, &route.to, &dst_sock, &ram.0),
+            route.dst_ns.as_deref(),
+        ),
+        cfg.hard_timeout,
+    )
+    .map_err(|e| e.to_string())?;
     let listen_deadline = Instant::now() + LISTEN_TIMEOUT;
-    while !listening(port) {
+    // The QEMU handover's destination waits for its capability and `migrate-incoming`.
+    let _dst_qmp = if c.transport == Transport::Fd && c.vmm.kind != VmmKind::Ferrite {
+        Some(qemu_incoming(
+            &mut dst,
+            &dst_sock,
+            &route.to,
+            cfg,
+            listen_deadline,
+        )?)
+    } else {
+        None
+    };
+    while !route.listening(dst.pid()) {
         if Instant::now() > listen_deadline {
-            return Err(format!("destination not listening on port {port}"));
+            return Err(format!("destination not listening on {}", route.to));
         }
         if let Some(exit) = dst.wait_exit(Instant::now() + Duration::from_millis(1)) {
             return Err(format!(
@@ -855,10 +1221,24 @@ fn migrate_once(
 
     let deadline = Instant::now() + cfg.command_timeout;
     let (t_req, t_done, figures, throttle_pct) = match c.vmm.kind {
-        VmmKind::Ferrite => ferrite_migrate(&mut src, &sock, port, mplan, cfg, deadline)?,
-        VmmKind::QemuMicrovm | VmmKind::QemuQ35 => {
-            qemu_migrate(&sock, port, c.bw, cfg, deadline, observed)?
-        }
+        VmmKind::Ferrite => ferrite_migrate(
+            &mut src,
+            &sock,
+            &route.to,
+            c.transport == Transport::Fd,
+            mplan,
+            cfg,
+            deadline,
+        )?,
+        VmmKind::QemuMicrovm | VmmKind::QemuQ35 => qemu_migrate(
+            &sock,
+            &route.to,
+            c.bw,
+            c.transport == Transport::Fd,
+            cfg,
+            deadline,
+            observed,
+        )?,
     };
     // The source's last lines: Ferrite's has exited, QEMU's is paused for good.
     src_out
@@ -976,12 +1356,13 @@ type Migrated = (Instant, Instant, Figures, f64);
 fn ferrite_migrate(
     src: &mut VmmProcess,
     sock: &Path,
-    port: u16,
+    to: &str,
+    fd_handover: bool,
     mplan: &MigratePlan,
     cfg: &RunConfig,
     deadline: Instant,
 ) -> Result<Migrated, String> {
-    let req = mplan.ferrite_request(port, cfg.command_timeout);
+    let req = mplan.ferrite_request(to, fd_handover, cfg.command_timeout);
     let t_req = Instant::now();
     let reply = ferrite_call(sock, &req, cfg.command_timeout)?;
     if reply["ok"] != serde_json::Value::Bool(true) {
@@ -1032,10 +1413,51 @@ fn ferrite_migrate(
     ))
 }
 
+/// `migrate-set-capabilities` argument that turns `x-ignore-shared` on.
+fn ignore_shared() -> serde_json::Value {
+    serde_json::json!({
+        "capabilities": [{ "capability": "x-ignore-shared", "state": true }]
+    })
+}
+
+/// A QEMU handover's destination: connect to its QMP socket (retrying until it exists), turn
+/// `x-ignore-shared` on and start listening with `migrate-incoming`. The connection is kept
+/// open for the iteration.
+fn qemu_incoming(
+    dst: &mut VmmProcess,
+    sock: &Path,
+    to: &str,
+    cfg: &RunConfig,
+    deadline: Instant,
+) -> Result<Qmp, String> {
+    let mut q = loop {
+        match Qmp::connect(sock, cfg.command_timeout) {
+            Ok(q) => break q,
+            Err(e) if Instant::now() > deadline => {
+                return Err(format!("destination QMP: {e}"));
+            }
+            Err(_) => {
+                if let Some(exit) = dst.wait_exit(Instant::now() + Duration::from_millis(5)) {
+                    return Err(format!(
+                        "destination exited ({}) before its QMP socket: {}",
+                        exit.status,
+                        dst.stderr_after_exit()
+                    ));
+                }
+            }
+        }
+    };
+    q.execute("migrate-set-capabilities", Some(ignore_shared()))?;
+    q.execute("migrate-incoming", Some(serde_json::json!({ "uri": to })))?;
+    Ok(q)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn qemu_migrate(
     sock: &Path,
-    port: u16,
+    to: &str,
     bw: Option<QemuBandwidth>,
+    ignore_shared_ram: bool,
     cfg: &RunConfig,
     deadline: Instant,
     observed: &mut Observed,
@@ -1049,6 +1471,9 @@ fn qemu_migrate(
             p["downtime-limit"]
         ));
     }
+    if ignore_shared_ram {
+        q.execute("migrate-set-capabilities", Some(ignore_shared()))?;
+    }
     if bw == Some(QemuBandwidth::Unlimited) {
         q.execute(
             "migrate-set-parameters",
@@ -1056,10 +1481,7 @@ fn qemu_migrate(
         )?;
     }
     let t_req = Instant::now();
-    q.execute(
-        "migrate",
-        Some(serde_json::json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
-    )?;
+    q.execute("migrate", Some(serde_json::json!({ "uri": to })))?;
     let mut throttle: f64 = 0.0;
     loop {
         let r = q.execute("query-migrate", None)?;
@@ -1098,8 +1520,21 @@ impl MigrateReport {
     pub fn to_markdown(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!(
-            "Migrate scenario (TCP 127.0.0.1, source and destination on this host). Guest `{}`, 1 vCPU, {} counted iterations (+{} warm-up) per column, median (min–max).  \nHost: {}  \nCommand: `{}`\n\n",
-            self.guest, self.iterations, self.warmup, self.host, self.reproduce
+            "Migrate scenario (source and destination on this host; transports: {}). Guest `{}`, 1 vCPU, {} counted iterations (+{} warm-up) per column, median (min–max).  \nHost: {}  \nCommand: `{}`\n\n",
+            {
+                let mut ts: Vec<&str> = Vec::new();
+                for c in &self.columns {
+                    if !ts.contains(&c.transport.title()) {
+                        ts.push(c.transport.title());
+                    }
+                }
+                ts.join("; ")
+            },
+            self.guest,
+            self.iterations,
+            self.warmup,
+            self.host,
+            self.reproduce
         ));
         if let Some(e) = &self.error {
             if self.cases.is_empty() {
@@ -1132,44 +1567,64 @@ impl MigrateReport {
                     case.guest_cmds.as_str()
                 }
             ));
-            let ferrite = case.columns.iter().find(|c| c.key == "ferrite");
-            let peers: Vec<&ColumnResult> =
-                case.columns.iter().filter(|c| c.key != "ferrite").collect();
-            let mut header = vec!["metric".to_string(), "unit".to_string()];
-            header.extend(case.columns.iter().map(|c| label(&c.key)));
-            if ferrite.is_some() {
-                header.extend(peers.iter().map(|p| format!("Ferrite / {}", label(&p.key))));
-            }
-            out.push_str(&format!(
-                "| {} |\n|{}\n",
-                header.join(" | "),
-                "---|".repeat(header.len())
-            ));
-            for (id, name, unit, d) in METRICS {
-                let mut row = vec![name.to_string(), unit.to_string()];
-                for c in &case.columns {
-                    row.push(match c.metrics.get(*id) {
-                        Some(cell) => render(cell, *d, &mut notes, &label(&c.key)),
-                        None => "—".into(),
-                    });
-                }
-                if let Some(f) = ferrite {
-                    for p in &peers {
-                        let m = |c: &ColumnResult| {
-                            c.metrics
-                                .get(*id)
-                                .and_then(|cell| cell.summary)
-                                .map(|s| s.median)
-                        };
-                        row.push(match (m(f), m(p)) {
-                            (Some(a), Some(b)) if b > 0.0 && *id != "rounds" => {
-                                format!("{:.2}×", a / b)
-                            }
-                            _ => "—".into(),
-                        });
+            let info = |key: &str| self.columns.iter().find(|c| c.key == key);
+            let mut transports: Vec<Transport> = Vec::new();
+            for c in &case.columns {
+                if let Some(t) = info(&c.key).map(|i| i.transport) {
+                    if !transports.contains(&t) {
+                        transports.push(t);
                     }
                 }
-                out.push_str(&format!("| {} |\n", row.join(" | ")));
+            }
+            for t in transports {
+                let cols: Vec<&ColumnResult> = case
+                    .columns
+                    .iter()
+                    .filter(|c| info(&c.key).map(|i| i.transport) == Some(t))
+                    .collect();
+                let is_ferrite =
+                    |c: &ColumnResult| info(&c.key).map(|i| i.vmm) == Some(VmmKind::Ferrite);
+                let ferrite = cols.iter().copied().find(|c| is_ferrite(c));
+                let peers: Vec<&ColumnResult> =
+                    cols.iter().copied().filter(|c| !is_ferrite(c)).collect();
+                out.push_str(&format!("{}:\n\n", t.title()));
+                let mut header = vec!["metric".to_string(), "unit".to_string()];
+                header.extend(cols.iter().map(|c| label(&c.key)));
+                if ferrite.is_some() {
+                    header.extend(peers.iter().map(|p| format!("Ferrite / {}", label(&p.key))));
+                }
+                out.push_str(&format!(
+                    "| {} |\n|{}\n",
+                    header.join(" | "),
+                    "---|".repeat(header.len())
+                ));
+                for (id, name, unit, d) in METRICS {
+                    let mut row = vec![name.to_string(), unit.to_string()];
+                    for c in &cols {
+                        row.push(match c.metrics.get(*id) {
+                            Some(cell) => render(cell, *d, &mut notes, &label(&c.key)),
+                            None => "—".into(),
+                        });
+                    }
+                    if let Some(f) = ferrite {
+                        for p in &peers {
+                            let m = |c: &ColumnResult| {
+                                c.metrics
+                                    .get(*id)
+                                    .and_then(|cell| cell.summary)
+                                    .map(|s| s.median)
+                            };
+                            row.push(match (m(f), m(p)) {
+                                (Some(a), Some(b)) if b > 0.0 && *id != "rounds" => {
+                                    format!("{:.2}×", a / b)
+                                }
+                                _ => "—".into(),
+                            });
+                        }
+                    }
+                    out.push_str(&format!("| {} |\n", row.join(" | ")));
+                }
+                out.push('\n');
             }
             for c in &case.columns {
                 if !c.failures.is_empty() {
@@ -1372,11 +1827,52 @@ mod tests {
         // Arrange
         let text = "  sl  local_address rem_address   st tx_queue rx_queue\n   0: 0100007F:B871 00000000:0000 0A 00000000:00000000\n   1: 0100007F:B872 0100007F:B871 01 00000000:00000000\n";
 
+        let lo = std::net::Ipv4Addr::LOCALHOST;
+        let ns = "  sl  local_address rem_address   st\n   0: 0200630A:1B58 00000000:0000 0A 00000000:00000000\n";
+
         // Act
-        let r = (listening_in(text, 0xb871), listening_in(text, 0xb872));
+        let r = (
+            listening_in(text, lo, 0xb871),
+            listening_in(text, lo, 0xb872),
+            listening_in(ns, NETNS_DST_ADDR, 7000),
+            listening_in(ns, lo, 7000),
+        );
+
+        // Assert
+        assert_eq!(r, (true, false, true, false));
+    }
+
+    #[test]
+    fn test_unix_listening_in_proc_net_unix() {
+        // Arrange
+        let text = "Num       RefCount Protocol Flags    Type St Inode Path\n0000000000000000: 00000002 00000000 00010000 0001 01 4242 /tmp/d/ferrite-fd.mig\n0000000000000000: 00000003 00000000 00000000 0001 03 4243 /tmp/d/other.mig\n";
+
+        // Act
+        let r = (
+            unix_listening_in(text, Path::new("/tmp/d/ferrite-fd.mig")),
+            unix_listening_in(text, Path::new("/tmp/d/other.mig")),
+        );
 
         // Assert
         assert_eq!(r, (true, false));
+    }
+
+    #[test]
+    fn test_in_ns_wraps_command() {
+        // Arrange
+        let spec = CommandSpec {
+            program: PathBuf::from("/x/ferrite"),
+            args: vec!["run".into(), "--incoming".into(), "tcp:10.99.0.2:1".into()],
+        };
+
+        // Act
+        let wrapped = in_ns(spec, Some("fb-mig-b-1")).display();
+
+        // Assert
+        assert_eq!(
+            wrapped,
+            "ip netns exec fb-mig-b-1 /x/ferrite run --incoming tcp:10.99.0.2:1"
+        );
     }
 
     #[test]

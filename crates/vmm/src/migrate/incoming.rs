@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use migration::wire::{self, Frame, Hello, Reply};
-use migration::{Endpoint, MigrationError, Stream};
+use migration::{Endpoint, MigrationError, Stream, TlsServer};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::VmConfig;
@@ -50,12 +50,14 @@ pub struct Incoming {
 }
 
 /// Wait on `endpoint` for one source and check its hello (protocol and Ferrite versions, a
-/// valid configuration whose memory layout matches the one it announces). Refusals are told
-/// to the source before they are returned.
-pub fn accept(endpoint: &Endpoint) -> Result<Incoming, IncomingError> {
-    let listener = endpoint.listen()?;
+/// valid configuration whose memory layout matches the one it announces). With `tls`, the
+/// source must connect with TLS and a certificate `tls` accepts. Refusals are told to the
+/// source before they are returned.
+pub fn accept(endpoint: &Endpoint, tls: Option<&TlsServer>) -> Result<Incoming, IncomingError> {
+    let listener = endpoint.listen(tls)?;
     tracing::info!(
         endpoint = listener.describe(),
+        tls = tls.is_some(),
         "waiting for the migration source"
     );
     let mut stream = listener.accept()?;
@@ -171,6 +173,8 @@ impl Incoming {
             prebuild_done = Some(prebuilt);
         }
         let regions: Vec<(*mut u8, u64)> = mem.iter().map(|r| (r.as_ptr(), r.len())).collect();
+        // Only read until the state arrived; the start gate writes on `self.stream` after
+        // `reader` is gone (over TLS both share one connection).
         let mut reader = std::io::BufReader::with_capacity(1 << 20, self.stream.try_clone()?);
         let state = loop {
             match wire::read_frame(&mut reader)? {

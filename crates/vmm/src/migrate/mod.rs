@@ -7,6 +7,7 @@ pub mod incoming;
 pub mod source;
 mod throttle;
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -46,6 +47,29 @@ pub struct MigrateOptions {
     /// state only.
     #[serde(default)]
     pub fd_handover: bool,
+    /// TLS (with `tls_key` and `tls_ca`): this source's certificate chain, PEM. The stream
+    /// is then encrypted and both sides authenticated by certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: the private key of `tls_cert`, PEM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: the CA bundle the destination's certificate must be signed by, PEM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// TLS: the name (DNS name or IP address) the destination's certificate must be issued
+    /// for; default: the host of `to`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
+}
+
+/// A checked `migrate` request's destination: where to connect, and with what TLS.
+#[derive(Debug)]
+pub struct MigrateTarget {
+    /// The destination.
+    pub endpoint: migration::Endpoint,
+    /// TLS, loaded and checked (None: plaintext).
+    pub tls: Option<migration::TlsClient>,
 }
 
 fn default_downtime_ms() -> u64 {
@@ -57,9 +81,10 @@ fn default_timeout_s() -> u64 {
 }
 
 impl MigrateOptions {
-    /// Check the fields before anything starts.
-    pub fn validate(&self) -> Result<migration::Endpoint, String> {
-        let endpoint = self
+    /// Check the fields before anything starts, and load the TLS files (every error names
+    /// the field or file and the fix).
+    pub fn validate(&self) -> Result<MigrateTarget, String> {
+        let endpoint: migration::Endpoint = self
             .to
             .parse()
             .map_err(|e: migration::MigrationError| e.to_string())?;
@@ -82,7 +107,29 @@ impl MigrateOptions {
                 self.timeout_s
             ));
         }
-        Ok(endpoint)
+        let files = migration::TlsFiles::from_options(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_ca.as_deref(),
+            ["tls_cert", "tls_key", "tls_ca"],
+        )
+        .map_err(|e| e.to_string())?;
+        let tls = match files {
+            None if self.tls_server_name.is_some() => {
+                return Err(
+                    "tls_server_name needs TLS: give tls_cert, tls_key and tls_ca too".to_string(),
+                )
+            }
+            None => None,
+            Some(files) => {
+                migration::check_tls_endpoint(&endpoint).map_err(|e| e.to_string())?;
+                let tls = migration::TlsClient::new(&files, self.tls_server_name.as_deref())
+                    .map_err(|e| e.to_string())?;
+                tls.server_name_for(&endpoint).map_err(|e| e.to_string())?;
+                Some(tls)
+            }
+        };
+        Ok(MigrateTarget { endpoint, tls })
     }
 }
 
@@ -143,3 +190,44 @@ pub struct MigrationStatus {
 
 /// The status shared by the migration thread and the control socket.
 pub type SharedStatus = Arc<Mutex<MigrationStatus>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(json: &str) -> Result<MigrateTarget, String> {
+        serde_json::from_str::<MigrateOptions>(json)
+            .map_err(|e| e.to_string())?
+            .validate()
+    }
+
+    #[test]
+    fn test_tls_options_are_checked_before_the_migration_starts() {
+        let plain = validate(r#"{"to":"tcp:10.0.0.2:7000"}"#).unwrap();
+        let no_key =
+            validate(r#"{"to":"tcp:10.0.0.2:7000","tls_cert":"/c.pem","tls_ca":"/ca.pem"}"#)
+                .unwrap_err();
+        let missing = validate(
+            r#"{"to":"tcp:10.0.0.2:7000","tls_cert":"/nonexistent/c.pem","tls_key":"/k.pem",
+                "tls_ca":"/ca.pem"}"#,
+        )
+        .unwrap_err();
+        let unix = validate(
+            r#"{"to":"unix:/run/m.sock","tls_cert":"/c.pem","tls_key":"/k.pem","tls_ca":"/ca.pem"}"#,
+        )
+        .unwrap_err();
+        let name_alone =
+            validate(r#"{"to":"tcp:10.0.0.2:7000","tls_server_name":"db"}"#).unwrap_err();
+        let typo = validate(r#"{"to":"tcp:10.0.0.2:7000","tls_certs":"/c.pem"}"#).unwrap_err();
+
+        assert!(plain.tls.is_none());
+        assert!(no_key.contains("tls_key is missing"), "{no_key}");
+        assert!(missing.contains("/nonexistent/c.pem"), "{missing}");
+        assert!(unix.contains("tcp:"), "{unix}");
+        assert!(
+            name_alone.contains("tls_server_name needs TLS"),
+            "{name_alone}"
+        );
+        assert!(typo.contains("tls_certs"), "{typo}");
+    }
+}

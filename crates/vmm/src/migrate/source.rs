@@ -10,12 +10,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use migration::wire::{self, Frame, Hello, RegionInfo, Reply, MAX_RUN_PAGES, PAGE_SIZE};
-use migration::{Endpoint, Pacer, Stream};
+use migration::{Pacer, Stream};
 use vm_device::ShutdownKind;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::throttle::Throttle;
-use super::{Converge, MigrateOptions, MigrationStatus, Phase, SharedStatus};
+use super::{Converge, MigrateOptions, MigrateTarget, MigrationStatus, Phase, SharedStatus};
 use crate::control::VmOps;
 use crate::live::LiveVm;
 
@@ -45,11 +45,12 @@ pub struct SourceJob {
 }
 
 impl SourceJob {
-    /// Start migrating `vm` as `opts` says; progress goes to `status`.
+    /// Start migrating `vm` to `target` as `opts` says (`target` is what `opts.validate()`
+    /// checked and loaded); progress goes to `status`.
     pub fn start(
         vm: Arc<LiveVm>,
         opts: MigrateOptions,
-        endpoint: Endpoint,
+        target: MigrateTarget,
         status: SharedStatus,
     ) -> std::io::Result<Self> {
         let cancel = Arc::new(AtomicBool::new(false));
@@ -77,7 +78,7 @@ impl SourceJob {
                     paused_at: None,
                     disks_released: false,
                 };
-                let result = job.run(&endpoint);
+                let result = job.run(&target);
                 job.finish(result);
             })?;
         Ok(Self {
@@ -251,12 +252,18 @@ impl Migration<'_> {
             .collect()
     }
 
-    fn run(&mut self, endpoint: &Endpoint) -> Result<(), Failure> {
+    fn run(&mut self, target: &MigrateTarget) -> Result<(), Failure> {
         let config = self.vm.current_config();
         let regions = self.regions();
-        let stream = endpoint.connect(CONNECT_PATIENCE)?;
+        // With TLS, the handshake is done here: the destination accepted our certificate.
+        let stream = target
+            .endpoint
+            .connect(CONNECT_PATIENCE, target.tls.as_ref())?;
         *self.stream_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.try_clone()?);
         self.check_cancel()?;
+        // `reader` and the writer below are handles on one connection (over TLS they share
+        // it through a mutex): a reply is only read after what was written is flushed, never
+        // while writing.
         let mut reader = stream.try_clone()?;
         let hello = Hello {
             ferrite_version: env!("CARGO_PKG_VERSION").to_string(),
