@@ -15,6 +15,9 @@ const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
+const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
 
 /// Size of `virtio_net_hdr_v1` (virtio 1.2 §5.1.6), used as the TAP's vnet header.
 pub const VNET_HDR_LEN: usize = 12;
@@ -74,6 +77,7 @@ pub struct Tap {
     file: File,
     name: String,
     created: bool,
+    multi_queue: bool,
 }
 
 /// Whether `name` is an interface name the kernel accepts.
@@ -135,6 +139,7 @@ impl Tap {
             file,
             name,
             created: !existed,
+            multi_queue,
         };
         let hdr_len: libc::c_int = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer, which is valid.
@@ -147,6 +152,59 @@ impl Tap {
         }
         tap.set_offloads(TapOffloads::default())?;
         Ok(tap)
+    }
+
+    /// Open the TAP `name` as [`Tap::open`] without `IFF_MULTI_QUEUE` does, but attach to
+    /// an existing multiqueue TAP as one more queue (the kernel refuses a single-queue open
+    /// of it).
+    pub fn open_any(name: &str) -> Result<Self> {
+        match Self::open(name, false) {
+            Err(NetError::Ioctl {
+                op: "TUNSETIFF",
+                source,
+            }) if source.raw_os_error() == Some(libc::EINVAL) && if_exists(name) => {
+                Self::open(name, true).map_err(|_| NetError::Ioctl {
+                    op: "TUNSETIFF",
+                    source,
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// Whether this is a queue of a multiqueue TAP (which can be detached and attached).
+    pub fn multi_queue(&self) -> bool {
+        self.multi_queue
+    }
+
+    fn set_queue(&self, flags: libc::c_short, op: &'static str) -> Result<()> {
+        let mut req = IfReq {
+            name: [0; 16],
+            flags,
+            _pad: [0; 22],
+        };
+        // SAFETY: `req` is a properly sized and initialised `struct ifreq` that lives for
+        // the call; the kernel only reads its flags.
+        let rc = unsafe { libc::ioctl(self.fd(), TUNSETQUEUE, &mut req as *mut IfReq) };
+        if rc < 0 {
+            return Err(NetError::Ioctl {
+                op,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Take this queue off a multiqueue TAP while keeping the descriptor (and every
+    /// duplicate of it) open: the TAP no longer delivers frames to it, and another process
+    /// can attach a queue of its own. The interface stays.
+    pub fn detach_queue(&self) -> Result<()> {
+        self.set_queue(IFF_DETACH_QUEUE, "TUNSETQUEUE(IFF_DETACH_QUEUE)")
+    }
+
+    /// Put a queue taken off by [`Tap::detach_queue`] back on its TAP.
+    pub fn attach_queue(&self) -> Result<()> {
+        self.set_queue(IFF_ATTACH_QUEUE, "TUNSETQUEUE(IFF_ATTACH_QUEUE)")
     }
 
     /// Tell the kernel which offloaded packets it may hand us (TUNSETOFFLOAD).
@@ -193,6 +251,7 @@ impl Tap {
             file: self.file.try_clone()?,
             name: self.name.clone(),
             created: self.created,
+            multi_queue: self.multi_queue,
         })
     }
 }
@@ -261,6 +320,32 @@ mod tests {
 
         drop(tap);
 
+        assert!(!if_exists(&name));
+    }
+
+    #[test]
+    fn test_multiqueue_tap_queue_detached_lets_another_open_and_attaches_again() {
+        // Needs CAP_NET_ADMIN; skipped quietly without it.
+        let name = format!("feq{}", std::process::id() % 100_000);
+        let first = match Tap::open(&name, true) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("skipping: {e}");
+                return;
+            }
+        };
+        let keep = first.try_clone().unwrap();
+
+        first.detach_queue().unwrap();
+        let second = Tap::open_any(&name).unwrap();
+        drop(second);
+        keep.attach_queue().unwrap();
+        let single = Tap::open(&name, false);
+
+        assert!(first.multi_queue());
+        assert!(matches!(single, Err(NetError::Ioctl { .. })));
+        assert!(if_exists(&name));
+        drop((first, keep));
         assert!(!if_exists(&name));
     }
 }

@@ -132,7 +132,7 @@ pub fn run_with(
                 generation,
             },
         )?;
-        vm.publish(config, &disks, &live, &migration);
+        vm.publish(config, &disks, &run_devices, &live, &migration);
         if control.is_none() && config.api_socket.is_some() {
             match start_control(
                 config,
@@ -309,7 +309,7 @@ impl PrebuiltVm {
     /// Create the KVM VM for `config` over `mem` (which a restore then uses as guest RAM).
     pub fn create(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<Self, VmmError> {
         let hv = Hypervisor::open()?;
-        config.validate(Some(hv.max_vcpus()))?;
+        crate::devices::vsock::validate_incoming(config, Some(hv.max_vcpus()))?;
         let (vm, vcpus, pit) = create_kvm_vm(&hv, config, mem)?;
         pit.finish()?;
         Ok(Self { vm, vcpus })
@@ -547,6 +547,7 @@ impl BuiltVm {
         &self,
         config: &VmConfig,
         disks: &[OpenDisk],
+        run_devices: &RunDevices,
         live: &crate::control::LiveSlot,
         migration: &crate::migrate::SharedStatus,
     ) {
@@ -568,6 +569,8 @@ impl BuiltVm {
             shutdown: self.shutdown.clone(),
             paused: std::sync::atomic::AtomicBool::new(false),
             disks: platform::live_disks(disks),
+            vsock_socket: run_devices.vsock.as_ref().map(|v| v.socket_file.clone()),
+            taps: run_devices.handover_taps(),
             snapshot: crate::live::SnapshotHandles {
                 vm: self._vm.clone(),
                 memory: self._memory.clone(),

@@ -47,6 +47,10 @@ pub struct LiveVm {
     pub paused: AtomicBool,
     /// The disks (switched to new overlays by a disk snapshot).
     pub disks: Vec<crate::disk_snapshot::LiveDisk>,
+    /// The vsock device's listening socket file (handed over to a migration destination).
+    pub vsock_socket: Option<Arc<crate::devices::vsock::SocketFile>>,
+    /// Queues of multiqueue TAPs (handed over to a migration destination).
+    pub taps: Vec<net::Tap>,
     /// What a snapshot is taken from.
     pub snapshot: SnapshotHandles,
 }
@@ -151,6 +155,54 @@ impl LiveVm {
             }
         }
         Ok(())
+    }
+
+    /// Hand the host resources a destination on this host opens by name over to a
+    /// migration destination: the queue of every multiqueue TAP (detached; the descriptors
+    /// stay open) and the vsock socket path (renamed aside; the listener and its connections
+    /// stay open). The VM is paused, so no device uses them.
+    pub(crate) fn release_host_devices(&self) -> Result<(), String> {
+        for (i, tap) in self.taps.iter().enumerate() {
+            if let Err(e) = tap.detach_queue() {
+                for t in &self.taps[..i] {
+                    let _ = t.attach_queue();
+                }
+                return Err(format!("Cannot hand over the TAP {}: {e}", tap.name()));
+            }
+        }
+        if let Some(s) = &self.vsock_socket {
+            s.hand_over().map_err(|e| {
+                format!(
+                    "Cannot hand over the vsock socket {}: {e}",
+                    s.path().display()
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Take the host resources back after a failed migration (the guest's vsock host
+    /// connections open before it are intact). A failure is logged: the guest runs on,
+    /// without that device's host side.
+    pub(crate) fn retake_host_devices(&self) {
+        for tap in &self.taps {
+            match tap.attach_queue() {
+                Ok(()) => {}
+                // A queue that was never detached (the handover failed before it).
+                Err(net::NetError::Ioctl { source, .. })
+                    if source.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => tracing::warn!("cannot attach to the TAP {} again: {e}", tap.name()),
+            }
+        }
+        if let Some(s) = &self.vsock_socket {
+            if let Err(e) = s.take_back() {
+                tracing::warn!(
+                    "cannot put the vsock socket back at {} (it is at {}): {e}",
+                    s.path().display(),
+                    s.aside().display()
+                );
+            }
+        }
     }
 
     /// Do the slow part of saving vCPU state (probing the host's MSR list) ahead of a pause.

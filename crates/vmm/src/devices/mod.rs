@@ -130,6 +130,21 @@ impl RunDevices {
         h
     }
 
+    /// Handles on the TAP queues a live migration can hand over (multiqueue TAPs).
+    pub fn handover_taps(&self) -> Vec<::net::Tap> {
+        self.nets
+            .iter()
+            .filter(|n| n.tap.multi_queue())
+            .filter_map(|n| match n.tap.try_clone() {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!("{}: cannot duplicate the TAP descriptor: {e}", n.device);
+                    None
+                }
+            })
+            .collect()
+    }
+
     /// Open everything `config` asks for.
     pub fn open(config: &VmConfig) -> Result<Self, VmmError> {
         let nets = config

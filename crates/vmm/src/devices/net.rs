@@ -189,7 +189,9 @@ impl NetConfig {
     }
 }
 
-/// Host resources of one NIC, opened once per run (the TAP survives guest reboots).
+/// Host resources of one NIC, opened once per run (the TAP survives guest reboots). A TAP
+/// created multiqueue (`ip tuntap add ... multi_queue`) is opened as one queue of it, which a
+/// live migration on one host hands over (see [`net::Tap::detach_queue`]).
 pub struct OpenNet {
     /// Device name, `net<index>`.
     pub device: String,
@@ -223,7 +225,7 @@ pub fn open(cfg: &NetConfig, index: usize, vm: &VmConfig) -> Result<OpenNet, Vmm
         .tap
         .clone()
         .unwrap_or_else(|| format!("fe{}n{index}", std::process::id()));
-    let tap = net::Tap::open(&name, false).map_err(|e| {
+    let tap = net::Tap::open_any(&name).map_err(|e| {
         let hint = "run as root (CAP_NET_ADMIN) or give an existing TAP owned by this user";
         match e {
             net::NetError::OpenTun(src) | net::NetError::Ioctl { source: src, .. } => {

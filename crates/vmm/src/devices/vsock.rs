@@ -93,7 +93,15 @@ impl VsockConfig {
     }
 
     /// Check what can be checked before opening anything.
-    pub fn validate(&self, _vm: &VmConfig) -> Result<(), ConfigError> {
+    pub fn validate(&self, vm: &VmConfig) -> Result<(), ConfigError> {
+        self.validate_settings(vm)?;
+        self.validate_path_free()
+    }
+
+    /// [`Self::validate`] without looking at who holds the socket path: for a migration
+    /// destination, whose source (on the same host) keeps listening there until it hands
+    /// the path over after its pause; the path is checked when the device opens.
+    pub fn validate_settings(&self, _vm: &VmConfig) -> Result<(), ConfigError> {
         if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&self.cid) {
             return Err(err(format!(
                 "cid {} is reserved (0-2 are the hypervisor, local and host; {} and up are invalid): use cid=3 or more",
@@ -117,6 +125,10 @@ impl VsockConfig {
                 )));
             }
         }
+        Ok(())
+    }
+
+    fn validate_path_free(&self) -> Result<(), ConfigError> {
         match path_state(&self.socket) {
             PathState::Free | PathState::Stale => Ok(()),
             PathState::InUse => Err(err(format!(
@@ -131,19 +143,110 @@ impl VsockConfig {
     }
 }
 
+/// [`VmConfig::validate`] for a migration destination: the vsock socket path may still be
+/// the source's (on one host it hands the path over only after its pause), so who holds it
+/// is checked only when the device opens, once the state has arrived.
+pub fn validate_incoming(
+    config: &VmConfig,
+    host_max_vcpus: Option<u32>,
+) -> Result<(), ConfigError> {
+    let mut rest = config.clone();
+    let vsock = rest.vsock.take();
+    rest.validate(host_max_vcpus)?;
+    vsock.map_or(Ok(()), |v| v.validate_settings(config))
+}
+
 /// Host resources of the device, opened once per run.
 pub struct OpenVsock {
     /// The configuration it was opened from.
     pub config: VsockConfig,
-    /// The listening socket at `config.socket` (removed from the file system on drop).
+    /// The listening socket at `config.socket`.
     pub listener: Arc<UnixListener>,
+    /// Its file in the file system (removed when the last handle drops, if still ours).
+    pub socket_file: Arc<SocketFile>,
     /// Counters of the device, kept across guest reboots (for the control socket).
     pub metrics: Arc<VsockMetrics>,
 }
 
-impl Drop for OpenVsock {
+/// The file system name of the VM's listening socket, known by its identity (device and
+/// inode) so that this process only ever renames or removes the file it bound — never one a
+/// migration destination bound at the same path since.
+///
+/// A live migration on one host hands the path over without closing the listener: after the
+/// source pauses, [`SocketFile::hand_over`] renames the file aside (new host clients then
+/// find the path free for the destination to bind, and connections already open stay as
+/// they are); if the migration fails, [`SocketFile::take_back`] renames it back (over a
+/// destination's file, which that destination then leaves alone).
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    aside: PathBuf,
+    id: (u64, u64),
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .filter(|m| m.file_type().is_socket())
+        .map(|m| (m.dev(), m.ino()))
+}
+
+impl SocketFile {
+    /// The socket just bound at `path`.
+    pub fn bound(path: &Path) -> std::io::Result<Self> {
+        let id = file_id(path).ok_or_else(|| {
+            std::io::Error::new(ErrorKind::NotFound, "the bound socket file is not there")
+        })?;
+        let mut aside = path.as_os_str().to_owned();
+        aside.push(format!(".migrating-{}", std::process::id()));
+        Ok(Self {
+            path: path.to_path_buf(),
+            aside: PathBuf::from(aside),
+            id,
+        })
+    }
+
+    fn ours(&self, path: &Path) -> bool {
+        file_id(path) == Some(self.id)
+    }
+
+    /// The path host clients connect to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Where the file is while handed over.
+    pub fn aside(&self) -> &Path {
+        &self.aside
+    }
+
+    /// Free the path for a migration destination on this host: rename our file aside.
+    /// Nothing to do when the path no longer holds our file.
+    pub fn hand_over(&self) -> std::io::Result<()> {
+        if self.ours(&self.path) {
+            std::fs::rename(&self.path, &self.aside)?;
+        }
+        Ok(())
+    }
+
+    /// After a failed migration: put our file back at the path (replacing a destination's,
+    /// which is exiting).
+    pub fn take_back(&self) -> std::io::Result<()> {
+        if self.ours(&self.aside) {
+            std::fs::rename(&self.aside, &self.path)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config.socket);
+        for p in [&self.path, &self.aside] {
+            if self.ours(p) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
     }
 }
 
@@ -203,12 +306,20 @@ pub fn open(cfg: &VsockConfig) -> Result<OpenVsock, VmmError> {
             Some(e),
         )
     })?;
+    let socket_file = SocketFile::bound(&cfg.socket).map_err(|e| {
+        open_error(
+            cfg,
+            format!("cannot read back the socket {}", cfg.socket.display()),
+            Some(e),
+        )
+    })?;
     listener
         .set_nonblocking(true)
         .map_err(|e| open_error(cfg, "cannot make the socket non-blocking".into(), Some(e)))?;
     Ok(OpenVsock {
         config: cfg.clone(),
         listener: Arc::new(listener),
+        socket_file: Arc::new(socket_file),
         metrics: Arc::new(VsockMetrics::default()),
     })
 }
@@ -303,6 +414,57 @@ mod tests {
         assert!(matches!(second, Err(VmmError::DeviceOpen { .. })));
         assert!(cfg.validate(&VmConfig::default()).is_err());
         drop(first);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn test_vsock_handover_frees_the_path_and_never_removes_the_next_owners_socket() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let path = dir.as_path().join("vm.sock");
+        let cfg = VsockConfig {
+            cid: 3,
+            socket: path.clone(),
+        };
+        let source = open(&cfg).unwrap();
+        let open_before = UnixStream::connect(&path).unwrap();
+
+        source.socket_file.hand_over().unwrap();
+        let destination = open(&cfg).unwrap();
+        let to_destination = UnixStream::connect(&path);
+        let source_still_has = source.listener.accept().is_ok();
+        drop(source);
+
+        assert!(to_destination.is_ok());
+        assert!(destination.listener.accept().is_ok());
+        assert!(source_still_has, "the connection made before the handover");
+        assert!(path.exists(), "the source removed the destination's socket");
+        assert!(UnixStream::connect(&path).is_ok());
+        assert_eq!(std::fs::read_dir(dir.as_path()).unwrap().count(), 1);
+        drop(open_before);
+        drop(destination);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn test_vsock_take_back_restores_the_path_over_a_failed_destinations_socket() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let path = dir.as_path().join("vm.sock");
+        let cfg = VsockConfig {
+            cid: 3,
+            socket: path.clone(),
+        };
+        let source = open(&cfg).unwrap();
+        source.socket_file.hand_over().unwrap();
+        let destination = open(&cfg).unwrap();
+
+        source.socket_file.take_back().unwrap();
+        drop(destination);
+        let client = UnixStream::connect(&path);
+
+        assert!(client.is_ok(), "the path leads to the source again");
+        assert!(source.listener.accept().is_ok());
+        assert!(!source.socket_file.aside().exists());
+        drop(source);
         assert!(!path.exists());
     }
 }

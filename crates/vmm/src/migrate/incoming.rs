@@ -121,7 +121,7 @@ fn check_hello(hello: &Hello) -> Result<VmConfig, String> {
     }
     let config: VmConfig = serde_json::from_value(hello.config.clone())
         .map_err(|e| format!("its configuration cannot be read here: {e}"))?;
-    config.validate(None).map_err(|e| e.to_string())?;
+    crate::devices::vsock::validate_incoming(&config, None).map_err(|e| e.to_string())?;
     let layout =
         arch::e820::MemoryLayout::new(config.memory_bytes, Some(arch::e820::host_phys_bits()))
             .map_err(|e| e.to_string())?;

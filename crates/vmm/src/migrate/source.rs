@@ -530,6 +530,8 @@ impl Migration<'_> {
         // let go of before it is sent.
         self.disks_released = true;
         self.vm.release_disks().map_err(Failure::Failed)?;
+        // Same for the host resources a destination on this host opens by name.
+        self.vm.release_host_devices().map_err(Failure::Failed)?;
         // Without a copy (memory handed over by file), there are no pages to send.
         if let Some(mut dirty) = dirty {
             let last = self.vm.harvest_dirty().map_err(Failure::Failed)?;
@@ -636,6 +638,7 @@ impl Migration<'_> {
                     Failure::Failed(m) => (Phase::Failed, m),
                 };
                 let disks = if self.disks_released {
+                    self.vm.retake_host_devices();
                     self.vm.retake_disks(DISK_RETAKE_PATIENCE)
                 } else {
                     Ok(())
