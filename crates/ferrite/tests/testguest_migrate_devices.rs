@@ -9,19 +9,14 @@
 mod common;
 mod testguest_common;
 
-use std::io::{BufRead, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io::Write;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use common::netns::{ip, ping, wait_up, Netns};
-use serde_json::Value;
 use testguest_common::control::Vm;
+use testguest_common::migrate::*;
 use testguest_common::vsock::{assert_ok_line, echo_through, hybrid_connect, SockDir};
 use testguest_common::WATCHDOG;
-
-/// Exit status of a source whose guest was migrated away.
-const MIGRATED: i32 = 5;
 
 /// A multiqueue TAP (with vnet header support) holding `host_cidr`, up: the kind a migration
 /// on one host can hand over.
@@ -56,96 +51,6 @@ fn guest_args(tap: &str, socket: &Path, cmds: &str) -> Vec<String> {
     ]
 }
 
-/// A TCP endpoint on loopback nobody listens on yet.
-fn free_tcp_endpoint() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    format!("tcp:{}", listener.local_addr().expect("addr"))
-}
-
-fn migrate(src: &mut Vm, to: &str) {
-    let reply = src.request(&serde_json::json!({"op": "migrate", "to": to}).to_string());
-    assert_eq!(reply["ok"], true, "{reply}");
-}
-
-/// One `migrate-status` on a fresh connection (None once the source's socket is gone).
-fn status_once(sock: &Path) -> Option<Value> {
-    let mut conn = std::os::unix::net::UnixStream::connect(sock).ok()?;
-    conn.write_all(b"{\"op\":\"migrate-status\"}\n").ok()?;
-    let mut reply = String::new();
-    std::io::BufReader::new(conn).read_line(&mut reply).ok()?;
-    serde_json::from_str(&reply).ok()
-}
-
-/// Poll `migrate-status` until the migration fails here or the source exits (completed).
-fn wait_migration(src: &mut Vm) -> Value {
-    let deadline = Instant::now() + WATCHDOG;
-    let mut last = Value::Null;
-    while Instant::now() < deadline {
-        if src.child.try_wait().expect("try_wait").is_some() {
-            return last;
-        }
-        if let Some(reply) = status_once(&src.sock.clone()) {
-            last = reply["migration"].clone();
-            if matches!(
-                last["phase"].as_str(),
-                Some("failed" | "cancelled" | "unknown")
-            ) {
-                return last;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(30));
-    }
-    panic!("the migration did not end: {last}");
-}
-
-fn stderr_of(vm: &mut Vm) -> String {
-    let mut text = String::new();
-    if let Some(mut err) = vm.child.stderr.take() {
-        let _ = err.read_to_string(&mut text);
-    }
-    text
-}
-
-/// A one-connection TCP proxy in front of `target` that passes everything from the source
-/// and the destination's first reply byte (accept), and cuts both ways instead of passing
-/// the second (ready: the state arrived, the destination built the VM and opened its
-/// devices, the source waits paused to commit). Returns its endpoint.
-fn proxy_cutting_before_the_commit(target: &str) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let endpoint = format!("tcp:{}", listener.local_addr().expect("addr"));
-    let target = target.trim_start_matches("tcp:").to_string();
-    std::thread::spawn(move || {
-        let (src, _) = listener.accept().expect("accept");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let dst = loop {
-            match TcpStream::connect(&target) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => panic!("proxy cannot reach {target}: {e}"),
-            }
-        };
-        let forward = {
-            let (mut from, mut to) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut from, &mut to);
-                let _ = to.shutdown(Shutdown::Write);
-            })
-        };
-        let (mut from, mut to) = (dst.try_clone().unwrap(), src.try_clone().unwrap());
-        let mut byte = [0u8; 1];
-        if from.read_exact(&mut byte).is_ok() {
-            let _ = to.write_all(&byte);
-            let _ = from.read_exact(&mut byte);
-        }
-        let _ = src.shutdown(Shutdown::Both);
-        let _ = dst.shutdown(Shutdown::Both);
-        let _ = forward.join();
-    });
-    endpoint
-}
-
 #[test]
 fn test_guest_migrated_on_one_host_answers_on_vsock_and_net_at_the_destination() {
     // Arrange: a guest with its NIC up on a multiqueue TAP, listening on vsock port 1234
@@ -171,8 +76,8 @@ fn test_guest_migrated_on_one_host_answers_on_vsock_and_net_at_the_destination()
 
     // Act: migrate; once the source is gone, the guest (told of the transport reset) listens
     // again and a new host connection reaches it; the NIC serves pings through the TAP.
-    migrate(&mut src, &endpoint);
-    let status = wait_migration(&mut src);
+    migrate(&mut src, serde_json::json!({"to": endpoint}));
+    let (status, _) = wait_migration(&mut src);
     let src_exit = src.wait_exit(WATCHDOG);
     let src_err = stderr_of(&mut src);
     let ended = dst.wait_line("OK vsock-listen");
@@ -243,12 +148,12 @@ fn test_migration_failed_before_the_commit_on_one_host_gives_vsock_and_net_back_
         "mig-devices-fd",
         &["--incoming".to_string(), endpoint.clone()],
     );
-    let proxy = proxy_cutting_before_the_commit(&endpoint);
+    let proxy = cutting_proxy(&endpoint, Cut::ReplyByte(2));
 
     // Act: the migration fails; once the destination has exited, the connection open
     // before goes on, a new one reaches the guest, and the NIC serves pings.
-    migrate(&mut src, &proxy);
-    let status = wait_migration(&mut src);
+    migrate(&mut src, serde_json::json!({"to": proxy}));
+    let (status, _) = wait_migration(&mut src);
     let dst_exit = dst.wait_exit(WATCHDOG);
     let dst_err = stderr_of(&mut dst);
     before.write_all(b" and after it").unwrap();

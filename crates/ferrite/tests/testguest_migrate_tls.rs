@@ -9,18 +9,18 @@
 mod common;
 mod testguest_common;
 
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use testguest_common::control::Vm;
+use testguest_common::migrate::*;
 use testguest_common::{num, WATCHDOG};
 
 /// Exit status of a source whose guest was migrated away.
-const MIGRATED: i32 = 5;
 /// Exit status of a destination that refused or lost the migration.
 const USAGE: i32 = 2;
 
@@ -140,97 +140,6 @@ impl Drop for Pki {
     }
 }
 
-/// A TCP endpoint on loopback nobody listens on yet.
-fn free_tcp_endpoint() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    format!("tcp:{}", listener.local_addr().expect("addr"))
-}
-
-fn start_destination(name: &str, endpoint: &str, extra: &[String]) -> Vm {
-    let mut args = vec!["--incoming".to_string(), endpoint.to_string()];
-    args.extend_from_slice(extra);
-    Vm::spawn(name, &args)
-}
-
-fn migrate(src: &mut Vm, request: Value) -> Value {
-    let mut req = request;
-    req["op"] = "migrate".into();
-    src.request(&req.to_string())
-}
-
-/// Poll `migrate-status` until the migration ends here (failed, cancelled, unknown) or the
-/// source exits (completed); returns the last status seen.
-fn wait_migration(src: &mut Vm) -> Value {
-    let deadline = Instant::now() + WATCHDOG;
-    let mut last = Value::Null;
-    while Instant::now() < deadline {
-        if src.child.try_wait().expect("try_wait").is_some() {
-            return last;
-        }
-        let Some(reply) = status_once(&src.sock) else {
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        };
-        last = reply["migration"].clone();
-        if matches!(
-            last["phase"].as_str(),
-            Some("failed" | "cancelled" | "unknown")
-        ) {
-            return last;
-        }
-        std::thread::sleep(Duration::from_millis(30));
-    }
-    panic!("the migration did not end: {last}");
-}
-
-/// One `migrate-status` on a fresh connection (None once the source's socket is gone).
-fn status_once(sock: &Path) -> Option<Value> {
-    let mut conn = std::os::unix::net::UnixStream::connect(sock).ok()?;
-    conn.write_all(b"{\"op\":\"migrate-status\"}\n").ok()?;
-    let mut reply = String::new();
-    std::io::BufReader::new(conn).read_line(&mut reply).ok()?;
-    serde_json::from_str(&reply).ok()
-}
-
-fn stderr_of(vm: &mut Vm) -> String {
-    let mut text = String::new();
-    if let Some(mut err) = vm.child.stderr.take() {
-        let _ = err.read_to_string(&mut text);
-    }
-    text
-}
-
-/// The destination exited with status 2 without ever running the guest; its stderr.
-fn assert_never_ran(dst: &mut Vm) -> String {
-    let status = dst.wait_exit(WATCHDOG);
-    dst.lines_within(Duration::from_millis(200));
-    let stderr = stderr_of(dst);
-    let guest_lines: Vec<&String> = dst.seen.iter().filter(|l| !l.is_empty()).collect();
-    assert_eq!(
-        status.code(),
-        Some(USAGE),
-        "the destination must refuse: {stderr}"
-    );
-    assert!(
-        guest_lines.is_empty(),
-        "the destination must never run the guest: {guest_lines:?}"
-    );
-    stderr
-}
-
-/// The source kept running its guest: its dirtying loop still ticks, and stops and checks
-/// its memory on request.
-fn assert_source_runs_on(src: &mut Vm) {
-    let a = src.wait_line("tick ");
-    let b = src.wait_line("tick ");
-    assert!(num(&b, "value") > num(&a, "value"), "{a} / {b}");
-    src.send("x");
-    src.wait_line("OK dirty stopped");
-    src.send("dirty-check");
-    let check = src.wait_any(&["OK dirty-check", "ERR dirty-check"]);
-    assert!(check.starts_with("OK dirty-check"), "{check}");
-}
-
 /// A one-connection TCP proxy in front of `target` that records what the source sends;
 /// returns its endpoint and the recording.
 fn recording_proxy(target: &str) -> (String, Arc<Mutex<Vec<u8>>>) {
@@ -282,14 +191,14 @@ fn test_guest_migrates_over_mutual_tls_and_keeps_counting_with_its_memory_intact
     let endpoint = free_tcp_endpoint();
     let mut src = Vm::start("tls-ok", "dirty 8 2000 100");
     let before = src.wait_line("tick n=3 ");
-    let mut dst = start_destination("tls-ok-d", &endpoint, &pki.incoming_flags());
+    let mut dst = start_destination_with("tls-ok-d", &endpoint, &pki.incoming_flags());
     let (proxy, wire) = recording_proxy(&endpoint);
     let mut request = serde_json::json!({"to": proxy});
     pki.migrate_fields("src", &mut request);
 
     // Act
-    let reply = migrate(&mut src, request);
-    let status = wait_migration(&mut src);
+    let reply = request_migrate(&mut src, request);
+    let (status, _) = wait_migration(&mut src);
     let src_exit = src.wait_exit(WATCHDOG);
     let src_err = stderr_of(&mut src);
     let first = dst.wait_line("tick ");
@@ -337,13 +246,13 @@ fn test_source_certificate_from_another_ca_is_refused_and_the_source_keeps_runni
     let endpoint = free_tcp_endpoint();
     let mut src = Vm::start("tls-rogue", "dirty 4 500 100");
     src.wait_line("tick n=2 ");
-    let mut dst = start_destination("tls-rogue-d", &endpoint, &pki.incoming_flags());
+    let mut dst = start_destination_with("tls-rogue-d", &endpoint, &pki.incoming_flags());
     let mut request = serde_json::json!({"to": endpoint});
     pki.migrate_fields("intruder", &mut request);
 
     // Act
-    let reply = migrate(&mut src, request);
-    let status = wait_migration(&mut src);
+    let reply = request_migrate(&mut src, request);
+    let (status, _) = wait_migration(&mut src);
 
     // Assert: refused in the handshake on both sides; the guest runs on at the source only.
     assert_eq!(reply["ok"], true, "{reply}");
@@ -355,7 +264,8 @@ fn test_source_certificate_from_another_ca_is_refused_and_the_source_keeps_runni
     );
     assert!(error.contains("--incoming-tls-ca"), "{status}");
     assert_source_runs_on(&mut src);
-    let dst_err = assert_never_ran(&mut dst);
+    let (dst_code, dst_err) = assert_never_ran(&mut dst);
+    assert_eq!(dst_code, Some(USAGE), "{dst_err}");
     assert!(
         dst_err.contains("Refused the source's certificate"),
         "{dst_err}"
@@ -369,11 +279,11 @@ fn test_plaintext_source_to_a_tls_destination_fails_cleanly() {
     let endpoint = free_tcp_endpoint();
     let mut src = Vm::start("tls-plain", "dirty 4 500 100");
     src.wait_line("tick n=2 ");
-    let mut dst = start_destination("tls-plain-d", &endpoint, &pki.incoming_flags());
+    let mut dst = start_destination_with("tls-plain-d", &endpoint, &pki.incoming_flags());
 
     // Act: no TLS fields.
-    let reply = migrate(&mut src, serde_json::json!({"to": endpoint}));
-    let status = wait_migration(&mut src);
+    let reply = request_migrate(&mut src, serde_json::json!({"to": endpoint}));
+    let (status, _) = wait_migration(&mut src);
 
     // Assert: the destination says it wants TLS; nothing ran there.
     assert_eq!(reply["ok"], true, "{reply}");
@@ -382,7 +292,8 @@ fn test_plaintext_source_to_a_tls_destination_fails_cleanly() {
     assert!(error.contains("only TLS migrations"), "{status}");
     assert!(error.contains("tls_cert"), "{status}");
     assert_source_runs_on(&mut src);
-    let dst_err = assert_never_ran(&mut dst);
+    let (dst_code, dst_err) = assert_never_ran(&mut dst);
+    assert_eq!(dst_code, Some(USAGE), "{dst_err}");
     assert!(dst_err.contains("without TLS"), "{dst_err}");
 }
 
@@ -414,8 +325,8 @@ fn test_bad_tls_files_are_refused_before_anything_starts() {
     empty_ca[5] = pki.path("empty.pem");
 
     // Act
-    let missing = migrate(&mut src, missing);
-    let partial = migrate(&mut src, partial);
+    let missing = request_migrate(&mut src, missing);
+    let partial = request_migrate(&mut src, partial);
     let status = src.request(r#"{"op":"migrate-status"}"#);
     let (ca_code, ca_err) = run(&empty_ca);
     let (half_code, half_err) = run(&pki.incoming_flags()[..2]);
@@ -453,10 +364,10 @@ fn test_cancel_cuts_a_tls_migration_and_the_source_keeps_running() {
     let endpoint = free_tcp_endpoint();
     let mut src = Vm::start("tls-cancel", "mem-fill 3 32;dirty 4 500 100");
     src.wait_line("tick n=2 ");
-    let mut dst = start_destination("tls-cancel-d", &endpoint, &pki.incoming_flags());
+    let mut dst = start_destination_with("tls-cancel-d", &endpoint, &pki.incoming_flags());
     let mut request = serde_json::json!({"to": endpoint, "bandwidth_mib_s": 4});
     pki.migrate_fields("src", &mut request);
-    let reply = migrate(&mut src, request);
+    let reply = request_migrate(&mut src, request);
     let deadline = Instant::now() + WATCHDOG;
     while status_once(&src.sock).is_none_or(|s| s["migration"]["phase"] != "copying") {
         assert!(Instant::now() < deadline, "the copy never started");
@@ -466,7 +377,7 @@ fn test_cancel_cuts_a_tls_migration_and_the_source_keeps_running() {
 
     // Act
     let cancel = src.request(r#"{"op":"migrate-cancel"}"#);
-    let status = wait_migration(&mut src);
+    let (status, _) = wait_migration(&mut src);
 
     // Assert
     assert_eq!(reply["ok"], true, "{reply}");

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::common::{self, pattern, RunOutput};
 
 pub mod control;
+pub mod migrate;
 pub mod vsock;
 
 /// Marker the guest prints once it takes commands.
