@@ -15,7 +15,8 @@ readonly ROOT_DIR
 # checks the qcow2 images Ferrite writes; fio: the host's own disk ceiling in the benchmark;
 # curl and openssl: the daemon tests talk HTTP over its Unix socket and make TLS certificates;
 # prometheus: its promtool checks the daemon's /metrics.
-readonly APT_PACKAGES=(shellcheck libc6-dev iproute2 iputils-ping qemu-utils fio curl openssl prometheus)
+# libclang-dev: the userfaultfd crate (post-copy migration) generates its kernel bindings.
+readonly APT_PACKAGES=(shellcheck libc6-dev iproute2 iputils-ping qemu-utils fio curl openssl prometheus libclang-dev)
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 

@@ -495,6 +495,9 @@ pub enum MigrationPhase {
     Copying,
     /// The guest is paused for the last copy and its state.
     Final,
+    /// Post-copy: the guest runs on the destination, which fetches the pages it still lacks
+    /// from the source.
+    Postcopy,
     /// The guest runs on the destination; the source forgot the VM.
     Completed,
     /// It failed; the guest keeps running on the source.
@@ -511,7 +514,10 @@ impl MigrationPhase {
     pub fn is_done(self) -> bool {
         !matches!(
             self,
-            MigrationPhase::Connecting | MigrationPhase::Copying | MigrationPhase::Final
+            MigrationPhase::Connecting
+                | MigrationPhase::Copying
+                | MigrationPhase::Final
+                | MigrationPhase::Postcopy
         )
     }
 
@@ -522,6 +528,7 @@ impl MigrationPhase {
             MigrationPhase::Connecting => "connecting",
             MigrationPhase::Copying => "copying",
             MigrationPhase::Final => "final",
+            MigrationPhase::Postcopy => "postcopy",
             MigrationPhase::Completed => "completed",
             MigrationPhase::Failed => "failed",
             MigrationPhase::Cancelled => "cancelled",

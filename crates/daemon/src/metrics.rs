@@ -21,10 +21,11 @@ const STATES: [VmState; 7] = [
 ];
 
 /// Every phase of a migration that was started, for the `ferrite_migration_phase` state set.
-const PHASES: [MigrationPhase; 7] = [
+const PHASES: [MigrationPhase; 8] = [
     MigrationPhase::Connecting,
     MigrationPhase::Copying,
     MigrationPhase::Final,
+    MigrationPhase::Postcopy,
     MigrationPhase::Completed,
     MigrationPhase::Failed,
     MigrationPhase::Cancelled,

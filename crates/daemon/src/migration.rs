@@ -272,7 +272,7 @@ impl Daemon {
             };
             match info.phase {
                 MigrationPhase::Connecting | MigrationPhase::None => {}
-                MigrationPhase::Copying | MigrationPhase::Final => {
+                MigrationPhase::Copying | MigrationPhase::Final | MigrationPhase::Postcopy => {
                     if last_round != Some(info.round) && info.phase == MigrationPhase::Copying {
                         last_round = Some(info.round);
                         self.event(&slot.name, "migration-progress", progress_line(&info));

@@ -511,10 +511,9 @@ enum Conn {
 }
 
 /// A TLS connection shared by every handle of one [`crate::Stream`]: rustls connections
-/// cannot be cloned, so the handles take turns through a mutex. The protocol never reads and
-/// writes one side's connection at the same time (a source writes frames and reads a reply
-/// only after flushing them; a destination reads frames and answers between reads), so the
-/// mutex is never contended in earnest. Cancelling, shutting down and timeouts go to a raw
+/// cannot be cloned, so the handles take turns through a mutex, held only while records are
+/// encrypted or decrypted: a read waits for the socket without it, so one thread may read
+/// while another writes (post-copy does). Cancelling, shutting down and timeouts go to a raw
 /// clone of the socket, without the mutex: a shutdown returns a read blocked while holding it.
 pub struct TlsStream {
     conn: Arc<Mutex<Conn>>,
@@ -566,12 +565,75 @@ fn plain(e: std::io::Error) -> std::io::Error {
 }
 
 impl Read for TlsStream {
+    /// Reads wait for the socket without the mutex, so one handle may write (post-copy page
+    /// requests, replies) while another waits for data: the lock is held only to decrypt what
+    /// already arrived.
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match &mut *self.lock() {
-            Conn::Client(s) => s.read(buf),
-            Conn::Server(s) => s.read(buf),
+        loop {
+            match self.lock().read_plaintext(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                other => return other.map_err(plain),
+            }
+            wait_readable(&self.raw, self.raw.read_timeout()?)?;
+            self.lock().receive_records()?;
         }
-        .map_err(plain)
+    }
+}
+
+impl Conn {
+    /// Plaintext already decrypted, or WouldBlock when none is.
+    fn read_plaintext(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Client(s) => s.conn.reader().read(buf),
+            Conn::Server(s) => s.conn.reader().read(buf),
+        }
+    }
+
+    /// Take in the records the socket holds (it is readable, so this does not block) and
+    /// decrypt them.
+    fn receive_records(&mut self) -> std::io::Result<()> {
+        let bad = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        match self {
+            Conn::Client(s) => {
+                s.conn.read_tls(&mut s.sock)?;
+                s.conn.process_new_packets().map_err(bad)?;
+            }
+            Conn::Server(s) => {
+                s.conn.read_tls(&mut s.sock)?;
+                s.conn.process_new_packets().map_err(bad)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Wait until `sock` has data (or is closed), at most `timeout`.
+fn wait_readable(sock: &TcpStream, timeout: Option<Duration>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut fds = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.map_or(-1, |t| t.as_millis().clamp(1, i32::MAX as u128) as i32);
+    loop {
+        // SAFETY: `fds` is one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut fds, 1, ms) };
+        match n {
+            0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    "timed out waiting for the peer",
+                ))
+            }
+            n if n > 0 => return Ok(()),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
     }
 }
 
@@ -739,6 +801,7 @@ mod tests {
             config: serde_json::json!({}),
             regions: Vec::new(),
             memory_fds: false,
+            postcopy: false,
         }
     }
 

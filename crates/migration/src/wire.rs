@@ -57,6 +57,11 @@ pub struct Hello {
     /// answers [`Reply::Mapped`] once it mapped them.
     #[serde(default)]
     pub memory_fds: bool,
+    /// Post-copy: after the pre-copy rounds (if any), the source pauses, sends a
+    /// [`Frame::Fetch`] map per region and the state; the destination runs the guest at once
+    /// and asks for the pages it touches ([`Reply::Request`]) while the source pushes the rest.
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 /// The message the memory files of a same-host handover are attached to.
@@ -94,6 +99,17 @@ pub enum Frame {
     Commit,
     /// The source gives up (cancelled, failed): discard everything.
     Abort(String),
+    /// Post-copy: the pages of region `region` the destination does not hold yet (one bit a
+    /// page, 64 pages a word); any other page it lacks is zero. Sent once per region, after
+    /// the pre-copy rounds and before the state.
+    Fetch {
+        /// Region index.
+        region: u32,
+        /// The page bitmap, `ceil(pages / 64)` words.
+        bitmap: Vec<u64>,
+    },
+    /// Post-copy: every page of the fetch maps was sent.
+    PostcopyEnd,
 }
 
 /// Destination → source.
@@ -111,6 +127,17 @@ pub enum Reply {
     Running,
     /// Same-host handover: the memory files are mapped and the VM is built over them.
     Mapped,
+    /// Post-copy: the guest needs these pages now (they jump the background push).
+    Request {
+        /// Region index.
+        region: u32,
+        /// First page index in the region.
+        first_page: u64,
+        /// Number of pages (1..=[`MAX_RUN_PAGES`]).
+        count: u32,
+    },
+    /// Post-copy: every fetched page is in place; the source may go.
+    PostcopyDone,
 }
 
 const F_PAGES: u8 = 1;
@@ -126,6 +153,12 @@ const R_READY: u8 = 0x83;
 const R_FAILED: u8 = 0x84;
 const R_RUNNING: u8 = 0x85;
 const R_MAPPED: u8 = 0x86;
+const F_FETCH: u8 = 0x10;
+const F_POSTCOPY_END: u8 = 0x11;
+const R_REQUEST: u8 = 0x90;
+const R_POSTCOPY_DONE: u8 = 0x91;
+/// Largest fetch bitmap (words): 64 TiB of guest RAM in one region.
+const MAX_FETCH_WORDS: u64 = 1 << 28;
 
 fn protocol(msg: impl Into<String>) -> MigrationError {
     MigrationError::Protocol(msg.into())
@@ -258,6 +291,16 @@ pub fn frame_bytes(frame: &Frame) -> Vec<u8> {
             out.push(F_ABORT);
             out.extend_from_slice(&text_bytes(reason));
         }
+        Frame::Fetch { region, bitmap } => {
+            out.reserve(12 + bitmap.len() * 8);
+            out.push(F_FETCH);
+            out.extend_from_slice(&region.to_le_bytes());
+            out.extend_from_slice(&(bitmap.len() as u64).to_le_bytes());
+            for w in bitmap {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        Frame::PostcopyEnd => out.push(F_POSTCOPY_END),
     }
     out
 }
@@ -301,6 +344,23 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame> {
         F_DONE => Frame::Done,
         F_COMMIT => Frame::Commit,
         F_ABORT => Frame::Abort(read_text(r)?),
+        F_FETCH => {
+            let region = read_u32(r)?;
+            let words = read_u64(r)?;
+            if words > MAX_FETCH_WORDS {
+                return Err(protocol(format!(
+                    "a fetch map of {words} words is too large"
+                )));
+            }
+            let mut raw = vec![0u8; words as usize * 8];
+            r.read_exact(&mut raw)?;
+            let bitmap = raw
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+                .collect();
+            Frame::Fetch { region, bitmap }
+        }
+        F_POSTCOPY_END => Frame::PostcopyEnd,
         other => return Err(protocol(format!("unknown frame type {other:#x}"))),
     })
 }
@@ -329,6 +389,30 @@ pub fn run_bounds(
     }
 }
 
+/// Check a [`Frame::Fetch`] map against `regions`: it must name an existing region and hold
+/// exactly one bit per page of it (rounded up to whole words), with no bit past its end.
+/// Returns the region's page count.
+pub fn check_fetch(regions: &[RegionInfo], region: u32, bitmap: &[u64]) -> Result<usize> {
+    let info = regions.get(region as usize).ok_or_else(|| {
+        protocol(format!(
+            "fetch map for region {region}, which does not exist"
+        ))
+    })?;
+    let pages = (info.size / PAGE_SIZE) as usize;
+    if bitmap.len() != pages.div_ceil(64) {
+        return Err(protocol(format!(
+            "the fetch map of region {region} has {} words for {pages} pages",
+            bitmap.len()
+        )));
+    }
+    if !pages.is_multiple_of(64) && bitmap.last().is_some_and(|w| w >> (pages % 64) != 0) {
+        return Err(protocol(format!(
+            "the fetch map of region {region} names pages past its end"
+        )));
+    }
+    Ok(pages)
+}
+
 /// Read a page run's bytes into `dest` (exactly the run's length).
 pub fn read_pages_into(r: &mut impl Read, dest: &mut [u8]) -> Result<()> {
     r.read_exact(dest)?;
@@ -351,6 +435,17 @@ pub fn write_reply(w: &mut impl Write, reply: &Reply) -> Result<()> {
         }
         Reply::Running => out.push(R_RUNNING),
         Reply::Mapped => out.push(R_MAPPED),
+        Reply::Request {
+            region,
+            first_page,
+            count,
+        } => {
+            out.push(R_REQUEST);
+            out.extend_from_slice(&region.to_le_bytes());
+            out.extend_from_slice(&first_page.to_le_bytes());
+            out.extend_from_slice(&count.to_le_bytes());
+        }
+        Reply::PostcopyDone => out.push(R_POSTCOPY_DONE),
     }
     w.write_all(&out)?;
     w.flush()?;
@@ -366,6 +461,20 @@ pub fn read_reply(r: &mut impl Read) -> Result<Reply> {
         R_FAILED => Reply::Failed(read_text(r)?),
         R_RUNNING => Reply::Running,
         R_MAPPED => Reply::Mapped,
+        R_REQUEST => {
+            let region = read_u32(r)?;
+            let first_page = read_u64(r)?;
+            let count = read_u32(r)?;
+            if count == 0 || count > MAX_RUN_PAGES {
+                return Err(protocol(format!("a request for {count} pages")));
+            }
+            Reply::Request {
+                region,
+                first_page,
+                count,
+            }
+        }
+        R_POSTCOPY_DONE => Reply::PostcopyDone,
         other => return Err(protocol(format!("unknown reply type {other:#x}"))),
     })
 }
@@ -397,6 +506,11 @@ mod tests {
             Frame::Done,
             Frame::Commit,
             Frame::Abort("cancelled".into()),
+            Frame::Fetch {
+                region: 1,
+                bitmap: vec![5, u64::MAX],
+            },
+            Frame::PostcopyEnd,
         ] {
             assert_eq!(roundtrip(frame.clone()), frame);
         }
@@ -442,6 +556,19 @@ mod tests {
     }
 
     #[test]
+    fn test_fetch_maps_must_fit_their_region() {
+        let regions = [RegionInfo {
+            guest_addr: 0,
+            size: 70 * PAGE_SIZE,
+        }];
+
+        assert_eq!(check_fetch(&regions, 0, &[u64::MAX, 0x3f]).unwrap(), 70);
+        assert!(check_fetch(&regions, 0, &[u64::MAX, 0x40]).is_err());
+        assert!(check_fetch(&regions, 0, &[u64::MAX]).is_err());
+        assert!(check_fetch(&regions, 1, &[0, 0]).is_err());
+    }
+
+    #[test]
     fn test_other_protocol_versions_and_strangers_are_incompatible() {
         let mut stream = MAGIC.to_vec();
         stream.extend_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
@@ -471,6 +598,7 @@ mod tests {
                 size: 1 << 20,
             }],
             memory_fds: false,
+            postcopy: true,
         };
         let mut buf = Vec::new();
         write_hello(&mut buf, &hello).unwrap();
@@ -481,15 +609,31 @@ mod tests {
             Reply::Failed("bad".into()),
             Reply::Running,
             Reply::Mapped,
+            Reply::Request {
+                region: 0,
+                first_page: 9,
+                count: 2,
+            },
+            Reply::PostcopyDone,
         ] {
             write_reply(&mut buf, &reply).unwrap();
         }
 
         let mut r = buf.as_slice();
         let got = read_hello(&mut r).unwrap();
-        let replies: Vec<Reply> = (0..6).map(|_| read_reply(&mut r).unwrap()).collect();
+        let replies: Vec<Reply> = (0..8).map(|_| read_reply(&mut r).unwrap()).collect();
 
         assert_eq!(got.regions, hello.regions);
+        assert!(got.postcopy);
+        assert_eq!(
+            replies[6],
+            Reply::Request {
+                region: 0,
+                first_page: 9,
+                count: 2
+            }
+        );
+        assert_eq!(replies[7], Reply::PostcopyDone);
         assert_eq!(replies[1], Reply::Refuse("no".into()));
         assert_eq!(replies[4], Reply::Running);
         assert_eq!(replies[5], Reply::Mapped);

@@ -119,6 +119,9 @@ fn check_hello(hello: &Hello) -> Result<VmConfig, String> {
             hello.ferrite_version
         ));
     }
+    if hello.postcopy && hello.memory_fds {
+        return Err("post-copy and a same-host memory handover exclude each other".to_string());
+    }
     let config: VmConfig = serde_json::from_value(hello.config.clone())
         .map_err(|e| format!("its configuration cannot be read here: {e}"))?;
     crate::devices::vsock::validate_incoming(&config, None).map_err(|e| e.to_string())?;
@@ -173,6 +176,7 @@ impl Incoming {
             prebuild_done = Some(prebuilt);
         }
         let regions: Vec<(*mut u8, u64)> = mem.iter().map(|r| (r.as_ptr(), r.len())).collect();
+        let mut fetch = super::postcopy::FetchMaps::new(regions.len());
         // Only read until the state arrived; the start gate writes on `self.stream` after
         // `reader` is gone (over TLS both share one connection).
         let mut reader = std::io::BufReader::with_capacity(1 << 20, self.stream.try_clone()?);
@@ -183,6 +187,15 @@ impl Incoming {
                         "page data in a same-host handover, whose memory is shared".into(),
                     )
                     .into())
+                }
+                Frame::Pages { .. } | Frame::Zero { .. } if fetch.any() => {
+                    return Err(MigrationError::Protocol(
+                        "page data after the post-copy fetch maps, before the state".into(),
+                    )
+                    .into())
+                }
+                Frame::Fetch { region, bitmap } if self.hello.postcopy => {
+                    fetch.set(&self.hello.regions, region, bitmap)?;
                 }
                 Frame::Pages {
                     region,
@@ -251,18 +264,42 @@ impl Incoming {
                 }
             }
         };
-        let reader = snapshot::StateReader::from_bytes(&state, Path::new("the migration stream"))
+        let state = snapshot::StateReader::from_bytes(&state, Path::new("the migration stream"))
             .map_err(crate::vm_snapshot::VmSnapshotError::from)?;
         let mut snap =
-            crate::vm_snapshot::from_reader(&reader, None, SnapshotMemory::Received(mem))?;
+            crate::vm_snapshot::from_reader(&state, None, SnapshotMemory::Received(mem))?;
         let prebuilt = match prebuild_done {
             Some(p) => p,
             None => join_prebuild(prebuild.take())?,
         };
         snap.prebuilt = Some(Mutex::new(Some(prebuilt)));
-        snap.start_gate = Some(Mutex::new(Some(StartGate {
-            stream: self.stream,
-        })));
+        let gate = if self.hello.postcopy {
+            // From here on guest RAM faults are served from the stream: the state is applied
+            // and the guest runs before every page arrived.
+            let SnapshotMemory::Received(mem) = &snap.memory else {
+                return Err(IncomingError::Prebuild(
+                    "received memory went missing".into(),
+                ));
+            };
+            let postcopy = super::postcopy::start(
+                mem,
+                &self.hello.regions,
+                fetch,
+                Box::new(reader),
+                self.stream,
+            )?;
+            StartGate {
+                writer: postcopy.writer,
+                commits: Some(postcopy.events),
+            }
+        } else {
+            drop(reader);
+            StartGate {
+                writer: std::sync::Arc::new(Mutex::new(self.stream)),
+                commits: None,
+            }
+        };
+        snap.start_gate = Some(Mutex::new(Some(gate)));
         Ok(snap)
     }
 }
@@ -279,25 +316,44 @@ fn join_prebuild(
 
 /// Holds the destination's vCPUs until the source commits.
 pub struct StartGate {
-    stream: Stream,
+    /// The stream's write half (post-copy's fault thread writes on it too).
+    writer: std::sync::Arc<Mutex<Stream>>,
+    /// Post-copy: the receiver thread reads the stream and reports the commit here;
+    /// otherwise the gate reads it from the stream itself.
+    commits: Option<std::sync::mpsc::Receiver<super::postcopy::GateEvent>>,
 }
 
 impl StartGate {
+    fn reply(&self, reply: &Reply) -> Result<(), MigrationError> {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        wire::write_reply(&mut *w, reply)
+    }
+
     /// Tell the source the VM is ready and wait for its commit; then confirm it runs. An
     /// error means the guest must not run here.
-    pub fn open(mut self) -> Result<(), String> {
-        wire::write_reply(&mut self.stream, &Reply::Ready).map_err(|e| e.to_string())?;
-        self.stream
-            .set_read_timeout(Some(COMMIT_TIMEOUT))
-            .map_err(|e| e.to_string())?;
-        match wire::read_frame(&mut self.stream).map_err(|e| e.to_string())? {
-            Frame::Commit => {}
-            Frame::Abort(reason) => return Err(format!("the source aborted: {reason}")),
-            other => return Err(format!("expected the commit, got {other:?}")),
+    pub fn open(self) -> Result<(), String> {
+        self.reply(&Reply::Ready).map_err(|e| e.to_string())?;
+        match &self.commits {
+            Some(events) => match events.recv_timeout(COMMIT_TIMEOUT) {
+                Ok(super::postcopy::GateEvent::Commit) => {}
+                Ok(super::postcopy::GateEvent::Failed(reason)) => return Err(reason),
+                Err(_) => return Err("the source did not commit in time".to_string()),
+            },
+            None => {
+                let mut stream = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+                stream
+                    .set_read_timeout(Some(COMMIT_TIMEOUT))
+                    .map_err(|e| e.to_string())?;
+                match wire::read_frame(&mut *stream).map_err(|e| e.to_string())? {
+                    Frame::Commit => {}
+                    Frame::Abort(reason) => return Err(format!("the source aborted: {reason}")),
+                    other => return Err(format!("expected the commit, got {other:?}")),
+                }
+            }
         }
         // Best effort: the source already stopped for good; if it misses this, it keeps its
         // copy paused and says so.
-        if let Err(e) = wire::write_reply(&mut self.stream, &Reply::Running) {
+        if let Err(e) = self.reply(&Reply::Running) {
             tracing::warn!("cannot confirm the migration to the source: {e}");
         }
         Ok(())

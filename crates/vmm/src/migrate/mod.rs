@@ -4,6 +4,7 @@
 //! wire protocol is the `migration` crate's; the state is the snapshot format's.
 
 pub mod incoming;
+mod postcopy;
 pub mod source;
 mod throttle;
 
@@ -47,6 +48,17 @@ pub struct MigrateOptions {
     /// state only.
     #[serde(default)]
     pub fd_handover: bool,
+    /// Post-copy: after `precopy_rounds` pre-copy rounds, pause, hand the state over and run
+    /// the guest on the destination at once; its missing pages are fetched when it touches
+    /// them while the rest is pushed in the background. The downtime no longer depends on
+    /// how fast the guest writes; but until every page is across, losing the connection
+    /// loses the guest.
+    #[serde(default)]
+    pub postcopy: bool,
+    /// Post-copy: pre-copy rounds first (0: switch at once; 1: one full pass while the guest
+    /// runs, then fetch only what it wrote since).
+    #[serde(default)]
+    pub precopy_rounds: u32,
     /// TLS (with `tls_key` and `tls_ca`): this source's certificate chain, PEM. The stream
     /// is then encrypted and both sides authenticated by certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +113,24 @@ impl MigrateOptions {
                 self.to
             ));
         }
+        if self.postcopy && self.fd_handover {
+            return Err(
+                "postcopy and fd_handover exclude each other: a handover moves no pages"
+                    .to_string(),
+            );
+        }
+        if self.precopy_rounds > 0 && !self.postcopy {
+            return Err(
+                "precopy_rounds only applies to post-copy: add \"postcopy\": true, or drop it"
+                    .to_string(),
+            );
+        }
+        if self.precopy_rounds > 30 {
+            return Err(format!(
+                "precopy_rounds {} is out of range: give 0..=30",
+                self.precopy_rounds
+            ));
+        }
         if self.timeout_s == 0 || self.timeout_s > 86_400 {
             return Err(format!(
                 "timeout_s {} is out of range: give 1..=86400",
@@ -146,6 +176,8 @@ pub enum Phase {
     Copying,
     /// The guest is paused for the last copy and the state.
     Final,
+    /// Post-copy: the guest runs on the destination, which fetches the pages it still lacks.
+    Postcopy,
     /// The guest runs on the destination; this VMM stops.
     Completed,
     /// It failed; the guest keeps running here.
@@ -176,6 +208,8 @@ pub struct MigrationStatus {
     pub zero_pages: u64,
     /// Achieved rate, bytes/s.
     pub rate_bytes_per_s: u64,
+    /// Post-copy: pages the destination asked for (the guest touched them before they came).
+    pub postcopy_requests: u64,
     /// Share of time the vCPUs are held back by auto-converge, percent.
     pub throttle_pct: u32,
     /// Time since the start, ms.

@@ -19,6 +19,8 @@ use super::{Converge, MigrateOptions, MigrateTarget, MigrationStatus, Phase, Sha
 use crate::control::VmOps;
 use crate::live::LiveVm;
 
+mod postcopy;
+
 /// How long the source waits for the destination to connect-accept.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(5);
 /// How long the source waits for the destination to build the VM from the final state.
@@ -76,6 +78,8 @@ impl SourceJob {
                     start: Instant::now(),
                     committed: false,
                     paused_at: None,
+                    resumed_at: None,
+                    postcopy_started: false,
                     disks_released: false,
                 };
                 let result = job.run(&target);
@@ -146,6 +150,11 @@ struct Migration<'a> {
     start: Instant,
     committed: bool,
     paused_at: Option<Instant>,
+    /// When the destination said the guest runs there (post-copy: before every page
+    /// arrived).
+    resumed_at: Option<Instant>,
+    /// Post-copy committed: the guest's memory is split between the hosts.
+    postcopy_started: bool,
     disks_released: bool,
 }
 
@@ -280,6 +289,7 @@ impl Migration<'_> {
                 })
                 .collect(),
             memory_fds: self.opts.fd_handover,
+            postcopy: self.opts.postcopy,
         };
         let mut out = Out {
             w: BufWriter::with_capacity(SEND_BUFFER, stream),
@@ -299,9 +309,12 @@ impl Migration<'_> {
             other => return Err(Failure::Failed(format!("Unexpected reply {other:?}"))),
         }
         let fd_handover = self.opts.fd_handover;
+        let postcopy = self.opts.postcopy;
+        // Pure post-copy sends nothing while the guest runs here: no log to keep.
+        let dirty_log = !(fd_handover || postcopy && self.opts.precopy_rounds == 0);
         if fd_handover {
             self.hand_over_memory(&out, &mut reader)?;
-        } else {
+        } else if dirty_log {
             self.vm.start_dirty_log().map_err(Failure::Failed)?;
         }
         // Probe the MSR list now, not while the guest is paused.
@@ -312,11 +325,13 @@ impl Migration<'_> {
             .and_then(|()| {
                 if fd_handover {
                     self.finish_copy(&mut out, &mut reader, &regions, None, 0)
+                } else if postcopy {
+                    self.postcopy(&mut out, &mut reader, &regions)
                 } else {
                     self.copy(&mut out, &mut reader, &regions)
                 }
             });
-        if result.is_err() && !self.committed && !fd_handover {
+        if result.is_err() && !self.committed && dirty_log {
             self.vm.stop_dirty_log();
         }
         if result.is_err() && !self.committed {
@@ -370,61 +385,66 @@ impl Migration<'_> {
         zero_known: bool,
     ) -> Result<(), Failure> {
         for (ri, region) in regions.iter().enumerate() {
-            let mut run: Option<(usize, usize, bool)> = None; // (first, count, zero)
-            let flush = |out: &mut Out, run: (usize, usize, bool)| -> Result<(), Failure> {
-                let (first, count, zero) = run;
-                if zero {
-                    out.zeros += count as u64;
-                    if !zero_known {
-                        out.frame(&Frame::Zero {
-                            region: ri as u32,
-                            first_page: first as u64,
-                            count: count as u64,
-                        })?;
-                    }
-                    Ok(())
-                } else {
-                    out.pages(ri as u32, first, region.bytes(first, count))
-                }
-            };
-            for p in 0..region.pages() {
-                if !wanted(ri, p) {
-                    continue;
-                }
-                let zero = region.is_zero(p);
-                match run {
-                    Some((first, count, z))
-                        if z == zero
-                            && first + count == p
-                            && (zero || count < MAX_RUN_PAGES as usize) =>
-                    {
-                        run = Some((first, count + 1, z));
-                    }
-                    Some(done) => {
-                        flush(out, done)?;
-                        self.check_cancel()?;
-                        run = Some((p, 1, zero));
-                    }
-                    None => run = Some((p, 1, zero)),
-                }
-            }
-            if let Some(done) = run {
-                flush(out, done)?;
-            }
+            let pages = (0..region.pages()).filter(|&p| wanted(ri, p));
+            self.send_span(out, ri, region, pages, zero_known)?;
         }
         Ok(())
     }
 
-    fn copy(
-        &mut self,
+    /// Send `pages` (ascending) of region `ri` in runs, as [`Self::send_pages`] does.
+    fn send_span(
+        &self,
         out: &mut Out,
-        reader: &mut Stream,
-        regions: &[RegionView],
+        ri: usize,
+        region: &RegionView,
+        pages: impl Iterator<Item = usize>,
+        zero_known: bool,
     ) -> Result<(), Failure> {
-        let deadline = self.start + Duration::from_secs(self.opts.timeout_s);
-        // Round 0: every page the guest ever touched (file-backed RAM of a restored VM: every
-        // page, since untouched pages still hold the snapshot's data).
-        let touched: Vec<Vec<bool>> = regions
+        let mut run: Option<(usize, usize, bool)> = None; // (first, count, zero)
+        let flush = |out: &mut Out, run: (usize, usize, bool)| -> Result<(), Failure> {
+            let (first, count, zero) = run;
+            if zero {
+                out.zeros += count as u64;
+                if !zero_known {
+                    out.frame(&Frame::Zero {
+                        region: ri as u32,
+                        first_page: first as u64,
+                        count: count as u64,
+                    })?;
+                }
+                Ok(())
+            } else {
+                out.pages(ri as u32, first, region.bytes(first, count))
+            }
+        };
+        for p in pages {
+            let zero = region.is_zero(p);
+            match run {
+                Some((first, count, z))
+                    if z == zero
+                        && first + count == p
+                        && (zero || count < MAX_RUN_PAGES as usize) =>
+                {
+                    run = Some((first, count + 1, z));
+                }
+                Some(done) => {
+                    flush(out, done)?;
+                    self.check_cancel()?;
+                    run = Some((p, 1, zero));
+                }
+                None => run = Some((p, 1, zero)),
+            }
+        }
+        if let Some(done) = run {
+            flush(out, done)?;
+        }
+        Ok(())
+    }
+
+    /// Every page the guest ever touched, per region (file-backed RAM of a restored VM: every
+    /// page, since untouched pages still hold the snapshot's data).
+    fn touched_pages(&self, regions: &[RegionView]) -> Result<Vec<Vec<bool>>, Failure> {
+        regions
             .iter()
             .map(|r| {
                 if r.file_backed {
@@ -437,7 +457,12 @@ impl Migration<'_> {
                     .map_err(|e| Failure::Failed(e.to_string()))
                 }
             })
-            .collect::<Result<_, _>>()?;
+            .collect()
+    }
+
+    /// Round 0: send every page the guest ever touched, while it runs.
+    fn first_pass(&self, out: &mut Out, regions: &[RegionView]) -> Result<(), Failure> {
+        let touched = self.touched_pages(regions)?;
         self.update(|s| {
             s.phase = Phase::Copying;
             s.remaining_bytes = touched.iter().flatten().filter(|&&t| t).count() as u64 * PAGE_SIZE;
@@ -446,6 +471,17 @@ impl Migration<'_> {
         self.send_pages(out, regions, &|r, p| touched[r][p], true)?;
         out.w.flush()?;
         self.report(out, 0);
+        Ok(())
+    }
+
+    fn copy(
+        &mut self,
+        out: &mut Out,
+        reader: &mut Stream,
+        regions: &[RegionView],
+    ) -> Result<(), Failure> {
+        let deadline = self.start + Duration::from_secs(self.opts.timeout_s);
+        self.first_pass(out, regions)?;
 
         let budget = Duration::from_millis(self.opts.downtime_ms);
         let mut throttle: Option<Throttle> = None;
@@ -515,23 +551,7 @@ impl Migration<'_> {
         dirty: Option<Vec<Vec<u64>>>,
         round: u32,
     ) -> Result<(), Failure> {
-        self.check_cancel()?;
-        self.vm
-            .pause()
-            .map_err(|(_, m)| Failure::Failed(format!("Cannot pause the VM: {m}")))?;
-        self.paused_at = Some(Instant::now());
-        tracing::debug!("paused for the final copy");
-        self.update(|s| {
-            s.phase = Phase::Final;
-            s.round = round;
-            s.throttle_pct = 0;
-        });
-        // The destination opens the disks once the state arrived, so they are flushed and
-        // let go of before it is sent.
-        self.disks_released = true;
-        self.vm.release_disks().map_err(Failure::Failed)?;
-        // Same for the host resources a destination on this host opens by name.
-        self.vm.release_host_devices().map_err(Failure::Failed)?;
+        self.pause_for_handover(round)?;
         // Without a copy (memory handed over by file), there are no pages to send.
         if let Some(mut dirty) = dirty {
             let last = self.vm.harvest_dirty().map_err(Failure::Failed)?;
@@ -544,19 +564,7 @@ impl Migration<'_> {
             self.send_pages(out, regions, &|r, p| bit(&dirty[r], p), false)?;
             tracing::debug!("final pages sent");
         }
-        let vcpus = self
-            .vm
-            .save_vcpus()
-            .map_err(|e| Failure::Failed(e.to_string()))?;
-        let config = self.vm.current_config();
-        let state = crate::vm_snapshot::state_bytes(&self.vm.sources(
-            vcpus,
-            crate::vm_snapshot::MemoryCapture::Touched,
-            &config,
-        ))
-        .map_err(|e| Failure::Failed(e.to_string()))?;
-        out.frame(&Frame::State(state))?;
-        out.frame(&Frame::Done)?;
+        self.send_state(out)?;
         out.w.flush()?;
         tracing::debug!("state sent");
         reader.set_read_timeout(Some(READY_TIMEOUT))?;
@@ -582,6 +590,45 @@ impl Migration<'_> {
         }
     }
 
+    /// Pause the guest for good (unless the migration fails before the commit) and let go of
+    /// what the destination opens once the state arrived: the disks (flushed) and the host
+    /// resources a destination on this host opens by name.
+    fn pause_for_handover(&mut self, round: u32) -> Result<(), Failure> {
+        self.check_cancel()?;
+        self.vm
+            .pause()
+            .map_err(|(_, m)| Failure::Failed(format!("Cannot pause the VM: {m}")))?;
+        self.paused_at = Some(Instant::now());
+        tracing::debug!("paused for the final copy");
+        self.update(|s| {
+            s.phase = Phase::Final;
+            s.round = round;
+            s.throttle_pct = 0;
+        });
+        self.disks_released = true;
+        self.vm.release_disks().map_err(Failure::Failed)?;
+        self.vm.release_host_devices().map_err(Failure::Failed)?;
+        Ok(())
+    }
+
+    /// Send the paused VM's state (vCPUs, irqchip, clock, devices) and the end of the stream.
+    fn send_state(&self, out: &mut Out) -> Result<(), Failure> {
+        let vcpus = self
+            .vm
+            .save_vcpus()
+            .map_err(|e| Failure::Failed(e.to_string()))?;
+        let config = self.vm.current_config();
+        let state = crate::vm_snapshot::state_bytes(&self.vm.sources(
+            vcpus,
+            crate::vm_snapshot::MemoryCapture::Touched,
+            &config,
+        ))
+        .map_err(|e| Failure::Failed(e.to_string()))?;
+        out.frame(&Frame::State(state))?;
+        out.frame(&Frame::Done)?;
+        Ok(())
+    }
+
     fn report(&self, out: &Out, round: u32) {
         let rate = out.pacer.rate().unwrap_or(0.0) as u64;
         let (sent, pages, zeros) = (out.pacer.bytes(), out.pages, out.zeros);
@@ -598,9 +645,10 @@ impl Migration<'_> {
     /// Record the outcome; hand the guest over (stop this VMM) or let it run on here.
     fn finish(&mut self, result: Result<(), Failure>) {
         let now = Instant::now();
+        let resumed = self.resumed_at.unwrap_or(now);
         let downtime = self
             .paused_at
-            .map(|t| now.duration_since(t).as_secs_f64() * 1e3);
+            .map(|t| resumed.duration_since(t).as_secs_f64() * 1e3);
         let total = self.start.elapsed().as_secs_f64() * 1e3;
         match result {
             Ok(()) => {
@@ -617,6 +665,20 @@ impl Migration<'_> {
                     "migration completed: the guest runs on the destination"
                 );
                 self.vm.shutdown.request(ShutdownKind::Migrated);
+            }
+            Err(failure) if self.postcopy_started => {
+                let message = match failure {
+                    Failure::Cancelled => "cancelled after the switch".to_string(),
+                    Failure::Failed(m) => m,
+                };
+                tracing::error!("post-copy failed after the switch: {message}");
+                self.update(|s| {
+                    s.phase = Phase::Failed;
+                    s.total_ms = Some(total);
+                    s.error = Some(format!(
+                        "Post-copy failed after the guest started on the destination                          ({message}): part of its memory never got there, so the destination                          stops it. The copy here stays paused and is stale (the guest ran on                          the destination): do not resume it; restore from a snapshot"
+                    ));
+                });
             }
             Err(failure) if self.committed => {
                 let message = match failure {
