@@ -14,14 +14,16 @@ use testguest_common::migrate::*;
 use testguest_common::{num, WATCHDOG};
 
 /// Boot a guest with `--dirty-log MODE` (plus `extra` flags and `env`) that dirties
-/// `dirty` (the guest's `dirty MIB RATE REPORT_MS`), migrate it over TCP, and return the
-/// last migration status, the source's stderr and the destination's `dirty-check` line.
+/// `dirty` (the guest's `dirty MIB RATE REPORT_MS`), migrate it over TCP at up to
+/// `bandwidth_mib_s` (0: unlimited), and return the last migration status, the source's
+/// stderr, the destination's `dirty-check` line and the source's exit code.
 fn migrate_dirtying_guest(
     name: &str,
     mode: &str,
     dirty: &str,
     extra: &[&str],
     env: &[(&str, &str)],
+    bandwidth_mib_s: u64,
 ) -> (serde_json::Value, String, String, Option<i32>) {
     let endpoint = free_tcp_endpoint();
     let mut args: Vec<String> = vec![
@@ -41,7 +43,8 @@ fn migrate_dirtying_guest(
 
     migrate(
         &mut src,
-        serde_json::json!({"to": endpoint, "downtime_ms": 50, "timeout_s": 100}),
+        serde_json::json!({"to": endpoint, "downtime_ms": 50, "timeout_s": 100,
+                           "bandwidth_mib_s": bandwidth_mib_s}),
     );
     let (status, _) = wait_migration(&mut src);
     let src_exit = src.wait_exit(WATCHDOG);
@@ -59,7 +62,7 @@ fn migrate_dirtying_guest(
 fn test_dirtying_guest_migrates_with_the_dirty_ring_and_every_page_checks_out() {
     // Arrange + Act: 8 MiB rewritten at 2000 pages/s, the source on the dirty ring.
     let (status, src_err, check, code) =
-        migrate_dirtying_guest("ring-mig", "ring", "dirty 8 2000 100", &[], &[]);
+        migrate_dirtying_guest("ring-mig", "ring", "dirty 8 2000 100", &[], &[], 0);
 
     // Assert: the ring was the tracker, and every page arrived as the guest last wrote it.
     assert_eq!(code, Some(MIGRATED), "{status} {src_err}");
@@ -72,7 +75,7 @@ fn test_dirtying_guest_migrates_with_the_dirty_ring_and_every_page_checks_out() 
 fn test_dirtying_guest_migrates_with_the_dirty_bitmap_and_every_page_checks_out() {
     // Arrange + Act: the same guest, the source told to use the bitmap.
     let (status, src_err, check, code) =
-        migrate_dirtying_guest("bitmap-mig", "bitmap", "dirty 8 2000 100", &[], &[]);
+        migrate_dirtying_guest("bitmap-mig", "bitmap", "dirty 8 2000 100", &[], &[], 0);
 
     // Assert
     assert_eq!(code, Some(MIGRATED), "{status} {src_err}");
@@ -84,13 +87,15 @@ fn test_dirtying_guest_migrates_with_the_dirty_bitmap_and_every_page_checks_out(
 #[test]
 fn test_full_dirty_rings_are_drained_by_the_vcpu_and_the_migration_loses_no_page() {
     // Arrange + Act: 16 KiB rings (1024 entries, full after 960) and a guest rewriting
-    // 16 MiB at 5000 pages/s, so the vCPU keeps filling its ring between the rounds.
+    // 16 MiB at 5000 pages/s over a 32 MiB/s link: the first round alone takes over half a
+    // second, in which the vCPU dirties ~2500 pages, so it fills its ring more than once.
     let (status, src_err, check, code) = migrate_dirtying_guest(
         "ring-full",
         "ring",
         "dirty 16 5000 100",
         &["--stats"],
         &[("FERRITE_DIRTY_RING_BYTES", "16384")],
+        32,
     );
 
     // Assert: the vCPU hit full rings (and went on), no ring overflowed (which would make
