@@ -228,6 +228,9 @@ struct Args {
     /// Ferrite's `converge`: throttle (its default) or abort.
     #[arg(long, default_value = "throttle")]
     migrate_converge: String,
+    /// Ferrite source's `--dirty-log`: auto (its default), ring or bitmap.
+    #[arg(long, default_value = "auto")]
+    migrate_dirty_log: String,
     /// QEMU columns of the migrate scenario: its default max-bandwidth, and unlimited.
     #[arg(
         long,
@@ -366,6 +369,7 @@ fn main() -> ExitCode {
             downtime_ms: args.migrate_downtime_ms,
             bandwidth_mib_s: args.migrate_bandwidth_mib_s,
             converge: args.migrate_converge.clone(),
+            dirty_log: args.migrate_dirty_log.clone(),
             qemu_bandwidths: args.migrate_qemu_bandwidths.clone(),
             transports: args.migrate_transports.clone(),
             dir: std::env::temp_dir(),

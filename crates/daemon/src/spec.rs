@@ -89,6 +89,7 @@ pub fn to_vm_config(spec: &VmSpec, api_socket: &Path) -> Result<VmConfig, ApiErr
         api_socket: Some(api_socket.to_path_buf()),
         track_dirty_pages: false,
         memory_shared: false,
+        dirty_log: Default::default(),
     };
     config
         .validate(None)

@@ -211,7 +211,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "vsock", "rng",
         "balloon", "virtio_console", "api_socket", "no_reboot", "repair_emulation",
-        "cpu_features", "track_dirty_pages", "memory_shared",
+        "cpu_features", "track_dirty_pages", "memory_shared", "dirty_log",
     ])]
     pub config: Option<PathBuf>,
     /// Continue the VM saved in this snapshot directory (taken with the control socket's
@@ -220,7 +220,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "config", "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "vsock",
         "rng", "balloon", "virtio_console", "no_reboot", "repair_emulation", "cpu_features",
-        "track_dirty_pages", "memory_shared",
+        "track_dirty_pages", "memory_shared", "dirty_log",
     ])]
     pub restore: Option<PathBuf>,
     /// Receive a running VM from a migration source on ENDPOINT (tcp:HOST:PORT or
@@ -231,7 +231,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "ENDPOINT", conflicts_with_all = [
         "config", "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "vsock",
         "rng", "balloon", "virtio_console", "no_reboot", "repair_emulation", "cpu_features",
-        "track_dirty_pages", "memory_shared", "restore",
+        "track_dirty_pages", "memory_shared", "dirty_log", "restore",
     ])]
     pub incoming: Option<String>,
     /// With --incoming: take the migration only over TLS, presenting this certificate chain
@@ -321,6 +321,10 @@ pub struct RunArgs {
     /// (`"fd_handover":true`; for upgrading Ferrite under a running VM).
     #[arg(long)]
     pub memory_shared: bool,
+    /// How KVM reports the pages the guest writes (live migration, diff snapshots): its
+    /// per-vCPU dirty ring, its dirty bitmap, or auto (the ring where the host offers it).
+    #[arg(long, value_name = "auto|ring|bitmap", default_value = "auto")]
+    pub dirty_log: vmm::config::DirtyLogMode,
     /// Finish instructions the host's KVM cannot emulate (auto: only on kvm_pvm hosts).
     #[arg(long, value_name = "on|off|auto", default_value = "auto")]
     pub repair_emulation: RepairMode,

@@ -111,6 +111,7 @@ fn config_from_flags(args: &RunArgs) -> VmConfig {
         api_socket: args.api_socket.clone(),
         track_dirty_pages: args.track_dirty_pages,
         memory_shared: args.memory_shared,
+        dirty_log: args.dirty_log,
     }
 }
 
@@ -329,7 +330,7 @@ fn receive_migration(
 
 /// One line on a completed outgoing migration.
 fn migrated_line(status: &vmm::migrate::MigrationStatus) -> String {
-    format!(
+    let line = format!(
         "migrated to {}: downtime {:.1} ms, total {:.1} ms, {} rounds, {:.1} MiB sent ({} pages, {} zero pages)",
         status.to,
         status.downtime_ms.unwrap_or(0.0),
@@ -338,7 +339,15 @@ fn migrated_line(status: &vmm::migrate::MigrationStatus) -> String {
         status.sent_bytes as f64 / f64::from(1 << 20),
         status.pages_sent,
         status.zero_pages
-    )
+    );
+    match &status.dirty_log {
+        Some(tracker) => format!(
+            "{line}; dirty log {tracker}: {} harvests, {:.2} ms",
+            status.harvests,
+            status.harvest_us as f64 / 1000.0
+        ),
+        None => line,
+    }
 }
 
 /// The first line of a failure report (the reason, without the register dump).

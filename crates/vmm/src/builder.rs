@@ -18,6 +18,7 @@ use crate::boot;
 use crate::config::{RepairMode, VmConfig};
 use crate::console::Console;
 use crate::devices::{AttachContext, RunDevices};
+use crate::dirty::DirtyLog;
 use crate::dump::FailureReport;
 use crate::error::VmmError;
 use crate::gsi::GsiRouter;
@@ -277,14 +278,27 @@ fn start_control(
         })
 }
 
-/// The KVM VM with `mem` registered, its vCPUs, and its PIT being created.
+/// A KVM VM as [`create_kvm_vm`] makes it.
+struct KvmVm {
+    vm: Arc<VmFd>,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    dirty: DirtyLog,
+}
+
+/// The KVM VM with `mem` registered, its dirty-page tracking (`config.dirty_log`: the ring
+/// is turned on before any vCPU exists, as KVM requires), its vCPUs, and its PIT being
+/// created.
 fn create_kvm_vm(
     hv: &Hypervisor,
     config: &VmConfig,
     mem: &GuestMemoryMmap,
-) -> Result<(Arc<VmFd>, Vec<kvm_ioctls::VcpuFd>, PitCreation), VmmError> {
+) -> Result<(KvmVm, PitCreation), VmmError> {
+    let mut ring_bytes = None;
     let vm = hv.create_vm_without_pit(|vm| {
-        memory::register_guest_memory(vm, mem, config.track_dirty_pages).map_err(VmmError::Memory)
+        memory::register_guest_memory(vm, mem, config.track_dirty_pages)
+            .map_err(VmmError::Memory)?;
+        ring_bytes = crate::dirty::prepare(vm, config.dirty_log)?;
+        Ok::<(), VmmError>(())
     })?;
     let mut fds = Vec::with_capacity(config.vcpus as usize);
     for id in 0..config.vcpus {
@@ -293,16 +307,23 @@ fn create_kvm_vm(
                 .map_err(|e| VmmError::vcpu(id, "KVM_CREATE_VCPU", e))?,
         );
     }
+    let dirty = crate::dirty::attach(vm.clone(), ring_bytes, &fds, mem)?;
     let pit = PitCreation::start(vm.clone()).map_err(VmmError::Io)?;
-    Ok((vm, fds, pit))
+    Ok((
+        KvmVm {
+            vm,
+            vcpus: fds,
+            dirty,
+        },
+        pit,
+    ))
 }
 
-/// A KVM VM created ahead of time for `mem` (memory registered, vCPUs and PIT created): an
-/// incoming migration builds it while guest RAM still arrives, so the guest's pause does not
-/// pay for it.
+/// A KVM VM created ahead of time for `mem` (memory registered, dirty-page tracking set up,
+/// vCPUs and PIT created): an incoming migration builds it while guest RAM still arrives, so
+/// the guest's pause does not pay for it.
 pub struct PrebuiltVm {
-    vm: Arc<VmFd>,
-    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    kvm: KvmVm,
 }
 
 impl PrebuiltVm {
@@ -310,9 +331,9 @@ impl PrebuiltVm {
     pub fn create(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<Self, VmmError> {
         let hv = Hypervisor::open()?;
         crate::devices::vsock::validate_incoming(config, Some(hv.max_vcpus()))?;
-        let (vm, vcpus, pit) = create_kvm_vm(&hv, config, mem)?;
+        let (kvm, pit) = create_kvm_vm(&hv, config, mem)?;
         pit.finish()?;
-        Ok(Self { vm, vcpus })
+        Ok(Self { kvm })
     }
 }
 
@@ -339,6 +360,8 @@ struct BuiltVm {
     restored_from: Option<std::path::PathBuf>,
     /// The generation ID the guest sees (None: restored from a snapshot without one).
     vmgenid: Option<GenerationId>,
+    /// How its dirty pages are read.
+    dirty: DirtyLog,
 }
 
 impl BuiltVm {
@@ -376,11 +399,18 @@ impl BuiltVm {
         let prebuilt = restore
             .and_then(|snap| snap.prebuilt.as_ref())
             .and_then(|p| p.lock().unwrap_or_else(|e| e.into_inner()).take());
-        let (vm, fds, pit) = match prebuilt {
-            Some(p) => (p.vm, p.vcpus, None),
+        let (
+            KvmVm {
+                vm,
+                vcpus: fds,
+                dirty,
+            },
+            pit,
+        ) = match prebuilt {
+            Some(p) => (p.kvm, None),
             None => {
-                let (vm, fds, pit) = create_kvm_vm(hv, config, &mem)?;
-                (vm, fds, Some(pit))
+                let (kvm, pit) = create_kvm_vm(hv, config, &mem)?;
+                (kvm, Some(pit))
             }
         };
         tracing::debug!("VM and vCPUs created");
@@ -432,6 +462,7 @@ impl BuiltVm {
             shutdown: shutdown.clone(),
             control: control.clone(),
             repair: repairs.clone(),
+            dirty_ring: dirty.ring().cloned(),
         });
         match restore {
             // The snapshot holds every register, CPUID and MSR the boot set-up would write.
@@ -501,6 +532,7 @@ impl BuiltVm {
             counters: Vec::new(),
             restored_from: restore.and_then(|snap| snap.dir.clone()),
             vmgenid,
+            dirty,
         };
         // Host input reaches COM1 only now: a byte arriving earlier would raise its interrupt
         // into an irqchip that a restore then overwrites, and the guest would miss it.
@@ -578,6 +610,7 @@ impl BuiltVm {
                 config: config.clone(),
                 restored_from: self.restored_from.clone(),
                 vmgenid: self.vmgenid,
+                dirty_log: self.dirty.clone(),
                 dirty: Mutex::new(crate::live::DirtyTracker::new(
                     config.track_dirty_pages,
                     self.restored_from.as_deref(),

@@ -142,6 +142,34 @@ impl std::str::FromStr for RepairMode {
     }
 }
 
+/// How KVM reports the pages the guest writes (for live migration and diff snapshots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirtyLogMode {
+    /// The per-vCPU dirty ring where the host's KVM offers it, the bitmap otherwise.
+    #[default]
+    Auto,
+    /// Always the dirty ring (`KVM_CAP_DIRTY_LOG_RING`); a host without it refuses the VM.
+    Ring,
+    /// Always the per-slot bitmap (`KVM_GET_DIRTY_LOG`).
+    Bitmap,
+}
+
+impl std::str::FromStr for DirtyLogMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "ring" => Ok(Self::Ring),
+            "bitmap" => Ok(Self::Bitmap),
+            other => Err(format!(
+                "invalid dirty log {other:?}: use auto, ring or bitmap"
+            )),
+        }
+    }
+}
+
 /// One virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
@@ -268,6 +296,10 @@ pub struct VmConfig {
     /// (upgrading Ferrite under a running VM).
     #[serde(default)]
     pub memory_shared: bool,
+    /// How dirty pages are tracked: KVM's dirty ring or its bitmap (absent in configurations
+    /// and snapshots older than the ring: auto).
+    #[serde(default)]
+    pub dirty_log: DirtyLogMode,
 }
 
 impl Default for VmConfig {
@@ -290,6 +322,7 @@ impl Default for VmConfig {
             api_socket: None,
             track_dirty_pages: false,
             memory_shared: false,
+            dirty_log: DirtyLogMode::Auto,
         }
     }
 }

@@ -21,6 +21,9 @@ pub enum VmmError {
     /// Guest memory could not be set up.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// Dirty-page tracking could not be set up.
+    #[error(transparent)]
+    Dirty(#[from] crate::dirty::DirtyError),
     /// The memory size does not fit the platform layout.
     #[error("Invalid memory layout")]
     Layout(#[source] arch::e820::Error),

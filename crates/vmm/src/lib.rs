@@ -19,6 +19,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod devices;
+pub mod dirty;
 pub mod disk_snapshot;
 pub mod dump;
 pub mod error;

@@ -68,6 +68,8 @@ pub struct SnapshotHandles {
     /// The snapshot this instance was restored from (its RAM is a private mapping of that
     /// snapshot's memory file).
     pub restored_from: Option<std::path::PathBuf>,
+    /// How KVM's dirty pages are read (ring or bitmap): every reader goes through it.
+    pub dirty_log: crate::dirty::DirtyLog,
     /// Dirty-page bookkeeping between snapshots.
     pub dirty: Mutex<DirtyTracker>,
     /// The VM generation ID the guest sees (None: restored from a snapshot without one).
@@ -239,7 +241,7 @@ impl LiveVm {
         }
     }
 
-    /// The pages written since the last harvest (see [`crate::memory::dirty_pages`]). For a
+    /// The pages written since the last harvest (see [`crate::dirty::DirtyLog::harvest`]). For a
     /// VM that tracks dirty pages for its snapshots, they also count as written since its
     /// restore, and the next diff snapshot needs a full snapshot first (the log it would be
     /// relative to was consumed).
@@ -249,7 +251,10 @@ impl LiveVm {
             .dirty
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let pages = crate::memory::dirty_pages(&self.snapshot.vm, &self.snapshot.memory)
+        let pages = self
+            .snapshot
+            .dirty_log
+            .harvest(&self.snapshot.vm, &self.snapshot.memory)
             .map_err(|e| e.to_string())?;
         if tracker.enabled {
             if let Some(acc) = tracker.since_restore.as_mut() {
@@ -347,7 +352,10 @@ impl LiveVm {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let dirty = if tracker.enabled {
-            let pages = crate::memory::dirty_pages(&self.snapshot.vm, &self.snapshot.memory)
+            let pages = self
+                .snapshot
+                .dirty_log
+                .harvest(&self.snapshot.vm, &self.snapshot.memory)
                 .map_err(|e| Capture(e.to_string()))?;
             if let Some(acc) = tracker.since_restore.as_mut() {
                 for (acc, new) in acc.iter_mut().zip(&pages) {

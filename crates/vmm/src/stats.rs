@@ -29,13 +29,15 @@ pub enum ExitKind {
     FailEntry,
     /// Interrupted by a signal (kick) or `KVM_EXIT_INTR`.
     Interrupted,
+    /// `KVM_EXIT_DIRTY_RING_FULL`: the vCPU drained the dirty rings itself.
+    DirtyRingFull,
     /// Anything else.
     Other,
 }
 
 impl ExitKind {
     /// Every kind, in counter order.
-    pub const ALL: [ExitKind; 13] = [
+    pub const ALL: [ExitKind; 14] = [
         Self::IoIn,
         Self::IoOut,
         Self::MmioRead,
@@ -48,6 +50,7 @@ impl ExitKind {
         Self::InternalError,
         Self::FailEntry,
         Self::Interrupted,
+        Self::DirtyRingFull,
         Self::Other,
     ];
 
@@ -66,6 +69,7 @@ impl ExitKind {
             Self::InternalError => "internal_error",
             Self::FailEntry => "fail_entry",
             Self::Interrupted => "interrupted",
+            Self::DirtyRingFull => "dirty_ring_full",
             Self::Other => "other",
         }
     }
@@ -74,7 +78,7 @@ impl ExitKind {
 /// Exit counters of one vCPU.
 #[derive(Debug, Default)]
 pub struct ExitCounters {
-    counts: [AtomicU64; 13],
+    counts: [AtomicU64; ExitKind::ALL.len()],
 }
 
 impl ExitCounters {

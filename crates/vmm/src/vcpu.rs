@@ -243,6 +243,9 @@ pub struct VcpuContext {
     pub control: Arc<RunControl>,
     /// Repair counters; `None` disables the repair hook.
     pub repair: Option<Arc<RepairStats>>,
+    /// The VM's dirty rings, if it uses them: a vCPU whose ring is full drains them before
+    /// it runs again.
+    pub dirty_ring: Option<Arc<crate::dirty::DirtyRing>>,
 }
 
 /// One vCPU, ready to run on its own thread.
@@ -455,6 +458,19 @@ impl Vcpu {
                     counters.inc(ExitKind::Interrupted);
                     self.fd.set_kvm_immediate_exit(0);
                     Next::Continue
+                }
+                // kvm-ioctls 0.25 does not decode KVM_EXIT_DIRTY_RING_FULL.
+                VcpuExit::Unsupported(crate::dirty::ring::KVM_EXIT_DIRTY_RING_FULL) => {
+                    counters.inc(ExitKind::DirtyRingFull);
+                    match &ctx.dirty_ring {
+                        // Collected pages wait for the next harvest; after the reset KVM
+                        // lets this vCPU run again.
+                        Some(ring) => match ring.drain_full() {
+                            Ok(_) => Next::Continue,
+                            Err(e) => Next::Fail(format!("dirty ring full: {e}")),
+                        },
+                        None => Next::Fail("KVM_EXIT_DIRTY_RING_FULL without a dirty ring".into()),
+                    }
                 }
                 VcpuExit::IrqWindowOpen | VcpuExit::Debug(_) | VcpuExit::IoapicEoi(_) => {
                     counters.inc(ExitKind::Other);

@@ -171,6 +171,8 @@ pub struct MigratePlan {
     pub bandwidth_mib_s: u64,
     /// Ferrite's `converge` (`throttle` or `abort`).
     pub converge: String,
+    /// Ferrite's source `--dirty-log` (`auto`, `ring` or `bitmap`).
+    pub dirty_log: String,
     /// The QEMU columns per QEMU machine.
     pub qemu_bandwidths: Vec<QemuBandwidth>,
     /// The transports, each with every column.
@@ -254,6 +256,12 @@ const METRICS: &[(&str, &str, &str, usize)] = &[
         "largest vCPU throttle seen (Ferrite `throttle_pct`, QEMU `cpu-throttle-percentage`)",
         "%",
         0,
+    ),
+    (
+        "harvest_ms",
+        "dirty-log harvest per round, the VMM's figure (Ferrite `dirty log ...: N harvests, T ms`: T/N)",
+        "ms",
+        3,
     ),
 ];
 
@@ -366,6 +374,7 @@ struct Sample {
     sent_mib: f64,
     rounds: f64,
     throttle_pct: f64,
+    harvest_ms: Result<f64, String>,
 }
 
 /// Things learnt along the way, for the report.
@@ -460,6 +469,7 @@ pub fn run(vmms: &[Vmm], plan: Plan, mplan: &MigratePlan, cfg: &RunConfig) -> Mi
                     &cfg.cmdline(&first_cmds),
                     Path::new("SRC.sock"),
                     Path::new("RAM"),
+                    &mplan.dirty_log,
                 ),
                 placeholder.src_ns.as_deref(),
             )
@@ -611,7 +621,7 @@ fn request_text(c: &Column, mplan: &MigratePlan, cfg: &RunConfig, to: &str) -> S
 
 fn column_result(key: &str, samples: &[Result<Sample, String>]) -> ColumnResult {
     type Get = fn(&Sample) -> Result<f64, String>;
-    let getters: [(&str, Get); 8] = [
+    let getters: [(&str, Get); 9] = [
         ("total_ms", |s| Ok(s.total_ms)),
         ("client_ms", |s| Ok(s.client_ms)),
         ("downtime_ms", |s| Ok(s.downtime_ms)),
@@ -620,6 +630,7 @@ fn column_result(key: &str, samples: &[Result<Sample, String>]) -> ColumnResult 
         ("sent_mib", |s| Ok(s.sent_mib)),
         ("rounds", |s| Ok(s.rounds)),
         ("throttle_pct", |s| Ok(s.throttle_pct)),
+        ("harvest_ms", |s| s.harvest_ms.clone()),
     ];
     let mut metrics = BTreeMap::new();
     for (id, get) in getters {
@@ -662,8 +673,13 @@ fn source_spec_for(
     cmdline: &str,
     sock: &Path,
     ram: &Path,
+    dirty_log: &str,
 ) -> CommandSpec {
     let mut spec = source_spec(c.vmm, guest, cmdline, sock);
+    if c.vmm.kind == VmmKind::Ferrite && c.transport != Transport::Fd {
+        spec.args
+            .extend(["--dirty-log".into(), dirty_log.to_string()]);
+    }
     if c.transport == Transport::Fd {
         match c.vmm.kind {
             VmmKind::Ferrite => spec.args.push("--memory-shared".into()),
@@ -1089,6 +1105,8 @@ struct Figures {
     downtime_ms: f64,
     sent_mib: f64,
     rounds: f64,
+    /// Time per dirty-log harvest (Ferrite only).
+    harvest_ms: Option<f64>,
 }
 
 /// Parses Ferrite's `ferrite: migrated to ENDPOINT: downtime D ms, total T ms, R rounds,
@@ -1111,6 +1129,15 @@ fn parse_migrated(stderr: &str) -> Option<Figures> {
         total_ms: after(", total ")?,
         rounds: before(" rounds")?,
         sent_mib: before(" MiB sent")?,
+        harvest_ms: line.find(" harvests, ").and_then(|i| {
+            let n: f64 = line[..i].split_whitespace().last()?.parse().ok()?;
+            let t: f64 = line[i + " harvests, ".len()..]
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            (n > 0.0).then(|| t / n)
+        }),
     })
 }
 
@@ -1146,7 +1173,7 @@ fn migrate_once(
     let cmdline = cfg.cmdline(cmds);
     let mut src = VmmProcess::spawn(
         &in_ns(
-            source_spec_for(c, guest, &cmdline, &sock, &ram.0),
+            source_spec_for(c, guest, &cmdline, &sock, &ram.0, &mplan.dirty_log),
             route.src_ns.as_deref(),
         ),
         cfg.hard_timeout,
@@ -1291,6 +1318,9 @@ fn migrate_once(
         sent_mib: figures.sent_mib,
         rounds: figures.rounds,
         throttle_pct,
+        harvest_ms: figures
+            .harvest_ms
+            .ok_or_else(|| "no dirty-log harvest figure (QEMU, or a memory handover)".to_string()),
     })
 }
 
@@ -1497,6 +1527,7 @@ fn qemu_migrate(
                     downtime_ms: num(&r["downtime"], "downtime")?,
                     sent_mib: num(&r["ram"]["transferred"], "ram.transferred")? / MIB,
                     rounds: num(&r["ram"]["dirty-sync-count"], "ram.dirty-sync-count")?,
+                    harvest_ms: None,
                 };
                 return Ok((t_req, t_done, figures, throttle));
             }

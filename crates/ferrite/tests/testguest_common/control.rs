@@ -48,6 +48,11 @@ impl Vm {
 
     /// `ferrite run ARGS --api-socket <socket named after name>`, console on stdin/stdout.
     pub fn spawn(name: &str, args: &[String]) -> Vm {
+        Vm::spawn_with_env(name, args, &[])
+    }
+
+    /// [`Vm::spawn`] with extra environment variables for the VMM (tuning knobs).
+    pub fn spawn_with_env(name: &str, args: &[String], env: &[(&str, &str)]) -> Vm {
         common::require_kvm();
         let sock =
             std::env::temp_dir().join(format!("ferrite-tgctl-{name}-{}.sock", std::process::id()));
@@ -55,6 +60,7 @@ impl Vm {
         let mut child = Command::new(common::ferrite_bin())
             .arg("run")
             .args(args)
+            .envs(env.iter().copied())
             .arg("--api-socket")
             .arg(&sock)
             .stdin(Stdio::piped())

@@ -125,6 +125,15 @@ fn check_hello(hello: &Hello) -> Result<VmConfig, String> {
     let config: VmConfig = serde_json::from_value(hello.config.clone())
         .map_err(|e| format!("its configuration cannot be read here: {e}"))?;
     crate::devices::vsock::validate_incoming(&config, None).map_err(|e| e.to_string())?;
+    // Before any memory moves: a VM that asks for the dirty ring explicitly does not run on a
+    // host without it (with auto it falls back to the bitmap here).
+    if config.dirty_log == crate::config::DirtyLogMode::Ring && !crate::dirty::host_offers_ring() {
+        return Err(
+            "the VM asks for the dirty ring (--dirty-log ring), which this host's KVM lacks \
+             (no KVM_CAP_DIRTY_LOG_RING): run the VM with --dirty-log auto or bitmap"
+                .to_string(),
+        );
+    }
     let layout =
         arch::e820::MemoryLayout::new(config.memory_bytes, Some(arch::e820::host_phys_bits()))
             .map_err(|e| e.to_string())?;

@@ -220,6 +220,16 @@ pub struct MigrationStatus {
     pub total_ms: Option<f64>,
     /// Why it failed.
     pub error: Option<String>,
+    /// How the source reads the guest's dirty pages: `ring` (KVM's per-vCPU dirty rings)
+    /// or `bitmap` (`KVM_GET_DIRTY_LOG`); None with a memory handover (no dirty log).
+    #[serde(default)]
+    pub dirty_log: Option<String>,
+    /// Dirty-log harvests so far (one per round, plus the final one).
+    #[serde(default)]
+    pub harvests: u32,
+    /// Time spent in those harvests, µs.
+    #[serde(default)]
+    pub harvest_us: u64,
 }
 
 /// The status shared by the migration thread and the control socket.

@@ -229,6 +229,18 @@ impl RegionView {
 }
 
 impl Migration<'_> {
+    /// The pages dirtied since the last harvest, timed into the status.
+    fn harvest(&self) -> Result<Vec<Vec<u64>>, Failure> {
+        let start = Instant::now();
+        let dirty = self.vm.harvest_dirty().map_err(Failure::Failed)?;
+        let took = start.elapsed().as_micros() as u64;
+        self.update(|s| {
+            s.harvests += 1;
+            s.harvest_us += took;
+        });
+        Ok(dirty)
+    }
+
     fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
         let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut st);
@@ -316,6 +328,9 @@ impl Migration<'_> {
             self.hand_over_memory(&out, &mut reader)?;
         } else if dirty_log {
             self.vm.start_dirty_log().map_err(Failure::Failed)?;
+            let tracker = self.vm.snapshot.dirty_log.name();
+            tracing::info!(tracker, "migration: dirty-page log on");
+            self.update(|s| s.dirty_log = Some(tracker.to_string()));
         }
         // Probe the MSR list now, not while the guest is paused.
         let result = self
@@ -489,7 +504,7 @@ impl Migration<'_> {
         let mut round = 0u32;
         let dirty = loop {
             self.check_cancel()?;
-            let dirty = self.vm.harvest_dirty().map_err(Failure::Failed)?;
+            let dirty = self.harvest()?;
             let count: u64 = dirty
                 .iter()
                 .flatten()
@@ -554,7 +569,7 @@ impl Migration<'_> {
         self.pause_for_handover(round)?;
         // Without a copy (memory handed over by file), there are no pages to send.
         if let Some(mut dirty) = dirty {
-            let last = self.vm.harvest_dirty().map_err(Failure::Failed)?;
+            let last = self.harvest()?;
             for (acc, new) in dirty.iter_mut().zip(&last) {
                 for (a, n) in acc.iter_mut().zip(new) {
                     *a |= n;
