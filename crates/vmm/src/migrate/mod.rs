@@ -186,6 +186,9 @@ pub struct MigrationStatus {
     pub total_ms: Option<f64>,
     /// Why it failed.
     pub error: Option<String>,
+    /// The stream runs over mutual TLS (the destination's certificate checked, ours shown).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// The status shared by the migration thread and the control socket.
