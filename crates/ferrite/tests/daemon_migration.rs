@@ -111,6 +111,7 @@ fn test_counting_guest_moves_to_another_daemon_and_counts_on_there() {
         b.vmm_log("mover")
     );
     assert!(summary.contains("mover: migrated to"), "{summary}");
+    eprintln!("{}", summary.trim());
     assert!(summary.contains("downtime"), "{summary}");
     // The guest continues on B from where it was on A.
     let after = wait_tick_after(&b, "mover", before);
@@ -501,6 +502,7 @@ fn test_tls_daemons_carry_the_migration_stream_in_tls_and_the_guest_counts_on() 
         b.vmm_log("sealed")
     );
     assert!(summary.contains("over TLS"), "{summary}");
+    eprintln!("{}", summary.trim());
     let after = wait_tick_after(&b, "sealed", before);
     assert!(
         ticks_from(&b.console_log("sealed"), 0)[0] > before,
