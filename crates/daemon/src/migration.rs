@@ -763,6 +763,77 @@ mod tests {
         assert_eq!(v["converge"], "abort");
     }
 
+    fn reservation(tls: bool, server_name: Option<&str>) -> IncomingMigration {
+        serde_json::from_value(json!({
+            "vm": {"spec": {"name": "a", "kernel": "/k"}, "state": "incoming"},
+            "endpoint": "tcp:10.0.0.2:4000",
+            "tls": tls,
+            "tls_server_name": server_name,
+        }))
+        .unwrap()
+    }
+
+    fn https_peer() -> Peer {
+        let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(tokio_rustls::rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        Peer::Https {
+            host: "b.example".into(),
+            port: 8443,
+            config: Arc::new(config),
+        }
+    }
+
+    #[test]
+    fn test_source_passes_its_identity_and_the_reported_server_name_to_its_vmm() {
+        let id = TlsIdentity {
+            cert: "/etc/f/a.pem".into(),
+            key: "/etc/f/a.key".into(),
+            ca: "/etc/f/ca.pem".into(),
+        };
+        let incoming = reservation(true, Some("10.0.0.2"));
+        let peer = https_peer();
+
+        let tls = outgoing_tls(Some(&id), &incoming, &peer).unwrap();
+        let v = vmm_request(&MigrateRequest::default(), "tcp:10.0.0.2:4000", tls);
+
+        assert_eq!(v["tls_cert"], "/etc/f/a.pem");
+        assert_eq!(v["tls_key"], "/etc/f/a.key");
+        assert_eq!(v["tls_ca"], "/etc/f/ca.pem");
+        assert_eq!(v["tls_server_name"], "10.0.0.2");
+    }
+
+    #[test]
+    fn test_source_refuses_plaintext_to_another_host_and_tls_it_cannot_do() {
+        let id = TlsIdentity {
+            cert: "/a.pem".into(),
+            key: "/a.key".into(),
+            ca: "/ca.pem".into(),
+        };
+        let (plain, tls) = (reservation(false, None), reservation(true, Some("b")));
+        let (remote, local) = (https_peer(), Peer::Unix("/run/b.sock".into()));
+
+        let to_remote = outgoing_tls(Some(&id), &plain, &remote).unwrap_err();
+        let without_files = outgoing_tls(None, &tls, &local).unwrap_err();
+
+        assert!(
+            to_remote.message.contains("plaintext"),
+            "{}",
+            to_remote.message
+        );
+        assert!(
+            without_files.message.contains("only TLS"),
+            "{}",
+            without_files.message
+        );
+        assert!(outgoing_tls(Some(&id), &plain, &local).unwrap().is_none());
+        assert!(outgoing_tls(None, &plain, &remote).unwrap().is_none());
+    }
+
     #[test]
     fn test_out_of_range_numbers_name_their_field() {
         let req = |downtime_ms, timeout_s| MigrateRequest {
