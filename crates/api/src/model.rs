@@ -596,8 +596,9 @@ pub struct IncomingMigrationRequest {
     pub timeout_s: Option<u64>,
     /// The source can run the VMM-to-VMM stream over mutual TLS with its daemon's certificate
     /// (it has `--tls-cert`, `--tls-key` and `--tls-client-ca` and its `--migration-tls` is
-    /// `required`).
-    #[serde(default)]
+    /// `required`). Sent only when true, so a plaintext source still suits a daemon from
+    /// before this field (which refuses unknown fields).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls: bool,
 }
 
