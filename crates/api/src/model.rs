@@ -586,6 +586,9 @@ pub struct MigrationInfo {
     /// Why it failed.
     #[serde(default)]
     pub error: Option<String>,
+    /// The VMM-to-VMM stream is encrypted and both sides authenticated (mutual TLS).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// Body of `POST /v1/migrations/incoming` (sent by the source daemon).
@@ -598,6 +601,12 @@ pub struct IncomingMigrationRequest {
     /// not run here within this (plus a grace period).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u64>,
+    /// The source can run the VMM-to-VMM stream over mutual TLS with its daemon's certificate
+    /// (it has `--tls-cert`, `--tls-key` and `--tls-client-ca` and its `--migration-tls` is
+    /// `required`). Sent only when true, so a plaintext source still suits a daemon from
+    /// before this field (which refuses unknown fields).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
 }
 
 /// The answer to `POST /v1/migrations/incoming`.
@@ -609,6 +618,14 @@ pub struct IncomingMigration {
     /// `0.0.0.0` or `::`, when the destination listens on every address; the source then uses
     /// the destination daemon's host).
     pub endpoint: String,
+    /// The destination's VMM takes only TLS: the source must connect with its daemon's
+    /// certificate and check the destination's against its CA.
+    #[serde(default)]
+    pub tls: bool,
+    /// With `tls`: the name (DNS name or IP address) the destination's certificate is issued
+    /// for, which the source checks it by (the endpoint's host may not be in it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
 }
 
 #[cfg(test)]

@@ -55,12 +55,86 @@ pub struct DaemonArgs {
     /// they reached this daemon at.
     #[arg(long, value_name = "IP")]
     pub migration_addr: Option<IpAddr>,
+    /// Live migration streams (VMM to VMM) over mutual TLS with this daemon's --tls-cert,
+    /// --tls-key and --tls-client-ca: `required` (the default when those three are given)
+    /// takes and sends only TLS streams, except plaintext between two daemons on this host
+    /// (over the Unix API socket, on loopback); `off` (the default without them) runs them in
+    /// plaintext.
+    #[arg(long, value_name = "required|off", value_enum)]
+    pub migration_tls: Option<MigrationTls>,
     /// Seconds between crash restarts of a VM with restart_on_crash (doubles per crash, max 60).
     #[arg(long, value_name = "SECONDS", default_value_t = 1)]
     pub restart_backoff_s: u64,
 }
 
+/// `--migration-tls`: whether live migration streams run over TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MigrationTls {
+    /// Only TLS streams (plaintext only on this host, over loopback).
+    Required,
+    /// Plaintext streams.
+    Off,
+}
+
+/// This daemon's certificate, key and cluster CA (absolute paths), which a TLS migration
+/// stream uses too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsIdentity {
+    /// Certificate chain (PEM), `--tls-cert`.
+    pub cert: PathBuf,
+    /// Its private key (PEM), `--tls-key`.
+    pub key: PathBuf,
+    /// The CA peers' certificates must chain to (PEM), `--tls-client-ca`.
+    pub ca: PathBuf,
+}
+
+/// `--migration-tls` cannot be honoured.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationTlsError {
+    /// `required` without the daemon's certificate files.
+    #[error(
+        "--migration-tls required needs --tls-cert, --tls-key and --tls-client-ca (the daemon's \
+         certificate is the migration stream's too): give them, or use --migration-tls off"
+    )]
+    NeedsFiles,
+    /// A TLS file's path cannot be made absolute.
+    #[error("Cannot make {path} absolute: {source}")]
+    Path {
+        /// The path as given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 impl DaemonArgs {
+    /// The migration TLS identity when `--migration-tls` is (by default or explicitly)
+    /// `required`; None when it is off. Err: `required` without the TLS files.
+    pub fn migration_tls(&self) -> Result<Option<TlsIdentity>, MigrationTlsError> {
+        let files = match (&self.tls_cert, &self.tls_key, &self.tls_client_ca) {
+            (Some(cert), Some(key), Some(ca)) => Some((cert, key, ca)),
+            _ => None,
+        };
+        match (self.migration_tls, files) {
+            (Some(MigrationTls::Off), _) | (None, None) => Ok(None),
+            (_, Some((cert, key, ca))) => {
+                let abs = |p: &PathBuf| {
+                    std::path::absolute(p).map_err(|source| MigrationTlsError::Path {
+                        path: p.clone(),
+                        source,
+                    })
+                };
+                Ok(Some(TlsIdentity {
+                    cert: abs(cert)?,
+                    key: abs(key)?,
+                    ca: abs(ca)?,
+                }))
+            }
+            (Some(MigrationTls::Required), None) => Err(MigrationTlsError::NeedsFiles),
+        }
+    }
+
     /// The VMM binary to run.
     pub fn vmm_binary(&self) -> PathBuf {
         if let Some(p) = &self.vmm_binary {

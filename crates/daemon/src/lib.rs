@@ -21,6 +21,7 @@ pub mod server;
 pub mod snapshots;
 pub mod spec;
 pub mod stats;
+pub mod stream_tls;
 pub mod supervisor;
 pub mod vmm_link;
 
@@ -62,6 +63,7 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(args: DaemonArgs) -> Result<(), String> {
+    args.migration_tls().map_err(|e| e.to_string())?;
     let db = args.state_dir.join("ferrite.db");
     let store = store::Store::open(&db).map_err(|e| error::internal(e).message)?;
     let cgroups = if args.no_cgroups {

@@ -25,8 +25,11 @@ use api::{
 use serde_json::{json, Value};
 
 use crate::app::{now_ms, Daemon, Runtime, StopIntent, VmSlot};
+use crate::args::TlsIdentity;
 use crate::error::{conflict, internal, store_error};
 use crate::peer::Peer;
+use crate::server::ViaTls;
+use crate::stream_tls::{self, IncomingStream};
 use crate::supervisor::{last_stderr_line, Launch};
 use crate::{procfs, spec, vmm_link};
 
@@ -68,6 +71,7 @@ struct VmmStatus {
     downtime_ms: Option<f64>,
     total_ms: Option<f64>,
     error: Option<String>,
+    tls: bool,
 }
 
 impl VmmStatus {
@@ -88,6 +92,7 @@ impl VmmStatus {
         m.downtime_ms = self.downtime_ms;
         m.total_ms = self.total_ms;
         m.error = self.error.clone();
+        m.tls = self.tls;
     }
 }
 
@@ -116,16 +121,68 @@ fn check_request(req: &MigrateRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The VMM's `migrate` request for `req`, sending to `endpoint`.
-fn vmm_request(req: &MigrateRequest, endpoint: &str) -> Value {
-    json!({
+/// The VMM's `migrate` request for `req`, sending to `endpoint`; with `tls`, over mutual TLS
+/// with this daemon's certificate, checking the destination's for the server name.
+fn vmm_request(req: &MigrateRequest, endpoint: &str, tls: Option<(&TlsIdentity, &str)>) -> Value {
+    let mut v = json!({
         "op": "migrate",
         "to": endpoint,
         "downtime_ms": req.downtime_ms.unwrap_or(api::DEFAULT_MIGRATION_DOWNTIME_MS),
         "bandwidth_mib_s": req.bandwidth_mib_s.unwrap_or(0),
         "timeout_s": req.timeout_s.unwrap_or(api::DEFAULT_MIGRATION_TIMEOUT_S),
         "converge": req.converge.unwrap_or_default().as_str(),
-    })
+    });
+    if let Some((id, server_name)) = tls {
+        v["tls_cert"] = id.cert.display().to_string().into();
+        v["tls_key"] = id.key.display().to_string().into();
+        v["tls_ca"] = id.ca.display().to_string().into();
+        v["tls_server_name"] = server_name.into();
+    }
+    v
+}
+
+/// The source's side of the stream's TLS: our identity and the server name to check, None
+/// for plaintext; refuses plaintext to another host when ours is `required`, and TLS the
+/// destination asks for when ours is off.
+fn outgoing_tls<'a>(
+    identity: Option<&'a TlsIdentity>,
+    incoming: &'a IncomingMigration,
+    peer: &'a Peer,
+) -> Result<Option<(&'a TlsIdentity, &'a str)>, ApiError> {
+    match (identity, incoming.tls) {
+        (Some(id), true) => {
+            let name = incoming
+                .tls_server_name
+                .as_deref()
+                .or(peer.tls_host())
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::PeerUnavailable,
+                        format!(
+                            "The destination ferrited {} asks for TLS but names no server name for its certificate",
+                            peer.describe()
+                        ),
+                    )
+                })?;
+            Ok(Some((id, name)))
+        }
+        (None, true) => Err(ApiError::new(
+            ErrorCode::NotSupported,
+            format!(
+                "The destination ferrited {} takes only TLS migration streams, but this daemon's --migration-tls is off (or it has no --tls-cert, --tls-key and --tls-client-ca): give it those and --migration-tls required",
+                peer.describe()
+            ),
+        )),
+        (Some(_), false) if peer.is_remote() => Err(ApiError::new(
+            ErrorCode::NotSupported,
+            format!(
+                "The destination ferrited {} would take the VM in plaintext (its --migration-tls is off): this daemon sends migrations to other hosts only over TLS (--migration-tls required); turn TLS on there, or use --migration-tls off here on a trusted network",
+                peer.describe()
+            ),
+        )),
+        // Plaintext: both off, or on this host.
+        (_, false) => Ok(None),
+    }
 }
 
 /// One line on a migration's progress (events).
@@ -212,14 +269,19 @@ impl Daemon {
             }
         }
         let peer = Peer::parse(&req.to, &self.args)?;
+        let identity = self.args.migration_tls().map_err(internal)?;
         let incoming = peer
             .reserve(&IncomingMigrationRequest {
                 spec,
                 timeout_s: Some(req.timeout_s.unwrap_or(api::DEFAULT_MIGRATION_TIMEOUT_S)),
+                tls: identity.is_some(),
             })
             .await?;
         let endpoint = peer.reachable_endpoint(&incoming.endpoint);
-        let started = vmm_link::call(&slot.paths.control, &vmm_request(req, &endpoint)).await;
+        let started = match outgoing_tls(identity.as_ref(), &incoming, &peer) {
+            Ok(tls) => vmm_link::call(&slot.paths.control, &vmm_request(req, &endpoint, tls)).await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = started {
             if let Err(a) = peer.abandon(&slot.name).await {
                 tracing::warn!(vm = %slot.name, "cannot drop the reservation at the destination: {a}");
@@ -232,13 +294,18 @@ impl Daemon {
             endpoint: endpoint.clone(),
             phase: MigrationPhase::Connecting,
             started_ms: now_ms(),
+            tls: incoming.tls,
             ..MigrationInfo::default()
         };
         let id = self.set_outgoing(info.clone());
         self.event(
             &slot.name,
             "migration-started",
-            format!("to {} ({endpoint})", peer.describe()),
+            format!(
+                "to {} ({endpoint}{})",
+                peer.describe(),
+                if incoming.tls { ", TLS" } else { "" }
+            ),
         );
         let daemon = self.clone();
         let watched = slot.clone();
@@ -436,9 +503,11 @@ impl Daemon {
 
     /// `POST /v1/migrations/incoming`: reserve `req.spec`'s name and start a VMM that waits
     /// for the source; returns where the source must send the VM.
+    /// `via`: how the request arrived (None: the Unix socket, a source on this host).
     pub async fn accept_incoming(
         self: &Arc<Self>,
         req: IncomingMigrationRequest,
+        via: Option<ViaTls>,
     ) -> Result<IncomingMigration, ApiError> {
         let Some(addr) = self.args.migration_addr else {
             return Err(ApiError::new(
@@ -446,6 +515,8 @@ impl Daemon {
                 "This daemon takes no incoming migrations: start ferrited with --migration-addr IP",
             ));
         };
+        let identity = self.args.migration_tls().map_err(internal)?;
+        let stream = stream_tls::incoming_stream(identity.as_ref(), req.tls, via.as_ref(), addr)?;
         let spec = req.spec;
         let paths =
             crate::paths::VmPaths::new(&self.args.run_dir, &self.args.state_dir, &spec.name);
@@ -473,10 +544,16 @@ impl Daemon {
         let _guard = slot.op_lock.clone().lock_owned().await;
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(timeout_s + INCOMING_GRACE_S);
-        match self.launch_incoming(&slot, addr, deadline).await {
+        let (listen, tls, tls_server_name) = match stream {
+            IncomingStream::Tls { server_name } => (addr, identity.as_ref(), Some(server_name)),
+            IncomingStream::Plain { listen } => (listen, None, None),
+        };
+        match self.launch_incoming(&slot, listen, tls, deadline).await {
             Ok(endpoint) => Ok(IncomingMigration {
                 vm: slot.info(),
                 endpoint,
+                tls: tls.is_some(),
+                tls_server_name,
             }),
             Err(e) => {
                 self.drop_incoming(&slot, &e.message);
@@ -485,16 +562,22 @@ impl Daemon {
         }
     }
 
-    /// Run the incoming VMM of `slot` on a free port of `addr` and wait until it listens.
+    /// Run the incoming VMM of `slot` on a free port of `addr` (with `tls`, taking only TLS
+    /// sources) and wait until it listens.
     async fn launch_incoming(
         self: &Arc<Self>,
         slot: &Arc<VmSlot>,
         addr: IpAddr,
+        tls: Option<&TlsIdentity>,
         deadline: tokio::time::Instant,
     ) -> Result<String, ApiError> {
         let port = free_port(addr)?;
         let endpoint = format!("tcp:{}", SocketAddr::new(addr, port));
-        let (pid, generation) = self.spawn_vmm(slot, true, Launch::Incoming(&endpoint))?;
+        let launch = Launch::Incoming {
+            endpoint: &endpoint,
+            tls,
+        };
+        let (pid, generation) = self.spawn_vmm(slot, true, launch)?;
         let until = tokio::time::Instant::now() + LISTEN_WAIT;
         loop {
             let rt = slot.runtime();
@@ -670,7 +753,7 @@ mod tests {
             ..MigrateRequest::default()
         };
 
-        let v = vmm_request(&req, "tcp:127.0.0.1:4000");
+        let v = vmm_request(&req, "tcp:127.0.0.1:4000", None);
 
         assert_eq!(v["op"], "migrate");
         assert_eq!(v["to"], "tcp:127.0.0.1:4000");
@@ -678,6 +761,77 @@ mod tests {
         assert_eq!(v["timeout_s"], 120);
         assert_eq!(v["bandwidth_mib_s"], 0);
         assert_eq!(v["converge"], "abort");
+    }
+
+    fn reservation(tls: bool, server_name: Option<&str>) -> IncomingMigration {
+        serde_json::from_value(json!({
+            "vm": {"spec": {"name": "a", "kernel": "/k"}, "state": "incoming"},
+            "endpoint": "tcp:10.0.0.2:4000",
+            "tls": tls,
+            "tls_server_name": server_name,
+        }))
+        .unwrap()
+    }
+
+    fn https_peer() -> Peer {
+        let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(tokio_rustls::rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        Peer::Https {
+            host: "b.example".into(),
+            port: 8443,
+            config: Arc::new(config),
+        }
+    }
+
+    #[test]
+    fn test_source_passes_its_identity_and_the_reported_server_name_to_its_vmm() {
+        let id = TlsIdentity {
+            cert: "/etc/f/a.pem".into(),
+            key: "/etc/f/a.key".into(),
+            ca: "/etc/f/ca.pem".into(),
+        };
+        let incoming = reservation(true, Some("10.0.0.2"));
+        let peer = https_peer();
+
+        let tls = outgoing_tls(Some(&id), &incoming, &peer).unwrap();
+        let v = vmm_request(&MigrateRequest::default(), "tcp:10.0.0.2:4000", tls);
+
+        assert_eq!(v["tls_cert"], "/etc/f/a.pem");
+        assert_eq!(v["tls_key"], "/etc/f/a.key");
+        assert_eq!(v["tls_ca"], "/etc/f/ca.pem");
+        assert_eq!(v["tls_server_name"], "10.0.0.2");
+    }
+
+    #[test]
+    fn test_source_refuses_plaintext_to_another_host_and_tls_it_cannot_do() {
+        let id = TlsIdentity {
+            cert: "/a.pem".into(),
+            key: "/a.key".into(),
+            ca: "/ca.pem".into(),
+        };
+        let (plain, tls) = (reservation(false, None), reservation(true, Some("b")));
+        let (remote, local) = (https_peer(), Peer::Unix("/run/b.sock".into()));
+
+        let to_remote = outgoing_tls(Some(&id), &plain, &remote).unwrap_err();
+        let without_files = outgoing_tls(None, &tls, &local).unwrap_err();
+
+        assert!(
+            to_remote.message.contains("plaintext"),
+            "{}",
+            to_remote.message
+        );
+        assert!(
+            without_files.message.contains("only TLS"),
+            "{}",
+            without_files.message
+        );
+        assert!(outgoing_tls(Some(&id), &plain, &local).unwrap().is_none());
+        assert!(outgoing_tls(None, &plain, &remote).unwrap().is_none());
     }
 
     #[test]

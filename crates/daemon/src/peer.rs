@@ -82,6 +82,20 @@ impl Peer {
         }
     }
 
+    /// The host name or address we checked the destination's certificate for (HTTPS only).
+    pub fn tls_host(&self) -> Option<&str> {
+        match self {
+            Peer::Unix(_) => None,
+            Peer::Https { host, .. } => Some(host),
+        }
+    }
+
+    /// Whether the destination may be on another host (reached over the network, not its
+    /// Unix socket).
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Peer::Https { .. })
+    }
+
     /// The host our VMM reaches the destination's VMM at when it listens on every address.
     fn host(&self) -> String {
         match self {

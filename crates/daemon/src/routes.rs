@@ -517,11 +517,13 @@ async fn cancel_migration(
 
 async fn accept_incoming(
     State(d): AppState,
+    via: Option<axum::Extension<crate::server::ViaTls>>,
     body: Bytes,
 ) -> HttpResult<(StatusCode, Json<api::IncomingMigration>)> {
     let req: api::IncomingMigrationRequest = parse_body(&body)?;
+    let via = via.map(|axum::Extension(v)| v);
     // Its own task: a reservation is either handed out or dropped again.
-    let task = tokio::spawn(async move { d.accept_incoming(req).await });
+    let task = tokio::spawn(async move { d.accept_incoming(req, via).await });
     let info = task.await.map_err(internal)??;
     Ok((StatusCode::CREATED, Json(info)))
 }

@@ -1,5 +1,6 @@
 //! Serving the router on the Unix socket and, optionally, on TCP with mutual TLS.
 
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -10,6 +11,17 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_rustls::rustls;
+
+/// A request came over the TLS listener (an extension of those requests; requests on the
+/// Unix socket have none): what the client reached this daemon by, which names a live
+/// migration's destination certificate may be checked by.
+#[derive(Debug, Clone)]
+pub struct ViaTls {
+    /// The server name the client asked for (SNI; none when it connected to an IP address).
+    pub sni: Option<String>,
+    /// The local address the client connected to.
+    pub local: Option<SocketAddr>,
+}
 
 /// Errors bringing the listeners up.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +130,7 @@ pub async fn serve_tls(listener: TcpListener, config: rustls::ServerConfig, rout
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {
+            let local = tcp.local_addr().ok();
             let tls = match acceptor.accept(tcp).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -125,6 +138,8 @@ pub async fn serve_tls(listener: TcpListener, config: rustls::ServerConfig, rout
                     return;
                 }
             };
+            let sni = tls.get_ref().1.server_name().map(str::to_string);
+            let router = router.layer(axum::Extension(ViaTls { sni, local }));
             let service = TowerToHyperService::new(router);
             if let Err(e) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(tls), service)

@@ -84,8 +84,14 @@ pub enum Launch<'a> {
     Boot,
     /// Continue a snapshot (`--restore`).
     Restore(RestoreFrom<'a>),
-    /// Receive a live migration on this endpoint (`--incoming tcp:HOST:PORT`).
-    Incoming(&'a str),
+    /// Receive a live migration on `endpoint` (`--incoming tcp:HOST:PORT`), with `tls` only
+    /// over mutual TLS (`--incoming-tls-cert`, `-key`, `-ca`).
+    Incoming {
+        /// `tcp:HOST:PORT`.
+        endpoint: &'a str,
+        /// This daemon's certificate, key and cluster CA.
+        tls: Option<&'a crate::args::TlsIdentity>,
+    },
 }
 
 impl Daemon {
@@ -173,7 +179,7 @@ impl Daemon {
         // A restored VM's configuration comes from its snapshot.
         let config = match launch {
             Launch::Boot => Some(spec::to_vm_config(&spec, &slot.paths.control)?),
-            Launch::Restore(_) | Launch::Incoming(_) => None,
+            Launch::Restore(_) | Launch::Incoming { .. } => None,
         };
         self.check_capacity(&slot.name, spec.vcpus, spec.memory_mib)?;
 
@@ -211,11 +217,21 @@ impl Daemon {
         cmd.arg("run");
         match launch {
             Launch::Boot => cmd.arg("--config").arg(&slot.paths.config),
-            Launch::Incoming(endpoint) => cmd
-                .arg("--incoming")
-                .arg(endpoint)
-                .arg("--api-socket")
-                .arg(&slot.paths.control),
+            Launch::Incoming { endpoint, tls } => {
+                cmd.arg("--incoming")
+                    .arg(endpoint)
+                    .arg("--api-socket")
+                    .arg(&slot.paths.control);
+                if let Some(tls) = tls {
+                    cmd.arg("--incoming-tls-cert")
+                        .arg(&tls.cert)
+                        .arg("--incoming-tls-key")
+                        .arg(&tls.key)
+                        .arg("--incoming-tls-ca")
+                        .arg(&tls.ca);
+                }
+                &mut cmd
+            }
             Launch::Restore(from) => {
                 cmd.arg("--restore")
                     .arg(from.dir)
@@ -261,7 +277,7 @@ impl Daemon {
                 return Err(internal(e));
             }
         }
-        let incoming = matches!(launch, Launch::Incoming(_));
+        let incoming = matches!(launch, Launch::Incoming { .. });
         let generation = slot.update_runtime(|rt| {
             rt.state = if incoming {
                 VmState::Incoming
@@ -280,10 +296,13 @@ impl Daemon {
         });
         self.persist_runtime(slot)?;
         match launch {
-            Launch::Incoming(endpoint) => self.event(
+            Launch::Incoming { endpoint, tls } => self.event(
                 &slot.name,
                 "incoming",
-                format!("pid {pid}, waiting for the source on {endpoint}"),
+                format!(
+                    "pid {pid}, waiting for the source on {endpoint}{}",
+                    if tls.is_some() { " (TLS only)" } else { "" }
+                ),
             ),
             _ => self.event(&slot.name, "starting", format!("pid {pid}")),
         }

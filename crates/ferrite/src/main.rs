@@ -331,8 +331,9 @@ fn receive_migration(
 /// One line on a completed outgoing migration.
 fn migrated_line(status: &vmm::migrate::MigrationStatus) -> String {
     let line = format!(
-        "migrated to {}: downtime {:.1} ms, total {:.1} ms, {} rounds, {:.1} MiB sent ({} pages, {} zero pages)",
+        "migrated to {}{}: downtime {:.1} ms, total {:.1} ms, {} rounds, {:.1} MiB sent ({} pages, {} zero pages)",
         status.to,
+        if status.tls { " over TLS" } else { "" },
         status.downtime_ms.unwrap_or(0.0),
         status.total_ms.unwrap_or(0.0),
         status.round + 1,

@@ -111,6 +111,7 @@ fn test_counting_guest_moves_to_another_daemon_and_counts_on_there() {
         b.vmm_log("mover")
     );
     assert!(summary.contains("mover: migrated to"), "{summary}");
+    eprintln!("{}", summary.trim());
     assert!(summary.contains("downtime"), "{summary}");
     // The guest continues on B from where it was on A.
     let after = wait_tick_after(&b, "mover", before);
@@ -401,4 +402,263 @@ fn pattern_bytes(seed: u64, sector: u64, count: u64) -> Vec<u8> {
         common::pattern::fill_sector(seed, sector + k as u64, chunk);
     }
     out
+}
+
+/// A scratch directory for certificates, removed when dropped.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        let dir = std::path::PathBuf::from(format!("/tmp/fd-mtls-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Scratch(dir)
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_local_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A daemon with `cert`/`key` as its certificate, trusting `ca`, taking incoming migrations
+/// on loopback, and with `listen`, serving HTTPS on that loopback port.
+fn tls_daemon(cert: &str, key: &str, ca: &str, listen: Option<u16>) -> TestDaemon {
+    let listen = listen.map(|p| format!("127.0.0.1:{p}"));
+    let mut args = vec![
+        "--migration-addr",
+        "127.0.0.1",
+        "--tls-cert",
+        cert,
+        "--tls-key",
+        key,
+        "--tls-client-ca",
+        ca,
+    ];
+    if let Some(l) = &listen {
+        args.extend(["--tls-listen", l.as_str()]);
+    }
+    TestDaemon::start(&args)
+}
+
+/// The port of a `tcp:HOST:PORT` endpoint.
+fn endpoint_port(endpoint: &str) -> u16 {
+    endpoint.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+#[test]
+fn test_tls_daemons_carry_the_migration_stream_in_tls_and_the_guest_counts_on() {
+    // Arrange: two daemons with certificates from one CA, B serving HTTPS; a counting guest
+    // on A; everything on loopback recorded.
+    let pki = Scratch::new("ok");
+    tls_certs(&pki.0, &["a", "b"]);
+    let port = free_local_port();
+    let b = tls_daemon(
+        &pki.file("b.pem"),
+        &pki.file("b.key"),
+        &pki.file("ca.pem"),
+        Some(port),
+    );
+    let a = tls_daemon(
+        &pki.file("a.pem"),
+        &pki.file("a.key"),
+        &pki.file("ca.pem"),
+        None,
+    );
+    start_guest(&a, "sealed", &["count-forever 100"]);
+    let before = wait_tick_after(&a, "sealed", 2);
+    let capture = daemon_common::wire::LoopbackCapture::start(&[b"FERRMIG", b"ferrite_version"]);
+
+    // Act
+    let out = a.cli(&[
+        "vm",
+        "migrate",
+        "sealed",
+        "--to",
+        &format!("https://localhost:{port}"),
+    ]);
+
+    // Assert: the guest continues on B from its own count; the record and the CLI say TLS;
+    // the wire to B's VMM carried TLS records only.
+    let summary = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nA:\n{}\nB:\n{}\nB's VMM log:\n{}",
+        stderr(&out),
+        a.daemon_log(),
+        b.daemon_log(),
+        b.vmm_log("sealed")
+    );
+    assert!(summary.contains("over TLS"), "{summary}");
+    eprintln!("{}", summary.trim());
+    let after = wait_tick_after(&b, "sealed", before);
+    assert!(
+        ticks_from(&b.console_log("sealed"), 0)[0] > before,
+        "{after}"
+    );
+    assert!(!names(&a).contains(&"sealed".to_string()));
+    let (_, m) = a.api("GET", "/v1/vms/sealed/migration", None);
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert_eq!(m["tls"], true, "{m}");
+    let endpoint = m["endpoint"].as_str().unwrap();
+    assert!(endpoint.starts_with("tcp:127.0.0.1:"), "{m}");
+    let flow = capture.flow(endpoint_port(endpoint));
+    drop(capture);
+    assert!(flow.bytes > 64 << 10, "{flow:?}");
+    assert_eq!(
+        &flow.first[..2],
+        &[0x16, 0x03],
+        "a TLS handshake first: {flow:?}"
+    );
+    assert_eq!(
+        flow.found,
+        [false, false],
+        "the stream or its hello went out in clear"
+    );
+}
+
+#[test]
+fn test_destination_certificate_from_another_ca_is_refused_before_memory_moves() {
+    // Arrange: B's certificate is signed by a CA A does not trust (B trusts A's CA).
+    let pki = Scratch::new("cluster");
+    tls_certs(&pki.0, &["a"]);
+    let rogue = Scratch::new("rogue");
+    tls_certs(&rogue.0, &["b"]);
+    let port = free_local_port();
+    let b = tls_daemon(
+        &rogue.file("b.pem"),
+        &rogue.file("b.key"),
+        &pki.file("ca.pem"),
+        Some(port),
+    );
+    let a = tls_daemon(
+        &pki.file("a.pem"),
+        &pki.file("a.key"),
+        &pki.file("ca.pem"),
+        None,
+    );
+    start_guest(&a, "guarded", &["count-forever 100"]);
+
+    // Act: over HTTPS (B's API), then over B's Unix socket (the VMMs' handshake).
+    let https = a.cli(&[
+        "vm",
+        "migrate",
+        "guarded",
+        "--to",
+        &format!("https://localhost:{port}"),
+    ]);
+    let unix = a.cli(&[
+        "vm",
+        "migrate",
+        "guarded",
+        "--to",
+        &b.socket.display().to_string(),
+    ]);
+
+    // Assert: both refused for B's certificate; nothing of the guest moved; it counts on A.
+    assert!(!https.status.success());
+    assert!(
+        // (BadSignature: both test CAs are named CN=ferrite-ca.)
+        stderr(&https).contains("invalid peer certificate"),
+        "{}",
+        stderr(&https)
+    );
+    assert!(!unix.status.success());
+    let why = stderr(&unix);
+    assert!(
+        why.contains("certificate this source does not accept") && why.contains("keeps running"),
+        "{why}\nA:\n{}",
+        a.daemon_log()
+    );
+    let (_, m) = a.api("GET", "/v1/vms/guarded/migration", None);
+    assert_eq!(m["phase"], "failed", "{m}");
+    assert_eq!(m["tls"], true, "{m}");
+    assert_eq!(m["pages_sent"], 0, "{m}");
+    let now = ticks_from(&a.console_log("guarded"), 0)
+        .into_iter()
+        .max()
+        .unwrap();
+    wait_tick_after(&a, "guarded", now);
+    assert_eq!(a.state("guarded"), "running");
+    b.wait("B to drop the reservation", Duration::from_secs(30), || {
+        names(&b).is_empty()
+    });
+    assert!(!b.console_log("guarded").contains("tick"));
+}
+
+#[test]
+fn test_tls_destination_refuses_plaintext_streams_except_on_loopback_for_this_host() {
+    // Arrange: a TLS daemon listening for migrations on every address.
+    let pki = Scratch::new("plain");
+    tls_certs(&pki.0, &["b"]);
+    let b = TestDaemon::start(&[
+        "--migration-addr",
+        "0.0.0.0",
+        "--tls-cert",
+        &pki.file("b.pem"),
+        "--tls-key",
+        &pki.file("b.key"),
+        "--tls-client-ca",
+        &pki.file("ca.pem"),
+    ]);
+    let reserve = |name: &str, tls: bool| {
+        b.api(
+            "POST",
+            "/v1/migrations/incoming",
+            Some(json!({"spec": testguest_spec(name, &[]), "tls": tls})),
+        )
+    };
+
+    // Act: a source offering TLS, then one that does not (on this host, over the socket).
+    let (tls_status, tls_res) = reserve("sealed", true);
+    let (plain_status, plain_res) = reserve("local", false);
+    // A plaintext source at the TLS-only VMM: the protocol's magic and a hello.
+    let endpoint = tls_res["endpoint"].as_str().unwrap_or("tcp:0.0.0.0:0");
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", endpoint_port(endpoint))).unwrap();
+    raw.write_all(b"FERRMIG\0\x01\x00\x00\x00\x02\x00\x00\x00{}")
+        .unwrap();
+    let mut answer = Vec::new();
+    raw.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _ = std::io::Read::read_to_end(&mut raw, &mut answer);
+
+    // Assert: TLS on every address with the certificate's name; plaintext only on loopback;
+    // the TLS-only VMM refused the plaintext source and the reservation is gone.
+    assert_eq!(tls_status, 201, "{tls_res}");
+    assert_eq!(tls_res["tls"], true, "{tls_res}");
+    assert!(endpoint.starts_with("tcp:0.0.0.0:"), "{tls_res}");
+    assert_eq!(tls_res["tls_server_name"], "localhost", "{tls_res}");
+    assert_eq!(plain_status, 201, "{plain_res}");
+    assert_eq!(plain_res["tls"], false, "{plain_res}");
+    assert!(
+        plain_res["endpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with("tcp:127.0.0.1:"),
+        "{plain_res}"
+    );
+    assert!(
+        String::from_utf8_lossy(&answer).contains("only TLS"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    b.wait("B to drop the refused reservation", BOOT, || {
+        !names(&b).contains(&"sealed".to_string())
+    });
+    assert!(
+        b.vmm_log("sealed").contains("without TLS"),
+        "{}",
+        b.vmm_log("sealed")
+    );
 }

@@ -70,16 +70,19 @@ fn mib(bytes: u64) -> f64 {
 /// One progress line.
 pub(crate) fn progress_line(m: &MigrationInfo) -> String {
     match m.phase {
-        MigrationPhase::Connecting => format!("{}: connecting to {}", m.vm, m.endpoint),
+        MigrationPhase::Connecting => {
+            format!("{}: connecting to {}{}", m.vm, m.endpoint, tls_note(m))
+        }
         MigrationPhase::Final => format!(
             "{}: final copy (guest paused), {:.1} MiB sent",
             m.vm,
             mib(m.sent_bytes)
         ),
         _ => format!(
-            "{}: {} round {}: {:.1} MiB left, {:.1} MiB/s, throttle {}%, {:.1} MiB sent",
+            "{}: {}{} round {}: {:.1} MiB left, {:.1} MiB/s, throttle {}%, {:.1} MiB sent",
             m.vm,
             m.phase.as_str(),
+            tls_note(m),
             m.round,
             mib(m.remaining_bytes),
             mib(m.rate_bytes_per_s),
@@ -89,12 +92,22 @@ pub(crate) fn progress_line(m: &MigrationInfo) -> String {
     }
 }
 
+/// How the stream is carried, for the progress and summary lines.
+fn tls_note(m: &MigrationInfo) -> &'static str {
+    if m.tls {
+        " (TLS)"
+    } else {
+        ""
+    }
+}
+
 /// The summary of a completed migration.
 pub(crate) fn summary(m: &MigrationInfo) -> String {
     format!(
-        "{}: migrated to {} in {:.0} ms (downtime {:.1} ms, {:.1} MiB sent in {} rounds, {} zero pages)",
+        "{}: migrated to {}{} in {:.0} ms (downtime {:.1} ms, {:.1} MiB sent in {} rounds, {} zero pages)",
         m.vm,
         m.to,
+        if m.tls { " over TLS" } else { "" },
         m.total_ms.unwrap_or(m.elapsed_ms as f64),
         m.downtime_ms.unwrap_or(0.0),
         mib(m.sent_bytes),
@@ -262,6 +275,22 @@ mod tests {
         assert_eq!(
             s,
             "web: migrated to /run/b.sock in 812 ms (downtime 4.3 ms, 130.0 MiB sent in 3 rounds, 7 zero pages)"
+        );
+    }
+
+    #[test]
+    fn test_tls_streams_say_so_in_progress_and_summary() {
+        let mut m = info(MigrationPhase::Copying);
+        m.tls = true;
+
+        let line = progress_line(&m);
+        m.phase = MigrationPhase::Completed;
+        let s = summary(&m);
+
+        assert!(line.starts_with("web: copying (TLS) round 2:"), "{line}");
+        assert!(
+            s.starts_with("web: migrated to /run/b.sock over TLS in 812 ms"),
+            "{s}"
         );
     }
 

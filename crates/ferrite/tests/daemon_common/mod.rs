@@ -11,6 +11,8 @@ use serde_json::{json, Value};
 
 use crate::common;
 
+pub mod wire;
+
 /// The `ferrited` binary built for this test run.
 pub fn ferrited_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferrited"))

@@ -230,6 +230,9 @@ pub struct MigrationStatus {
     /// Time spent in those harvests, µs.
     #[serde(default)]
     pub harvest_us: u64,
+    /// The stream runs over mutual TLS (the destination's certificate checked, ours shown).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// The status shared by the migration thread and the control socket.

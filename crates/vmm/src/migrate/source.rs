@@ -62,6 +62,7 @@ impl SourceJob {
             *st = MigrationStatus {
                 phase: Phase::Connecting,
                 to: opts.to.clone(),
+                tls: target.tls.is_some(),
                 ..MigrationStatus::default()
             };
         }
