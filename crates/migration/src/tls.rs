@@ -739,6 +739,7 @@ mod tests {
             config: serde_json::json!({}),
             regions: Vec::new(),
             memory_fds: false,
+            disks: Vec::new(),
         }
     }
 
