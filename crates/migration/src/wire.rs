@@ -124,6 +124,9 @@ pub enum Frame {
         /// Bytes (a multiple of [`DISK_SECTOR`]).
         len: u64,
     },
+    /// Block migration, right before the source pauses: make the disk data received so far
+    /// durable and answer [`Reply::DiskSynced`] (so the flush in the pause is short).
+    DiskSync,
     /// Round `n` of the copy starts (for progress reporting).
     Round(u32),
     /// The VM's state (vCPUs, irqchip, clock, devices): the snapshot state file's bytes.
@@ -151,6 +154,8 @@ pub enum Reply {
     Running,
     /// Same-host handover: the memory files are mapped and the VM is built over them.
     Mapped,
+    /// Block migration: the disk data received so far is durable.
+    DiskSynced,
 }
 
 const F_PAGES: u8 = 1;
@@ -162,12 +167,14 @@ const F_COMMIT: u8 = 6;
 const F_ABORT: u8 = 7;
 const F_DISK_DATA: u8 = 8;
 const F_DISK_ZERO: u8 = 9;
+const F_DISK_SYNC: u8 = 10;
 const R_ACCEPT: u8 = 0x81;
 const R_REFUSE: u8 = 0x82;
 const R_READY: u8 = 0x83;
 const R_FAILED: u8 = 0x84;
 const R_RUNNING: u8 = 0x85;
 const R_MAPPED: u8 = 0x86;
+const R_DISK_SYNCED: u8 = 0x87;
 
 fn protocol(msg: impl Into<String>) -> MigrationError {
     MigrationError::Protocol(msg.into())
@@ -296,6 +303,7 @@ pub fn frame_bytes(frame: &Frame) -> Vec<u8> {
             out.extend_from_slice(&offset.to_le_bytes());
             out.extend_from_slice(&len.to_le_bytes());
         }
+        Frame::DiskSync => out.push(F_DISK_SYNC),
         Frame::Round(n) => {
             out.push(F_ROUND);
             out.extend_from_slice(&n.to_le_bytes());
@@ -350,6 +358,7 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame> {
             offset: read_u64(r)?,
             len: read_u64(r)?,
         },
+        F_DISK_SYNC => Frame::DiskSync,
         F_ROUND => Frame::Round(read_u32(r)?),
         F_STATE => {
             let len = read_u64(r)?;
@@ -440,6 +449,7 @@ pub fn write_reply(w: &mut impl Write, reply: &Reply) -> Result<()> {
         }
         Reply::Running => out.push(R_RUNNING),
         Reply::Mapped => out.push(R_MAPPED),
+        Reply::DiskSynced => out.push(R_DISK_SYNCED),
     }
     w.write_all(&out)?;
     w.flush()?;
@@ -455,6 +465,7 @@ pub fn read_reply(r: &mut impl Read) -> Result<Reply> {
         R_FAILED => Reply::Failed(read_text(r)?),
         R_RUNNING => Reply::Running,
         R_MAPPED => Reply::Mapped,
+        R_DISK_SYNCED => Reply::DiskSynced,
         other => return Err(protocol(format!("unknown reply type {other:#x}"))),
     })
 }
@@ -491,6 +502,7 @@ mod tests {
                 offset: 512,
                 len: 1 << 40,
             },
+            Frame::DiskSync,
             Frame::Round(4),
             Frame::State(b"state".to_vec()),
             Frame::Done,
@@ -607,18 +619,20 @@ mod tests {
             Reply::Failed("bad".into()),
             Reply::Running,
             Reply::Mapped,
+            Reply::DiskSynced,
         ] {
             write_reply(&mut buf, &reply).unwrap();
         }
 
         let mut r = buf.as_slice();
         let got = read_hello(&mut r).unwrap();
-        let replies: Vec<Reply> = (0..6).map(|_| read_reply(&mut r).unwrap()).collect();
+        let replies: Vec<Reply> = (0..7).map(|_| read_reply(&mut r).unwrap()).collect();
 
         assert_eq!(got.regions, hello.regions);
         assert_eq!(got.disks, hello.disks);
         assert_eq!(replies[1], Reply::Refuse("no".into()));
         assert_eq!(replies[4], Reply::Running);
         assert_eq!(replies[5], Reply::Mapped);
+        assert_eq!(replies[6], Reply::DiskSynced);
     }
 }

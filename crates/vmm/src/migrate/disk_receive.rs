@@ -135,6 +135,17 @@ impl ReceivedDisks {
             .map_err(|e| format!("cannot zero disk {disk} at {offset:#x}: {e}"))
     }
 
+    /// Make what was written so far durable.
+    pub fn flush(&self) -> Result<(), String> {
+        for img in &self.images {
+            if let Some(b) = &img.backend {
+                b.flush()
+                    .map_err(|e| format!("cannot flush {}: {e}", img.path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// All blocks arrived: flush the images and close them (the VM opens them next).
     pub fn close(&mut self) -> Result<(), String> {
         for img in &mut self.images {

@@ -262,6 +262,12 @@ impl Incoming {
                         .map_err(IncomingError::Disk)?;
                 }
                 Frame::Round(n) => tracing::debug!(round = n, "migration round"),
+                Frame::DiskSync => {
+                    // The source is about to pause: what arrived so far goes to storage now,
+                    // while the guest still runs there, so the flush in the pause is short.
+                    self.disks.flush().map_err(IncomingError::Disk)?;
+                    wire::write_reply(&mut self.stream, &Reply::DiskSynced)?;
+                }
                 Frame::State(bytes) => match wire::read_frame(&mut reader)? {
                     Frame::Done => break bytes,
                     other => {

@@ -465,6 +465,35 @@ impl Migration<'_> {
         Ok(())
     }
 
+    /// Block migration, before the pause: have the destination make the disk data it has
+    /// durable, so its flush in the pause covers only the last blocks (the guest runs on
+    /// meanwhile; its writes go into the final copy).
+    fn sync_destination_disks(&self, out: &mut Out, reader: &mut Stream) -> Result<(), Failure> {
+        out.frame(&Frame::DiskSync)?;
+        out.w.flush()?;
+        reader.set_read_timeout(Some(READY_TIMEOUT))?;
+        match wire::read_reply(reader)? {
+            Reply::DiskSynced => Ok(()),
+            Reply::Failed(reason) => Err(Failure::Failed(format!(
+                "The destination could not write the disks: {reason}"
+            ))),
+            other => Err(Failure::Failed(format!("Unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Flush every copied disk (what the guest wrote reaches the image).
+    fn flush_copied(&self) -> Result<(), Failure> {
+        for d in &self.copied {
+            d.disk.flush().map_err(|e| {
+                Failure::Failed(format!(
+                    "Cannot flush the disk {}: {e}",
+                    d.disk.path().display()
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
     /// Send the blocks set in `maps` of every copied disk (see [`disk_send::send_blocks`]).
     fn send_disks(
         &self,
@@ -535,6 +564,8 @@ impl Migration<'_> {
                 .flatten()
                 .map(|w| u64::from(w.count_ones()))
                 .sum();
+            // Flushed every round while the guest runs, so the flush in the pause is short.
+            self.flush_copied()?;
             let disk_dirty = disk_send::harvest(&self.copied);
             let disk_bytes = disk_send::map_bytes(&disk_dirty);
             // The final copy carries the dirty disk blocks too.
@@ -584,6 +615,9 @@ impl Migration<'_> {
             self.report(out, round);
         };
         drop(throttle);
+        if !self.copied.is_empty() {
+            self.sync_destination_disks(out, reader)?;
+        }
         self.finish_copy(out, reader, regions, Some((dirty, disk_dirty)), round + 1)
     }
 
@@ -615,14 +649,7 @@ impl Migration<'_> {
         } else {
             // Block migration: the destination writes its own copies; this side keeps its
             // disks (and their locks) and only flushes them before the last blocks are read.
-            for d in &self.copied {
-                d.disk.flush().map_err(|e| {
-                    Failure::Failed(format!(
-                        "Cannot flush the disk {}: {e}",
-                        d.disk.path().display()
-                    ))
-                })?;
-            }
+            self.flush_copied()?;
         }
         // Same for the host resources a destination on this host opens by name.
         self.vm.release_host_devices().map_err(Failure::Failed)?;
