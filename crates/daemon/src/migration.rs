@@ -125,6 +125,7 @@ fn vmm_request(req: &MigrateRequest, endpoint: &str) -> Value {
         "bandwidth_mib_s": req.bandwidth_mib_s.unwrap_or(0),
         "timeout_s": req.timeout_s.unwrap_or(api::DEFAULT_MIGRATION_TIMEOUT_S),
         "converge": req.converge.unwrap_or_default().as_str(),
+        "copy_disks": req.copy_disks,
     })
 }
 
@@ -137,6 +138,33 @@ fn progress_line(m: &MigrationInfo) -> String {
         mib(m.rate_bytes_per_s),
         m.throttle_pct
     )
+}
+
+/// Whether a disk definition (`PATH[,options]`) attaches its image read-only.
+fn is_read_only_disk(spec: &str) -> bool {
+    spec.split(',').skip(1).any(|o| o == "readonly")
+}
+
+/// A disk definition (`PATH[,options]`) as a block migration receives it: the file in
+/// `dir` with the same name, the options kept; read-only disks unchanged (not copied).
+fn received_disk(spec: &str, dir: &std::path::Path) -> Result<String, ApiError> {
+    let mut parts = spec.split(',');
+    let path = std::path::Path::new(parts.next().unwrap_or_default());
+    if is_read_only_disk(spec) {
+        return Ok(spec.to_string());
+    }
+    let name = path.file_name().ok_or_else(|| {
+        ApiError::bad_field(
+            "disks",
+            format!("disk {spec:?} has no file name to copy it to"),
+        )
+    })?;
+    let mut out = dir.join(name).display().to_string();
+    for o in parts {
+        out.push(',');
+        out.push_str(o);
+    }
+    Ok(out)
 }
 
 /// A free TCP port on `addr` (the VMM binds it a moment later).
@@ -216,6 +244,7 @@ impl Daemon {
             .reserve(&IncomingMigrationRequest {
                 spec,
                 timeout_s: Some(req.timeout_s.unwrap_or(api::DEFAULT_MIGRATION_TIMEOUT_S)),
+                copy_disks: req.copy_disks,
             })
             .await?;
         let endpoint = peer.reachable_endpoint(&incoming.endpoint);
@@ -446,10 +475,24 @@ impl Daemon {
                 "This daemon takes no incoming migrations: start ferrited with --migration-addr IP",
             ));
         };
-        let spec = req.spec;
+        let mut spec = req.spec;
         let paths =
             crate::paths::VmPaths::new(&self.args.run_dir, &self.args.state_dir, &spec.name);
-        spec::to_vm_config(&spec, &paths.control)?;
+        // A block migration's disks go to this daemon's disk directory for the VM; the
+        // definition points at them (read-only disks stay where they are: not copied). The
+        // copies do not exist yet, so the definition is checked without them.
+        let mut checked = spec.clone();
+        if req.copy_disks {
+            checked.disks.retain(|d| is_read_only_disk(d));
+        }
+        spec::to_vm_config(&checked, &paths.control)?;
+        if req.copy_disks {
+            spec.disks = spec
+                .disks
+                .iter()
+                .map(|d| received_disk(d, &paths.disks))
+                .collect::<Result<_, _>>()?;
+        }
         self.check_capacity(&spec.name, spec.vcpus, spec.memory_mib)?;
         let value = serde_json::to_value(&spec).map_err(internal)?;
         self.store
@@ -473,7 +516,19 @@ impl Daemon {
         let _guard = slot.op_lock.clone().lock_owned().await;
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(timeout_s + INCOMING_GRACE_S);
-        match self.launch_incoming(&slot, addr, deadline).await {
+        let disk_dir = if req.copy_disks {
+            if let Err(e) = std::fs::create_dir_all(&slot.paths.disks) {
+                self.drop_incoming(&slot, &e.to_string());
+                return Err(internal(e));
+            }
+            Some(slot.paths.disks.clone())
+        } else {
+            None
+        };
+        match self
+            .launch_incoming(&slot, addr, deadline, disk_dir.as_deref())
+            .await
+        {
             Ok(endpoint) => Ok(IncomingMigration {
                 vm: slot.info(),
                 endpoint,
@@ -491,10 +546,12 @@ impl Daemon {
         slot: &Arc<VmSlot>,
         addr: IpAddr,
         deadline: tokio::time::Instant,
+        disk_dir: Option<&std::path::Path>,
     ) -> Result<String, ApiError> {
         let port = free_port(addr)?;
         let endpoint = format!("tcp:{}", SocketAddr::new(addr, port));
-        let (pid, generation) = self.spawn_vmm(slot, true, Launch::Incoming(&endpoint))?;
+        let (pid, generation) =
+            self.spawn_vmm(slot, true, Launch::Incoming(&endpoint, disk_dir))?;
         let until = tokio::time::Instant::now() + LISTEN_WAIT;
         loop {
             let rt = slot.runtime();
@@ -624,6 +681,8 @@ impl Daemon {
         }
         self.event(&slot.name, "incoming-failed", detail.to_string());
         self.forget_vm(slot, false);
+        // A block migration's directory (its VMM removed the images it created).
+        crate::snapshots::remove_dir(&slot.paths.disks);
         if let Some(cg) = self.cgroups.as_ref().and_then(|m| m.open(&slot.name)) {
             let _ = cg.remove_when_empty(Duration::from_secs(2));
         }
@@ -678,6 +737,24 @@ mod tests {
         assert_eq!(v["timeout_s"], 120);
         assert_eq!(v["bandwidth_mib_s"], 0);
         assert_eq!(v["converge"], "abort");
+        assert_eq!(v["copy_disks"], false);
+    }
+
+    #[test]
+    fn test_received_disks_move_to_the_disk_dir_and_read_only_ones_stay() {
+        let dir = std::path::Path::new("/var/lib/ferrited/disks/web");
+
+        let rw = received_disk("/srv/web.qcow2,format=qcow2,bw=20M", dir).unwrap();
+        let ro = received_disk("/srv/iso.img,readonly", dir).unwrap();
+        let bare = received_disk("/srv/data.img", dir).unwrap();
+
+        assert_eq!(
+            rw,
+            "/var/lib/ferrited/disks/web/web.qcow2,format=qcow2,bw=20M"
+        );
+        assert_eq!(ro, "/srv/iso.img,readonly");
+        assert_eq!(bare, "/var/lib/ferrited/disks/web/data.img");
+        assert!(received_disk("/", dir).is_err());
     }
 
     #[test]

@@ -84,8 +84,9 @@ pub enum Launch<'a> {
     Boot,
     /// Continue a snapshot (`--restore`).
     Restore(RestoreFrom<'a>),
-    /// Receive a live migration on this endpoint (`--incoming tcp:HOST:PORT`).
-    Incoming(&'a str),
+    /// Receive a live migration on this endpoint (`--incoming tcp:HOST:PORT`), with a block
+    /// migration's disks created in the directory (`--incoming-disk-dir`).
+    Incoming(&'a str, Option<&'a std::path::Path>),
 }
 
 impl Daemon {
@@ -173,7 +174,7 @@ impl Daemon {
         // A restored VM's configuration comes from its snapshot.
         let config = match launch {
             Launch::Boot => Some(spec::to_vm_config(&spec, &slot.paths.control)?),
-            Launch::Restore(_) | Launch::Incoming(_) => None,
+            Launch::Restore(_) | Launch::Incoming(..) => None,
         };
         self.check_capacity(&slot.name, spec.vcpus, spec.memory_mib)?;
 
@@ -211,11 +212,16 @@ impl Daemon {
         cmd.arg("run");
         match launch {
             Launch::Boot => cmd.arg("--config").arg(&slot.paths.config),
-            Launch::Incoming(endpoint) => cmd
-                .arg("--incoming")
-                .arg(endpoint)
-                .arg("--api-socket")
-                .arg(&slot.paths.control),
+            Launch::Incoming(endpoint, disk_dir) => {
+                cmd.arg("--incoming")
+                    .arg(endpoint)
+                    .arg("--api-socket")
+                    .arg(&slot.paths.control);
+                if let Some(dir) = disk_dir {
+                    cmd.arg("--incoming-disk-dir").arg(dir);
+                }
+                &mut cmd
+            }
             Launch::Restore(from) => {
                 cmd.arg("--restore")
                     .arg(from.dir)
@@ -261,7 +267,7 @@ impl Daemon {
                 return Err(internal(e));
             }
         }
-        let incoming = matches!(launch, Launch::Incoming(_));
+        let incoming = matches!(launch, Launch::Incoming(..));
         let generation = slot.update_runtime(|rt| {
             rt.state = if incoming {
                 VmState::Incoming
@@ -280,7 +286,7 @@ impl Daemon {
         });
         self.persist_runtime(slot)?;
         match launch {
-            Launch::Incoming(endpoint) => self.event(
+            Launch::Incoming(endpoint, _) => self.event(
                 &slot.name,
                 "incoming",
                 format!("pid {pid}, waiting for the source on {endpoint}"),
