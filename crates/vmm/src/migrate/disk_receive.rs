@@ -220,3 +220,101 @@ fn create_image(
     drop(file);
     disk::open_image(path, false, Some(format))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DiskConfig;
+    use vmm_sys_util::tempdir::TempDir;
+
+    fn config_with(disks: &[&str]) -> VmConfig {
+        VmConfig {
+            disks: disks
+                .iter()
+                .map(|d| DiskConfig::parse(d).unwrap())
+                .collect(),
+            ..VmConfig::default()
+        }
+    }
+
+    fn announced(index: u32, format: &str) -> DiskInfo {
+        DiskInfo {
+            index,
+            virtual_size: 1 << 20,
+            format: format.into(),
+        }
+    }
+
+    #[test]
+    fn test_images_are_created_in_the_dir_and_removed_unless_kept() {
+        // Arrange
+        let dir = TempDir::new().unwrap();
+        let mut config = config_with(&["/src/a.img", "/src/b.qcow2", "/src/iso,readonly"]);
+        let list = [announced(0, "raw"), announced(1, "qcow2")];
+
+        // Act
+        let disks = ReceivedDisks::create(Some(dir.as_path()), &list, &mut config).unwrap();
+        disks.write(0, 512, &[7; 512]).unwrap();
+        let outside = disks.write(0, 1 << 20, &[7; 512]).unwrap_err();
+        let created: Vec<bool> = ["a.img", "b.qcow2"]
+            .iter()
+            .map(|n| dir.as_path().join(n).exists())
+            .collect();
+        drop(disks);
+
+        // Assert
+        assert_eq!(created, [true, true]);
+        assert_eq!(config.disks[0].path, dir.as_path().join("a.img"));
+        assert_eq!(config.disks[1].format, Some(ImageFormat::Qcow2));
+        assert_eq!(config.disks[2].path, Path::new("/src/iso"));
+        assert!(outside.contains("outside disk 0"), "{outside}");
+        assert!(!dir.as_path().join("a.img").exists());
+        assert!(!dir.as_path().join("b.qcow2").exists());
+    }
+
+    #[test]
+    fn test_kept_images_stay() {
+        let dir = TempDir::new().unwrap();
+        let mut config = config_with(&["/src/a.img"]);
+
+        let disks = ReceivedDisks::create(Some(dir.as_path()), &[announced(0, "raw")], &mut config)
+            .unwrap();
+        disks.keep();
+
+        assert!(dir.as_path().join("a.img").exists());
+    }
+
+    #[test]
+    fn test_impossible_requests_are_refused_and_leave_nothing() {
+        // Arrange: a file in the way of the second disk.
+        let dir = TempDir::new().unwrap();
+        std::fs::write(dir.as_path().join("b.img"), b"keep").unwrap();
+        let two = ["/src/a.img", "/src/b.img"];
+        let list = [announced(0, "raw"), announced(1, "raw")];
+
+        // Act
+        let exists =
+            ReceivedDisks::create(Some(dir.as_path()), &list, &mut config_with(&two)).err();
+        let no_dir = ReceivedDisks::create(None, &list, &mut config_with(&two)).err();
+        let ro = ReceivedDisks::create(
+            Some(dir.as_path()),
+            &[announced(0, "raw")],
+            &mut config_with(&["/src/c.img,readonly"]),
+        )
+        .err();
+        let beyond = ReceivedDisks::create(
+            Some(dir.as_path()),
+            &[announced(5, "raw")],
+            &mut config_with(&two),
+        )
+        .err();
+
+        // Assert
+        assert!(exists.unwrap().contains("already exists"));
+        assert!(no_dir.unwrap().contains("--incoming-disk-dir"));
+        assert!(ro.unwrap().contains("read-only"));
+        assert!(beyond.unwrap().contains("2 disks"));
+        assert!(!dir.as_path().join("a.img").exists());
+        assert_eq!(std::fs::read(dir.as_path().join("b.img")).unwrap(), b"keep");
+    }
+}

@@ -92,9 +92,14 @@ pub(super) fn allocated_blocks(d: &CopiedDisk) -> Result<Vec<u64>, String> {
         if len == 0 {
             continue;
         }
-        let last = (start + len - 1) / DIRTY_BLOCK_SIZE;
-        for b in start / DIRTY_BLOCK_SIZE..=last.min(tracker.blocks().saturating_sub(1)) {
-            map[(b / 64) as usize] |= 1 << (b % 64);
+        let last = start.saturating_add(len - 1) / DIRTY_BLOCK_SIZE;
+        for b in start / DIRTY_BLOCK_SIZE..=last {
+            // Ranges past the disk's end (none expected) mark nothing.
+            if let Some(w) = map.get_mut((b / 64) as usize) {
+                *w |= 1 << (b % 64);
+            } else {
+                break;
+            }
         }
     }
     Ok(map)
@@ -195,4 +200,64 @@ where
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use disk::{CurrentImage, ImageFormat};
+    use vmm_sys_util::tempfile::TempFile;
+
+    /// What `send_blocks` emitted: (is data, offset, length).
+    fn pieces(d: &CopiedDisk, map: &[u64], zero_known: bool) -> Vec<(bool, u64, u64)> {
+        let mut out = Vec::new();
+        send_blocks::<String>(d, map, zero_known, &mut |p| {
+            out.push(match p {
+                Piece::Data { offset, bytes } => (true, offset, bytes.len() as u64),
+                Piece::Zero { offset, len } => (false, offset, len),
+            });
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn test_blocks_go_as_data_runs_and_zero_ranges_never_as_zero_bytes() {
+        // Arrange: 6 blocks; data in blocks 0, 1 and 3; 2, 4 and 5 all zero.
+        let f = TempFile::new().unwrap();
+        f.as_file().set_len(6 * DIRTY_BLOCK_SIZE).unwrap();
+        let raw = disk::open_image(f.as_path(), false, Some(ImageFormat::Raw)).unwrap();
+        for b in [0, 1, 3] {
+            raw.write_at(b * DIRTY_BLOCK_SIZE + 100, &[9; 10]).unwrap();
+        }
+        let d = CopiedDisk {
+            index: 0,
+            disk: Arc::new(SwappableDisk::new(CurrentImage {
+                backend: raw,
+                path: f.as_path().to_path_buf(),
+                format: ImageFormat::Raw,
+            })),
+        };
+        let all = vec![0b11_1111u64];
+        let b = DIRTY_BLOCK_SIZE;
+
+        // Act
+        let later_round = pieces(&d, &all, false);
+        let round0 = pieces(&d, &all, true);
+        let only_block_4 = pieces(&d, &[0b1_0000], false);
+
+        // Assert
+        assert_eq!(
+            later_round,
+            vec![
+                (true, 0, 2 * b),
+                (false, 2 * b, b),
+                (true, 3 * b, b),
+                (false, 4 * b, 2 * b)
+            ]
+        );
+        assert_eq!(round0, vec![(true, 0, 2 * b), (true, 3 * b, b)]);
+        assert_eq!(only_block_4, vec![(false, 4 * b, b)]);
+    }
 }
