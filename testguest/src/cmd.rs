@@ -59,7 +59,7 @@ const POWER_CHECK_MS: u64 = 250;
 /// Command names, for `help`.
 const COMMANDS: &str =
     "help,echo,cpus,mem,mem-fill,mem-check,mem-sum,dirty,dirty-check,pci,acpi,vmgenid,time,count,count-forever,irqs,poweroff,reboot,\
-blk,blk-id,blk-write,blk-check,blk-sum,blk-flush,blk-discard,blk-zeroes,blk-bench,bench-pio,bench-mmio,\
+blk,blk-id,blk-write,blk-stream,blk-check,blk-sum,blk-flush,blk-discard,blk-zeroes,blk-bench,bench-pio,bench-mmio,\
 rng,vcon,vcon-write,vcon-echo,vsock,vsock-listen,vsock-connect,hostile,net-up,net-serve,net-bench-tx,net-bench-rx,\
 balloon,balloon-run,balloon-wait,balloon-report,touch,spin";
 
@@ -281,7 +281,7 @@ impl Machine {
                 self.reinit_disks();
             }
             "blk-id" | "blk-write" | "blk-check" | "blk-sum" | "blk-flush" | "blk-discard"
-            | "blk-zeroes" => self.cmd_blk_op(cmd, args),
+            | "blk-zeroes" | "blk-stream" => self.cmd_blk_op(cmd, args),
             _ => println!("ERR {} unknown-command", cmd),
         }
     }
@@ -792,6 +792,7 @@ impl Machine {
                 Ok(reqs) => println!("OK {} {} sector={} count={} requests={}", cmd, idx, sector, count, reqs),
                 Err(e) => println!("ERR {} {}", cmd, e),
             },
+            "blk-stream" => blk_stream(disk, idx, sector, count, seed),
             "blk-write" => match blk_write(disk, sector, count, seed) {
                 Ok(()) => println!("OK blk-write {} sector={} count={} seed={}", idx, sector, count, seed),
                 Err((at, e)) => println!("ERR blk-write {} sector={}", e, at),
@@ -840,6 +841,44 @@ fn blk_write(disk: &mut Disk, sector: u64, count: u64, seed: u64) -> OpResult<()
         done += n;
     }
     Ok(())
+}
+
+/// `blk-stream D SECTOR COUNT SEED`: writes the pattern over SECTOR..SECTOR+COUNT chunk by
+/// chunk, pass after pass (pass P uses seed SEED+P), until a byte arrives on the serial port;
+/// then sectors SECTOR..NEXT hold pass P and NEXT.. pass P-1 (if P > 0).
+fn blk_stream(disk: &mut Disk, idx: u64, sector: u64, count: u64, seed: u64) {
+    if count == 0 || sector.checked_add(count).is_none_or(|end| end > disk.capacity) {
+        println!("ERR blk-stream {} sector={}", crate::virtio_blk::BlkError::Range, sector);
+        return;
+    }
+    println!("OK blk-stream {} sector={} count={} seed={}", idx, sector, count, seed);
+    let (mut pass, mut next, mut writes) = (0u64, 0u64, 0u64);
+    loop {
+        let n = (count - next).min(CHUNK_SECTORS);
+        if let Err((at, e)) = blk_write(disk, sector + next, n, seed + pass) {
+            println!("ERR blk-stream {} sector={}", e, at);
+            return;
+        }
+        writes += 1;
+        next += n;
+        if next == count {
+            next = 0;
+            pass += 1;
+        }
+        if writes % 64 == 0 {
+            println!("blk-stream writes={} pass={} next={}", writes, pass, sector + next);
+        }
+        let mut byte = [0u8; 1];
+        if sys::read(&mut byte) == 1 {
+            break;
+        }
+    }
+    println!(
+        "OK blk-stream stopped writes={} pass={} next={}",
+        writes,
+        pass,
+        sector + next
+    );
 }
 
 /// Reads a range chunk by chunk, calling `f(sector, bytes)` per sector; returns

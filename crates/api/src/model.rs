@@ -475,6 +475,11 @@ pub struct MigrateRequest {
     /// What to do when the copy does not converge (default `throttle`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub converge: Option<Converge>,
+    /// Block migration: copy the contents of the VM's writable disks too (local disks); the
+    /// destination daemon puts them in its state directory. Default: the disks are on
+    /// storage both daemons see.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub copy_disks: bool,
 }
 
 /// Default pause budget of a migration, ms.
@@ -607,6 +612,10 @@ pub struct IncomingMigrationRequest {
     /// before this field (which refuses unknown fields).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls: bool,
+    /// Block migration: the writable disks' contents come with the VM; the destination
+    /// creates them under its state directory and points the definition at them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub copy_disks: bool,
 }
 
 /// The answer to `POST /v1/migrations/incoming`.

@@ -131,6 +131,7 @@ fn vmm_request(req: &MigrateRequest, endpoint: &str, tls: Option<(&TlsIdentity, 
         "bandwidth_mib_s": req.bandwidth_mib_s.unwrap_or(0),
         "timeout_s": req.timeout_s.unwrap_or(api::DEFAULT_MIGRATION_TIMEOUT_S),
         "converge": req.converge.unwrap_or_default().as_str(),
+        "copy_disks": req.copy_disks,
     });
     if let Some((id, server_name)) = tls {
         v["tls_cert"] = id.cert.display().to_string().into();
@@ -194,6 +195,33 @@ fn progress_line(m: &MigrationInfo) -> String {
         mib(m.rate_bytes_per_s),
         m.throttle_pct
     )
+}
+
+/// Whether a disk definition (`PATH[,options]`) attaches its image read-only.
+fn is_read_only_disk(spec: &str) -> bool {
+    spec.split(',').skip(1).any(|o| o == "readonly")
+}
+
+/// A disk definition (`PATH[,options]`) as a block migration receives it: the file in
+/// `dir` with the same name, the options kept; read-only disks unchanged (not copied).
+fn received_disk(spec: &str, dir: &std::path::Path) -> Result<String, ApiError> {
+    let mut parts = spec.split(',');
+    let path = std::path::Path::new(parts.next().unwrap_or_default());
+    if is_read_only_disk(spec) {
+        return Ok(spec.to_string());
+    }
+    let name = path.file_name().ok_or_else(|| {
+        ApiError::bad_field(
+            "disks",
+            format!("disk {spec:?} has no file name to copy it to"),
+        )
+    })?;
+    let mut out = dir.join(name).display().to_string();
+    for o in parts {
+        out.push(',');
+        out.push_str(o);
+    }
+    Ok(out)
 }
 
 /// A free TCP port on `addr` (the VMM binds it a moment later).
@@ -275,6 +303,7 @@ impl Daemon {
                 spec,
                 timeout_s: Some(req.timeout_s.unwrap_or(api::DEFAULT_MIGRATION_TIMEOUT_S)),
                 tls: identity.is_some(),
+                copy_disks: req.copy_disks,
             })
             .await?;
         let endpoint = peer.reachable_endpoint(&incoming.endpoint);
@@ -517,10 +546,24 @@ impl Daemon {
         };
         let identity = self.args.migration_tls().map_err(internal)?;
         let stream = stream_tls::incoming_stream(identity.as_ref(), req.tls, via.as_ref(), addr)?;
-        let spec = req.spec;
+        let mut spec = req.spec;
         let paths =
             crate::paths::VmPaths::new(&self.args.run_dir, &self.args.state_dir, &spec.name);
-        spec::to_vm_config(&spec, &paths.control)?;
+        // A block migration's disks go to this daemon's disk directory for the VM; the
+        // definition points at them (read-only disks stay where they are: not copied). The
+        // copies do not exist yet, so the definition is checked without them.
+        let mut checked = spec.clone();
+        if req.copy_disks {
+            checked.disks.retain(|d| is_read_only_disk(d));
+        }
+        spec::to_vm_config(&checked, &paths.control)?;
+        if req.copy_disks {
+            spec.disks = spec
+                .disks
+                .iter()
+                .map(|d| received_disk(d, &paths.disks))
+                .collect::<Result<_, _>>()?;
+        }
         self.check_capacity(&spec.name, spec.vcpus, spec.memory_mib)?;
         let value = serde_json::to_value(&spec).map_err(internal)?;
         self.store
@@ -544,11 +587,23 @@ impl Daemon {
         let _guard = slot.op_lock.clone().lock_owned().await;
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(timeout_s + INCOMING_GRACE_S);
+        let disk_dir = if req.copy_disks {
+            if let Err(e) = std::fs::create_dir_all(&slot.paths.disks) {
+                self.drop_incoming(&slot, &e.to_string());
+                return Err(internal(e));
+            }
+            Some(slot.paths.disks.clone())
+        } else {
+            None
+        };
         let (listen, tls, tls_server_name) = match stream {
             IncomingStream::Tls { server_name } => (addr, identity.as_ref(), Some(server_name)),
             IncomingStream::Plain { listen } => (listen, None, None),
         };
-        match self.launch_incoming(&slot, listen, tls, deadline).await {
+        match self
+            .launch_incoming(&slot, listen, tls, deadline, disk_dir.as_deref())
+            .await
+        {
             Ok(endpoint) => Ok(IncomingMigration {
                 vm: slot.info(),
                 endpoint,
@@ -570,12 +625,14 @@ impl Daemon {
         addr: IpAddr,
         tls: Option<&TlsIdentity>,
         deadline: tokio::time::Instant,
+        disk_dir: Option<&std::path::Path>,
     ) -> Result<String, ApiError> {
         let port = free_port(addr)?;
         let endpoint = format!("tcp:{}", SocketAddr::new(addr, port));
         let launch = Launch::Incoming {
             endpoint: &endpoint,
             tls,
+            disk_dir,
         };
         let (pid, generation) = self.spawn_vmm(slot, true, launch)?;
         let until = tokio::time::Instant::now() + LISTEN_WAIT;
@@ -707,6 +764,8 @@ impl Daemon {
         }
         self.event(&slot.name, "incoming-failed", detail.to_string());
         self.forget_vm(slot, false);
+        // A block migration's directory (its VMM removed the images it created).
+        crate::snapshots::remove_dir(&slot.paths.disks);
         if let Some(cg) = self.cgroups.as_ref().and_then(|m| m.open(&slot.name)) {
             let _ = cg.remove_when_empty(Duration::from_secs(2));
         }
@@ -761,6 +820,24 @@ mod tests {
         assert_eq!(v["timeout_s"], 120);
         assert_eq!(v["bandwidth_mib_s"], 0);
         assert_eq!(v["converge"], "abort");
+        assert_eq!(v["copy_disks"], false);
+    }
+
+    #[test]
+    fn test_received_disks_move_to_the_disk_dir_and_read_only_ones_stay() {
+        let dir = std::path::Path::new("/var/lib/ferrited/disks/web");
+
+        let rw = received_disk("/srv/web.qcow2,format=qcow2,bw=20M", dir).unwrap();
+        let ro = received_disk("/srv/iso.img,readonly", dir).unwrap();
+        let bare = received_disk("/srv/data.img", dir).unwrap();
+
+        assert_eq!(
+            rw,
+            "/var/lib/ferrited/disks/web/web.qcow2,format=qcow2,bw=20M"
+        );
+        assert_eq!(ro, "/srv/iso.img,readonly");
+        assert_eq!(bare, "/var/lib/ferrited/disks/web/data.img");
+        assert!(received_disk("/", dir).is_err());
     }
 
     fn reservation(tls: bool, server_name: Option<&str>) -> IncomingMigration {

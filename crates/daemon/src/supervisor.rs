@@ -91,6 +91,8 @@ pub enum Launch<'a> {
         endpoint: &'a str,
         /// This daemon's certificate, key and cluster CA.
         tls: Option<&'a crate::args::TlsIdentity>,
+        /// Block migration: create the received disks here (`--incoming-disk-dir`).
+        disk_dir: Option<&'a std::path::Path>,
     },
 }
 
@@ -217,7 +219,11 @@ impl Daemon {
         cmd.arg("run");
         match launch {
             Launch::Boot => cmd.arg("--config").arg(&slot.paths.config),
-            Launch::Incoming { endpoint, tls } => {
+            Launch::Incoming {
+                endpoint,
+                tls,
+                disk_dir,
+            } => {
                 cmd.arg("--incoming")
                     .arg(endpoint)
                     .arg("--api-socket")
@@ -229,6 +235,9 @@ impl Daemon {
                         .arg(&tls.key)
                         .arg("--incoming-tls-ca")
                         .arg(&tls.ca);
+                }
+                if let Some(dir) = disk_dir {
+                    cmd.arg("--incoming-disk-dir").arg(dir);
                 }
                 &mut cmd
             }
@@ -296,7 +305,7 @@ impl Daemon {
         });
         self.persist_runtime(slot)?;
         match launch {
-            Launch::Incoming { endpoint, tls } => self.event(
+            Launch::Incoming { endpoint, tls, .. } => self.event(
                 &slot.name,
                 "incoming",
                 format!(

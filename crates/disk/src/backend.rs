@@ -63,6 +63,11 @@ pub trait DiskBackend: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Make the range read as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+    /// The byte ranges that may hold data, in order (holes of a sparse file read as zeroes
+    /// and need not be copied). The default: the whole disk.
+    fn data_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        Ok(vec![(0, self.size())])
+    }
     /// Change the lock this open image holds (a writer downgrades to [`LockMode::Read`] when
     /// it becomes the backing file of an overlay, and upgrades back if that is undone).
     /// `Locked` when another user's lock conflicts. The default cannot relock.

@@ -10,6 +10,7 @@
 
 mod backend;
 mod chain;
+mod dirty;
 mod image;
 mod lock;
 pub mod qcow2;
@@ -18,6 +19,7 @@ mod swap;
 
 pub use backend::{DiskBackend, GuestSlice, SECTOR_SHIFT, SECTOR_SIZE};
 pub use chain::{create_overlay, flatten, image_chain, overlay_path, revert, RevertOutcome};
+pub use dirty::{block_is_set, blocks_set, WriteTracker, DIRTY_BLOCK_SIZE};
 pub use image::{
     convert_image, create_image, image_info, open_image, probe_format, ChainEntry, CreateSpec,
     ImageFormat, ImageInfo,

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use crate::backend::{DiskBackend, GuestSlice};
+use crate::dirty::WriteTracker;
 use crate::image::ImageFormat;
 use crate::lock::LockMode;
 use crate::Result;
@@ -25,15 +26,18 @@ pub struct CurrentImage {
 pub struct SwappableDisk {
     current: RwLock<CurrentImage>,
     serial: String,
+    writes: WriteTracker,
 }
 
 impl SwappableDisk {
     /// Serve `image`; the GET_ID serial stays the first image's for the disk's lifetime.
     pub fn new(image: CurrentImage) -> Self {
         let serial = image.backend.serial();
+        let writes = WriteTracker::new(image.backend.size());
         Self {
             current: RwLock::new(image),
             serial,
+            writes,
         }
     }
 
@@ -45,6 +49,12 @@ impl SwappableDisk {
     /// The image served now.
     pub fn current(&self) -> CurrentImage {
         self.inner().clone()
+    }
+
+    /// The record of guest writes (off unless a block migration runs): every write-type
+    /// request passes through this disk, whatever the image format.
+    pub fn write_tracker(&self) -> &WriteTracker {
+        &self.writes
     }
 
     /// The path of the image served now.
@@ -82,7 +92,9 @@ impl DiskBackend for SwappableDisk {
         self.inner().backend.read_at(offset, buf)
     }
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.inner().backend.write_at(offset, buf)
+        let r = self.inner().backend.write_at(offset, buf);
+        self.writes.record(offset, buf.len() as u64);
+        r
     }
     fn read_to_guest(&self, offset: u64, dst: &GuestSlice<'_>) -> Result<()> {
         self.inner().backend.read_to_guest(offset, dst)
@@ -91,21 +103,34 @@ impl DiskBackend for SwappableDisk {
         self.inner().backend.try_read_to_guest_nowait(offset, dst)
     }
     fn try_write_from_guest_inline(&self, offset: u64, src: &GuestSlice<'_>) -> Result<bool> {
-        self.inner()
+        let r = self
+            .inner()
             .backend
-            .try_write_from_guest_inline(offset, src)
+            .try_write_from_guest_inline(offset, src);
+        // Even a write that would block may have written part of the range.
+        self.writes.record(offset, src.len() as u64);
+        r
     }
     fn write_from_guest(&self, offset: u64, src: &GuestSlice<'_>) -> Result<()> {
-        self.inner().backend.write_from_guest(offset, src)
+        let r = self.inner().backend.write_from_guest(offset, src);
+        self.writes.record(offset, src.len() as u64);
+        r
     }
     fn flush(&self) -> Result<()> {
         self.inner().backend.flush()
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner().backend.discard(offset, len)
+        let r = self.inner().backend.discard(offset, len);
+        self.writes.record(offset, len);
+        r
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner().backend.write_zeroes(offset, len)
+        let r = self.inner().backend.write_zeroes(offset, len);
+        self.writes.record(offset, len);
+        r
+    }
+    fn data_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        self.inner().backend.data_ranges()
     }
     fn relock(&self, mode: LockMode) -> Result<()> {
         self.inner().backend.relock(mode)

@@ -247,6 +247,11 @@ pub struct RunArgs {
     /// by; a source without one is refused.
     #[arg(long, value_name = "PEM", requires_all = ["incoming", "incoming_tls_cert", "incoming_tls_key"])]
     pub incoming_tls_ca: Option<PathBuf>,
+    /// With --incoming: where a block migration's disks go (the source's migrate request
+    /// has copy_disks). Each copied disk is created as DIR/<its file name> (an existing
+    /// file is refused) and removed again if the migration does not complete.
+    #[arg(long, value_name = "DIR", requires = "incoming")]
+    pub incoming_disk_dir: Option<PathBuf>,
     /// With --restore: start the snapshot as a clone with its own identity, from this JSON
     /// file: {"nets":[{"tap":NAME,"mac":MAC}],"vsock":{"cid":N,"socket":PATH},
     /// "disks":[{"overlay":PATH}]} (one entry per NIC and disk, in order; tap and mac may be

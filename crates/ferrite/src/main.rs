@@ -313,8 +313,17 @@ fn receive_migration(
     )
     .and_then(|files| files.map(|f| migration::TlsServer::new(&f)).transpose())
     .map_err(|e| chain_to_line(&e))?;
-    let incoming =
-        vmm::migrate::incoming::accept(&endpoint, tls.as_ref()).map_err(|e| chain_to_line(&e))?;
+    let disk_dir = args.incoming_disk_dir.as_deref();
+    if let Some(dir) = disk_dir {
+        if !dir.is_dir() {
+            return Err(format!(
+                "--incoming-disk-dir {} is not a directory: create it or name an existing one",
+                dir.display()
+            ));
+        }
+    }
+    let incoming = vmm::migrate::incoming::accept(&endpoint, tls.as_ref(), disk_dir)
+        .map_err(|e| chain_to_line(&e))?;
     let mut config = incoming.config.clone();
     // The source's control socket is its own: only --api-socket names one here.
     config.api_socket = args.api_socket.clone();
@@ -340,7 +349,15 @@ fn migrated_line(status: &vmm::migrate::MigrationStatus) -> String {
         status.sent_bytes as f64 / f64::from(1 << 20),
         status.pages_sent,
         status.zero_pages
-    );
+    ) + &if status.disk_sent_bytes + status.disk_zero_bytes > 0 {
+        format!(
+            "; disks: {:.1} MiB of data, {:.1} MiB zero",
+            status.disk_sent_bytes as f64 / f64::from(1 << 20),
+            status.disk_zero_bytes as f64 / f64::from(1 << 20)
+        )
+    } else {
+        String::new()
+    };
     match &status.dirty_log {
         Some(tracker) => format!(
             "{line}; dirty log {tracker}: {} harvests, {:.2} ms",

@@ -393,6 +393,71 @@ fn test_guest_with_a_disk_on_shared_storage_moves_and_both_sides_writes_land() {
     );
 }
 
+#[test]
+fn test_guest_with_a_local_disk_moves_with_copy_disks_into_the_destinations_state_dir() {
+    // Arrange: a guest that wrote a pattern to its local raw disk and counts.
+    let a = daemon();
+    let b = daemon();
+    let dir = std::env::temp_dir().join(format!("ferrite-dmig-copy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("local.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut spec = testguest_spec("copied", &["blk-write 0 0 64 7", "dirty 4 500 100"]);
+    spec["disks"] = json!([format!("{},format=raw", disk.display())]);
+    create(&a, spec);
+    start(&a, "copied");
+    let before = wait_tick_after(&a, "copied", 1);
+
+    // Act: migrate with the disk's contents, write more on B, stop it.
+    let out = a.cli(&[
+        "vm",
+        "migrate",
+        "copied",
+        "--copy-disks",
+        "--to",
+        &b.socket.display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nA:\n{}\nB:\n{}",
+        stderr(&out),
+        a.daemon_log(),
+        b.daemon_log()
+    );
+    wait_tick_after(&b, "copied", before);
+    let sock = under(&b, "run/vms/copied/console.sock");
+    let mut console = UnixStream::connect(&sock).unwrap();
+    console.write_all(b"x").unwrap();
+    b.wait_console("copied", "OK dirty stopped", BOOT);
+    console.write_all(b"blk-check 0 0 64 7\r").unwrap();
+    b.wait_console("copied", "OK blk-check", BOOT);
+    console.write_all(b"blk-write 0 64 32 9\r").unwrap();
+    b.wait_console("copied", "OK blk-write", BOOT);
+    let (status, info) = b.api("POST", "/v1/vms/copied/kill", None);
+    let (_, vm) = b.api("GET", "/v1/vms/copied", None);
+    let received = under(&b, "state/disks/copied/local.img");
+    let on_b = std::fs::read(&received).unwrap();
+    let on_a = std::fs::read(&disk).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Assert: B runs on its own copy in its state dir (its definition points there); A's
+    // image has the source's write only.
+    assert_eq!(status, 200, "{info}");
+    assert!(!names(&a).contains(&"copied".to_string()));
+    assert_eq!(
+        vm["spec"]["disks"][0],
+        format!("{},format=raw", received.display()),
+        "{vm}"
+    );
+    assert_eq!(&on_b[..64 * 512], &pattern_bytes(7, 0, 64)[..]);
+    assert_eq!(&on_b[64 * 512..96 * 512], &pattern_bytes(9, 64, 32)[..]);
+    assert_eq!(&on_a[..64 * 512], &pattern_bytes(7, 0, 64)[..]);
+    assert!(
+        on_a[64 * 512..].iter().all(|&b| b == 0),
+        "A's image changed after the commit"
+    );
+}
+
 fn pattern_bytes(seed: u64, sector: u64, count: u64) -> Vec<u8> {
     let mut out = vec![0u8; count as usize * common::pattern::SECTOR_SIZE];
     for (k, chunk) in out

@@ -294,7 +294,7 @@ fn test_destination_refuses_another_ferrite_version() {
         "regions": [],
     })
     .to_string();
-    let mut hello = stream_start(1);
+    let mut hello = stream_start(2);
     hello.extend_from_slice(&(json.len() as u32).to_le_bytes());
     hello.extend_from_slice(json.as_bytes());
 

@@ -802,6 +802,7 @@ mod tests {
             regions: Vec::new(),
             memory_fds: false,
             postcopy: false,
+            disks: Vec::new(),
         }
     }
 

@@ -5,7 +5,8 @@
 //!    [`Reply::Accept`] or [`Reply::Refuse`]: a different protocol version, Ferrite version or
 //!    an impossible configuration is refused here, before any memory moves.
 //! 2. The source sends [`Frame`]s: runs of pages with their bytes, runs of zero pages (never
-//!    sent as bytes), round markers, then the VM's state (the snapshot state file's bytes,
+//!    sent as bytes), with a block migration ([`Hello::disks`]) disk blocks with their
+//!    bytes and zero ranges of the disks, round markers, then the VM's state (the snapshot state file's bytes,
 //!    checksummed) and [`Frame::Done`].
 //! 3. The destination builds the VM (vCPUs not running) and answers [`Reply::Ready`], or
 //!    [`Reply::Failed`]. The source answers [`Frame::Commit`] and never runs the guest again;
@@ -22,11 +23,16 @@ use crate::error::{MigrationError, Result};
 /// The first bytes of every migration stream.
 pub const MAGIC: &[u8; 8] = b"FERRMIG\0";
 /// This build's protocol version; both sides must speak the same.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: disk block and disk zero frames, and the hello's disk list (block migration).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Guest page size on the wire.
 pub const PAGE_SIZE: u64 = 4096;
 /// Most pages in one run frame (1 MiB), so a receiver never trusts a huge count.
 pub const MAX_RUN_PAGES: u32 = 256;
+/// Most bytes in one disk data frame (1 MiB).
+pub const MAX_DISK_RUN: u32 = 1 << 20;
+/// Disk offsets and lengths on the wire are multiples of this (virtio-blk sectors).
+pub const DISK_SECTOR: u64 = 512;
 /// Largest hello the destination reads.
 pub const MAX_HELLO_BYTES: u32 = 1 << 20;
 /// Largest state blob the destination reads.
@@ -41,6 +47,17 @@ pub struct RegionInfo {
     pub guest_addr: u64,
     /// Bytes (a multiple of [`PAGE_SIZE`]).
     pub size: u64,
+}
+
+/// A disk whose contents the source copies (block migration).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Its index in the configuration's disk list.
+    pub index: u32,
+    /// Guest-visible size in bytes (a multiple of [`DISK_SECTOR`]).
+    pub virtual_size: u64,
+    /// The image format to create it in on the destination (`raw` or `qcow2`).
+    pub format: String,
 }
 
 /// What the source announces before anything else.
@@ -62,6 +79,10 @@ pub struct Hello {
     /// and asks for the pages it touches ([`Reply::Request`]) while the source pushes the rest.
     #[serde(default)]
     pub postcopy: bool,
+    /// Block migration: the disks whose contents follow; disk frames name them by position
+    /// in this list. Empty: the disks are on storage both sides see.
+    #[serde(default)]
+    pub disks: Vec<DiskInfo>,
 }
 
 /// The message the memory files of a same-host handover are attached to.
@@ -89,6 +110,28 @@ pub enum Frame {
         /// Number of pages.
         count: u64,
     },
+    /// `len` bytes of disk `disk` (position in [`Hello::disks`]) from byte `offset`; the
+    /// bytes follow the header (read them with [`read_pages_into`]).
+    DiskData {
+        /// Position in the hello's disk list.
+        disk: u32,
+        /// Byte offset (a multiple of [`DISK_SECTOR`]).
+        offset: u64,
+        /// Bytes (a multiple of [`DISK_SECTOR`], 1..=[`MAX_DISK_RUN`]).
+        len: u32,
+    },
+    /// `len` bytes of disk `disk` from byte `offset` read as zeroes.
+    DiskZero {
+        /// Position in the hello's disk list.
+        disk: u32,
+        /// Byte offset (a multiple of [`DISK_SECTOR`]).
+        offset: u64,
+        /// Bytes (a multiple of [`DISK_SECTOR`]).
+        len: u64,
+    },
+    /// Block migration, right before the source pauses: make the disk data received so far
+    /// durable and answer [`Reply::DiskSynced`] (so the flush in the pause is short).
+    DiskSync,
     /// Round `n` of the copy starts (for progress reporting).
     Round(u32),
     /// The VM's state (vCPUs, irqchip, clock, devices): the snapshot state file's bytes.
@@ -138,6 +181,8 @@ pub enum Reply {
     },
     /// Post-copy: every fetched page is in place; the source may go.
     PostcopyDone,
+    /// Block migration: the disk data received so far is durable.
+    DiskSynced,
 }
 
 const F_PAGES: u8 = 1;
@@ -147,6 +192,9 @@ const F_STATE: u8 = 4;
 const F_DONE: u8 = 5;
 const F_COMMIT: u8 = 6;
 const F_ABORT: u8 = 7;
+const F_DISK_DATA: u8 = 8;
+const F_DISK_ZERO: u8 = 9;
+const F_DISK_SYNC: u8 = 10;
 const R_ACCEPT: u8 = 0x81;
 const R_REFUSE: u8 = 0x82;
 const R_READY: u8 = 0x83;
@@ -159,6 +207,7 @@ const R_REQUEST: u8 = 0x90;
 const R_POSTCOPY_DONE: u8 = 0x91;
 /// Largest fetch bitmap (words): 64 TiB of guest RAM in one region.
 const MAX_FETCH_WORDS: u64 = 1 << 28;
+const R_DISK_SYNCED: u8 = 0x87;
 
 fn protocol(msg: impl Into<String>) -> MigrationError {
     MigrationError::Protocol(msg.into())
@@ -275,6 +324,19 @@ pub fn frame_bytes(frame: &Frame) -> Vec<u8> {
             out.extend_from_slice(&first_page.to_le_bytes());
             out.extend_from_slice(&count.to_le_bytes());
         }
+        Frame::DiskData { disk, offset, len } => {
+            out.push(F_DISK_DATA);
+            out.extend_from_slice(&disk.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(&len.to_le_bytes());
+        }
+        Frame::DiskZero { disk, offset, len } => {
+            out.push(F_DISK_ZERO);
+            out.extend_from_slice(&disk.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(&len.to_le_bytes());
+        }
+        Frame::DiskSync => out.push(F_DISK_SYNC),
         Frame::Round(n) => {
             out.push(F_ROUND);
             out.extend_from_slice(&n.to_le_bytes());
@@ -327,6 +389,19 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame> {
             first_page: read_u64(r)?,
             count: read_u64(r)?,
         },
+        F_DISK_DATA => {
+            let (disk, offset, len) = (read_u32(r)?, read_u64(r)?, read_u32(r)?);
+            if len == 0 || len > MAX_DISK_RUN {
+                return Err(protocol(format!("a disk run of {len} bytes")));
+            }
+            Frame::DiskData { disk, offset, len }
+        }
+        F_DISK_ZERO => Frame::DiskZero {
+            disk: read_u32(r)?,
+            offset: read_u64(r)?,
+            len: read_u64(r)?,
+        },
+        F_DISK_SYNC => Frame::DiskSync,
         F_ROUND => Frame::Round(read_u32(r)?),
         F_STATE => {
             let len = read_u64(r)?;
@@ -413,6 +488,29 @@ pub fn check_fetch(regions: &[RegionInfo], region: u32, bitmap: &[u64]) -> Resul
     Ok(pages)
 }
 
+/// Check a disk frame against the announced disks: `disk` exists, `offset..offset+len` is
+/// sector-aligned, not empty and inside its virtual size (anything else is a protocol error,
+/// never a write).
+pub fn disk_bounds(disks: &[DiskInfo], disk: u32, offset: u64, len: u64) -> Result<()> {
+    let info = disks.get(disk as usize).ok_or_else(|| {
+        protocol(format!(
+            "disk data for disk {disk}, which was not announced"
+        ))
+    })?;
+    let aligned = offset.is_multiple_of(DISK_SECTOR) && len.is_multiple_of(DISK_SECTOR) && len > 0;
+    let inside = offset
+        .checked_add(len)
+        .is_some_and(|end| end <= info.virtual_size);
+    if aligned && inside {
+        Ok(())
+    } else {
+        Err(protocol(format!(
+            "disk run {offset:#x}+{len:#x} is not aligned or lies outside disk {disk} ({} bytes)",
+            info.virtual_size
+        )))
+    }
+}
+
 /// Read a page run's bytes into `dest` (exactly the run's length).
 pub fn read_pages_into(r: &mut impl Read, dest: &mut [u8]) -> Result<()> {
     r.read_exact(dest)?;
@@ -446,6 +544,7 @@ pub fn write_reply(w: &mut impl Write, reply: &Reply) -> Result<()> {
             out.extend_from_slice(&count.to_le_bytes());
         }
         Reply::PostcopyDone => out.push(R_POSTCOPY_DONE),
+        Reply::DiskSynced => out.push(R_DISK_SYNCED),
     }
     w.write_all(&out)?;
     w.flush()?;
@@ -475,6 +574,7 @@ pub fn read_reply(r: &mut impl Read) -> Result<Reply> {
             }
         }
         R_POSTCOPY_DONE => Reply::PostcopyDone,
+        R_DISK_SYNCED => Reply::DiskSynced,
         other => return Err(protocol(format!("unknown reply type {other:#x}"))),
     })
 }
@@ -501,6 +601,17 @@ mod tests {
                 first_page: 1 << 20,
                 count: 9,
             },
+            Frame::DiskData {
+                disk: 1,
+                offset: 1 << 30,
+                len: 65536,
+            },
+            Frame::DiskZero {
+                disk: 0,
+                offset: 512,
+                len: 1 << 40,
+            },
+            Frame::DiskSync,
             Frame::Round(4),
             Frame::State(b"state".to_vec()),
             Frame::Done,
@@ -569,6 +680,28 @@ mod tests {
     }
 
     #[test]
+    fn test_disk_runs_outside_the_announced_disks_are_refused() {
+        let disks = [DiskInfo {
+            index: 3,
+            virtual_size: 1 << 20,
+            format: "raw".into(),
+        }];
+
+        assert!(disk_bounds(&disks, 0, (1 << 20) - 512, 512).is_ok());
+        assert!(disk_bounds(&disks, 0, 1 << 20, 512).is_err());
+        assert!(disk_bounds(&disks, 1, 0, 512).is_err());
+        assert!(disk_bounds(&disks, 0, 100, 512).is_err());
+        assert!(disk_bounds(&disks, 0, 0, 0).is_err());
+        assert!(disk_bounds(&disks, 0, u64::MAX - 511, 512).is_err());
+        let empty = frame_bytes(&Frame::DiskData {
+            disk: 0,
+            offset: 0,
+            len: MAX_DISK_RUN + 512,
+        });
+        assert!(read_frame(&mut empty.as_slice()).is_err());
+    }
+
+    #[test]
     fn test_other_protocol_versions_and_strangers_are_incompatible() {
         let mut stream = MAGIC.to_vec();
         stream.extend_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
@@ -599,6 +732,11 @@ mod tests {
             }],
             memory_fds: false,
             postcopy: true,
+            disks: vec![DiskInfo {
+                index: 0,
+                virtual_size: 1 << 30,
+                format: "raw".into(),
+            }],
         };
         let mut buf = Vec::new();
         write_hello(&mut buf, &hello).unwrap();
@@ -615,13 +753,14 @@ mod tests {
                 count: 2,
             },
             Reply::PostcopyDone,
+            Reply::DiskSynced,
         ] {
             write_reply(&mut buf, &reply).unwrap();
         }
 
         let mut r = buf.as_slice();
         let got = read_hello(&mut r).unwrap();
-        let replies: Vec<Reply> = (0..8).map(|_| read_reply(&mut r).unwrap()).collect();
+        let replies: Vec<Reply> = (0..9).map(|_| read_reply(&mut r).unwrap()).collect();
 
         assert_eq!(got.regions, hello.regions);
         assert!(got.postcopy);
@@ -634,6 +773,8 @@ mod tests {
             }
         );
         assert_eq!(replies[7], Reply::PostcopyDone);
+        assert_eq!(replies[8], Reply::DiskSynced);
+        assert_eq!(got.disks, hello.disks);
         assert_eq!(replies[1], Reply::Refuse("no".into()));
         assert_eq!(replies[4], Reply::Running);
         assert_eq!(replies[5], Reply::Mapped);

@@ -738,9 +738,71 @@ fn read_full(file: &File, buf: &mut [u8], off: u64) -> Result<()> {
     Ok(())
 }
 
+impl Qcow2Disk {
+    /// The guest ranges this image holds data for itself (standard and compressed clusters;
+    /// zero clusters and unallocated ones are not), in order, merged.
+    fn own_data_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        let cs = self.cluster_size();
+        let l2_span = cs << self.l2_bits();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut guest = 0u64;
+        while guest < self.size {
+            // Locked per cluster: the guest's I/O goes on while a big image is walked.
+            let mut meta = self.lock();
+            let (i1, _) = self.indices(guest);
+            if meta.l1.get(i1).is_none_or(|e| e & L1_OFFSET_MASK == 0) {
+                // No L2 table: nothing allocated in this whole span.
+                guest = (guest / l2_span + 1) * l2_span;
+                continue;
+            }
+            let l2e = self.l2_entry(&mut meta, guest)?;
+            let len = cs.min(self.size - guest);
+            if matches!(
+                self.decode(l2e)?,
+                Mapping::Data(_) | Mapping::Compressed { .. }
+            ) {
+                match ranges.last_mut() {
+                    Some((start, l)) if *start + *l == guest => *l += len,
+                    _ => ranges.push((guest, len)),
+                }
+            }
+            guest += cs;
+        }
+        Ok(ranges)
+    }
+}
+
+/// Sort and merge overlapping or adjacent ranges.
+fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (start, len) in ranges {
+        match out.last_mut() {
+            Some((s, l)) if *s + *l >= start => *l = (*l).max(start + len - *s),
+            _ => out.push((start, len)),
+        }
+    }
+    out
+}
+
 impl DiskBackend for Qcow2Disk {
     fn relock(&self, mode: LockMode) -> Result<()> {
         lock_file(&self.file, &self.path, mode)
+    }
+
+    /// This image's data clusters, and what its backing chain holds data for (clipped to
+    /// this image's size; a range a zero cluster here covers is included and reads as
+    /// zeroes: the caller skips zero blocks).
+    fn data_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        let mut ranges = self.own_data_ranges()?;
+        if let Some(b) = &self.backing {
+            for (start, len) in b.data_ranges()? {
+                if start < self.size {
+                    ranges.push((start, len.min(self.size - start)));
+                }
+            }
+        }
+        Ok(merge_ranges(ranges))
     }
 
     fn size(&self) -> u64 {

@@ -459,6 +459,39 @@ fn test_overlay_reads_backing_and_copies_on_write() {
 }
 
 #[test]
+fn test_data_ranges_cover_own_clusters_and_the_backing_files_data_only() {
+    // Arrange: 8 MiB overlay over a 4 MiB sparse raw base with data at 1 MiB; the overlay
+    // writes cluster 5 and a cluster at 6 MiB.
+    let d = TempDir::new().unwrap();
+    let base = d.as_path().join("base.raw");
+    let f = File::create(&base).unwrap();
+    f.set_len(4 << 20).unwrap();
+    f.write_all_at(&[7u8; 4096], 1 << 20).unwrap();
+    let opts = CreateOptions {
+        backing_file: Some("base.raw".into()),
+        backing_format: Some("raw".into()),
+        ..CreateOptions::new(8 << 20)
+    };
+    let p = new_image(d.as_path(), "top.qcow2", &opts);
+    let backing: Arc<dyn DiskBackend> = Arc::new(crate::RawDisk::open(&base, true).unwrap());
+    let disk = Qcow2Disk::open(&p, false, Some(backing)).unwrap();
+    disk.write_at(5 * CS, &[1u8; 512]).unwrap();
+    disk.write_at(6 << 20, &[2u8; 512]).unwrap();
+
+    // Act
+    let ranges = disk.data_ranges().unwrap();
+
+    // Assert: every byte with data is covered, and far less than the disk is.
+    let covers = |off: u64| ranges.iter().any(|&(s, l)| s <= off && off < s + l);
+    assert!(
+        covers(5 * CS) && covers(6 << 20) && covers(1 << 20),
+        "{ranges:?}"
+    );
+    let total: u64 = ranges.iter().map(|r| r.1).sum();
+    assert!(total < 1 << 20, "{ranges:?}");
+}
+
+#[test]
 fn test_nowait_read_serves_allocated_clusters_and_declines_unallocated() {
     // Arrange: clusters 0 and 1 allocated (and cached: just written), cluster 3 never written.
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};

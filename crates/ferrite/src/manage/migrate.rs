@@ -19,7 +19,7 @@ const MAX_POLL_ERRORS: u32 = 20;
 /// `ferrite vm migrate`.
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
-    /// The VM (running, without disks).
+    /// The VM (running; its disks on storage both daemons see, or --copy-disks).
     pub name: String,
     /// The destination daemon: its API socket (a daemon on this host) or https://HOST:PORT.
     #[arg(long, value_name = "DEST", required_unless_present = "cancel")]
@@ -37,8 +37,12 @@ pub struct MigrateArgs {
     /// (throttle, the default) or give up at the timeout (abort).
     #[arg(long, value_name = "HOW", value_parser = parse_converge)]
     pub converge: Option<Converge>,
+    /// Copy the VM's writable disks too (local disks, not on storage both daemons see): the
+    /// destination daemon keeps them in its state directory.
+    #[arg(long)]
+    pub copy_disks: bool,
     /// Cancel the VM's migration in progress instead (it keeps running here).
-    #[arg(long, conflicts_with_all = ["to", "downtime_ms", "bandwidth", "timeout", "converge"])]
+    #[arg(long, conflicts_with_all = ["to", "downtime_ms", "bandwidth", "timeout", "converge", "copy_disks"])]
     pub cancel: bool,
     /// Print the final migration record as JSON (no progress).
     #[arg(long)]
@@ -192,6 +196,7 @@ pub fn run(g: &Global, c: &Client, a: MigrateArgs) -> Res {
         bandwidth_mib_s: a.bandwidth,
         timeout_s: a.timeout,
         converge: a.converge,
+        copy_disks: a.copy_disks,
     };
     let mut m = c.migrate(&a.name, &req)?;
     let mut progress = Progress {

@@ -10,6 +10,7 @@ use migration::wire::{self, Frame, Hello, Reply};
 use migration::{Endpoint, MigrationError, Stream, TlsServer};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use super::disk_receive::ReceivedDisks;
 use crate::config::VmConfig;
 use crate::vm_snapshot::{LoadedSnapshot, SnapshotMemory};
 
@@ -33,6 +34,9 @@ pub enum IncomingError {
     /// The KVM VM could not be created.
     #[error("Cannot create the VM: {0}")]
     Prebuild(String),
+    /// A received disk could not be written (or the source sent a bad disk frame).
+    #[error("Block migration: {0}")]
+    Disk(String),
     /// The received state is not usable.
     #[error(transparent)]
     State(#[from] crate::vm_snapshot::VmSnapshotError),
@@ -45,15 +49,23 @@ pub struct Incoming {
     hello: Hello,
     /// Same-host handover: guest RAM's memory files, one per region.
     memory_files: Option<Vec<std::fs::File>>,
-    /// The VM's configuration (the source's).
+    /// Block migration: the images the disks' contents go into (removed unless committed).
+    disks: ReceivedDisks,
+    /// The VM's configuration (the source's; with a block migration its disks point at the
+    /// images created here).
     pub config: VmConfig,
 }
 
 /// Wait on `endpoint` for one source and check its hello (protocol and Ferrite versions, a
 /// valid configuration whose memory layout matches the one it announces). With `tls`, the
-/// source must connect with TLS and a certificate `tls` accepts. Refusals are told to the
-/// source before they are returned.
-pub fn accept(endpoint: &Endpoint, tls: Option<&TlsServer>) -> Result<Incoming, IncomingError> {
+/// source must connect with TLS and a certificate `tls` accepts. A block migration's disks
+/// are created in `disk_dir` (refused without one, or when a file is in the way) before it
+/// is accepted. Refusals are told to the source before they are returned.
+pub fn accept(
+    endpoint: &Endpoint,
+    tls: Option<&TlsServer>,
+    disk_dir: Option<&Path>,
+) -> Result<Incoming, IncomingError> {
     let listener = endpoint.listen(tls)?;
     tracing::info!(
         endpoint = listener.describe(),
@@ -71,8 +83,15 @@ pub fn accept(endpoint: &Endpoint, tls: Option<&TlsServer>) -> Result<Incoming, 
         }
         Err(e) => return Err(e.into()),
     };
-    match check_hello(&hello) {
-        Ok(config) => {
+    let checked = check_hello(&hello).and_then(|mut config| {
+        if hello.memory_fds && !hello.disks.is_empty() {
+            return Err("disk copies in a same-host handover are not supported".to_string());
+        }
+        let disks = ReceivedDisks::create(disk_dir, &hello.disks, &mut config)?;
+        Ok((config, disks))
+    });
+    match checked {
+        Ok((config, disks)) => {
             wire::write_reply(&mut stream, &Reply::Accept)?;
             let memory_files = if hello.memory_fds {
                 Some(receive_memory_files(&stream, hello.regions.len())?)
@@ -84,6 +103,7 @@ pub fn accept(endpoint: &Endpoint, tls: Option<&TlsServer>) -> Result<Incoming, 
                 hello,
                 config,
                 memory_files,
+                disks,
             })
         }
         Err(reason) => {
@@ -189,6 +209,7 @@ impl Incoming {
         // Only read until the state arrived; the start gate writes on `self.stream` after
         // `reader` is gone (over TLS both share one connection).
         let mut reader = std::io::BufReader::with_capacity(1 << 20, self.stream.try_clone()?);
+        let mut disk_buf = Vec::new();
         let state = loop {
             match wire::read_frame(&mut reader)? {
                 Frame::Pages { .. } | Frame::Zero { .. } if handed_over => {
@@ -248,7 +269,27 @@ impl Incoming {
                         return Err(MigrationError::Io(std::io::Error::last_os_error()).into());
                     }
                 }
+                Frame::DiskData { disk, offset, len } => {
+                    // Checked before a byte is read into the buffer or written.
+                    wire::disk_bounds(&self.hello.disks, disk, offset, u64::from(len))?;
+                    disk_buf.resize(len as usize, 0);
+                    wire::read_pages_into(&mut reader, &mut disk_buf)?;
+                    self.disks
+                        .write(disk, offset, &disk_buf)
+                        .map_err(IncomingError::Disk)?;
+                }
+                Frame::DiskZero { disk, offset, len } => {
+                    self.disks
+                        .zero(disk, offset, len)
+                        .map_err(IncomingError::Disk)?;
+                }
                 Frame::Round(n) => tracing::debug!(round = n, "migration round"),
+                Frame::DiskSync => {
+                    // The source is about to pause: what arrived so far goes to storage now,
+                    // while the guest still runs there, so the flush in the pause is short.
+                    self.disks.flush().map_err(IncomingError::Disk)?;
+                    wire::write_reply(&mut self.stream, &Reply::DiskSynced)?;
+                }
                 Frame::State(bytes) => match wire::read_frame(&mut reader)? {
                     Frame::Done => break bytes,
                     other => {
@@ -273,6 +314,8 @@ impl Incoming {
                 }
             }
         };
+        // The VM opens the images next.
+        self.disks.close().map_err(IncomingError::Disk)?;
         let state = snapshot::StateReader::from_bytes(&state, Path::new("the migration stream"))
             .map_err(crate::vm_snapshot::VmSnapshotError::from)?;
         let mut snap =
@@ -282,6 +325,8 @@ impl Incoming {
             None => join_prebuild(prebuild.take())?,
         };
         snap.prebuilt = Some(Mutex::new(Some(prebuilt)));
+        // The state's configuration is the source's: its disks are the received images.
+        snap.meta.config.disks = self.config.disks.clone();
         let gate = if self.hello.postcopy {
             // From here on guest RAM faults are served from the stream: the state is applied
             // and the guest runs before every page arrived.
@@ -300,12 +345,14 @@ impl Incoming {
             StartGate {
                 writer: postcopy.writer,
                 commits: Some(postcopy.events),
+                disks: self.disks,
             }
         } else {
             drop(reader);
             StartGate {
                 writer: std::sync::Arc::new(Mutex::new(self.stream)),
                 commits: None,
+                disks: self.disks,
             }
         };
         snap.start_gate = Some(Mutex::new(Some(gate)));
@@ -330,6 +377,8 @@ pub struct StartGate {
     /// Post-copy: the receiver thread reads the stream and reports the commit here;
     /// otherwise the gate reads it from the stream itself.
     commits: Option<std::sync::mpsc::Receiver<super::postcopy::GateEvent>>,
+    /// Removed if the gate never opens; kept once the source committed.
+    disks: ReceivedDisks,
 }
 
 impl StartGate {
@@ -360,9 +409,12 @@ impl StartGate {
                 }
             }
         }
+        let StartGate { writer, disks, .. } = self;
+        disks.keep();
         // Best effort: the source already stopped for good; if it misses this, it keeps its
         // copy paused and says so.
-        if let Err(e) = self.reply(&Reply::Running) {
+        let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = wire::write_reply(&mut *w, &Reply::Running) {
             tracing::warn!("cannot confirm the migration to the source: {e}");
         }
         Ok(())

@@ -3,6 +3,8 @@
 //! --incoming ENDPOINT` process that receives the VM and continues it ([`incoming`]). The
 //! wire protocol is the `migration` crate's; the state is the snapshot format's.
 
+mod disk_receive;
+mod disk_send;
 pub mod incoming;
 mod postcopy;
 pub mod source;
@@ -59,6 +61,12 @@ pub struct MigrateOptions {
     /// runs, then fetch only what it wrote since).
     #[serde(default)]
     pub precopy_rounds: u32,
+    /// Block migration: copy the contents of every writable disk too (local disks), with
+    /// the guest's writes during the copy tracked and sent again. The destination creates
+    /// the images (`ferrite run --incoming ... --incoming-disk-dir DIR`). Without it, the
+    /// disks must be on storage both sides see.
+    #[serde(default)]
+    pub copy_disks: bool,
     /// TLS (with `tls_key` and `tls_ca`): this source's certificate chain, PEM. The stream
     /// is then encrypted and both sides authenticated by certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -130,6 +138,20 @@ impl MigrateOptions {
                 "precopy_rounds {} is out of range: give 0..=30",
                 self.precopy_rounds
             ));
+        }
+        if self.copy_disks && self.fd_handover {
+            return Err(
+                "copy_disks with fd_handover is not supported: on one host the disks can stay \
+                 where they are; leave copy_disks out"
+                    .to_string(),
+            );
+        }
+        if self.copy_disks && self.postcopy {
+            return Err(
+                "copy_disks with postcopy is not supported: the disks' last blocks must cross \
+                 during the pause; use pre-copy (leave postcopy out)"
+                    .to_string(),
+            );
         }
         if self.timeout_s == 0 || self.timeout_s > 86_400 {
             return Err(format!(
@@ -210,6 +232,16 @@ pub struct MigrationStatus {
     pub rate_bytes_per_s: u64,
     /// Post-copy: pages the destination asked for (the guest touched them before they came).
     pub postcopy_requests: u64,
+    /// Block migration: dirty disk bytes left to copy at the start of this round (included
+    /// in `remaining_bytes`).
+    #[serde(default)]
+    pub disk_remaining_bytes: u64,
+    /// Block migration: disk bytes sent with their data (included in `sent_bytes`).
+    #[serde(default)]
+    pub disk_sent_bytes: u64,
+    /// Block migration: disk bytes that were all zero, sent as zero ranges or not at all.
+    #[serde(default)]
+    pub disk_zero_bytes: u64,
     /// Share of time the vCPUs are held back by auto-converge, percent.
     pub throttle_pct: u32,
     /// Time since the start, ms.

@@ -9,11 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use disk::DiskBackend;
 use migration::wire::{self, Frame, Hello, RegionInfo, Reply, MAX_RUN_PAGES, PAGE_SIZE};
 use migration::{Pacer, Stream};
 use vm_device::ShutdownKind;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use super::disk_send::{self, CopiedDisk, Piece};
 use super::throttle::Throttle;
 use super::{Converge, MigrateOptions, MigrateTarget, MigrationStatus, Phase, SharedStatus};
 use crate::control::VmOps;
@@ -38,6 +40,10 @@ const THROTTLE_MAX: u32 = 95;
 const DISK_RETAKE_PATIENCE: Duration = Duration::from_secs(10);
 /// Buffer in front of the socket: run headers and small runs are gathered.
 const SEND_BUFFER: usize = 256 << 10;
+
+/// What is still dirty when the copy rounds end: memory pages and disk blocks, one bitmap
+/// per RAM region and per copied disk.
+type DirtySets = (Vec<Vec<u64>>, Vec<Vec<u64>>);
 
 /// A migration running on its own thread.
 pub struct SourceJob {
@@ -82,6 +88,7 @@ impl SourceJob {
                     resumed_at: None,
                     postcopy_started: false,
                     disks_released: false,
+                    copied: Vec::new(),
                 };
                 let result = job.run(&target);
                 job.finish(result);
@@ -125,7 +132,7 @@ impl Drop for SourceJob {
 }
 
 /// Why a migration ended early.
-enum Failure {
+pub(super) enum Failure {
     Cancelled,
     Failed(String),
 }
@@ -133,6 +140,12 @@ enum Failure {
 impl From<migration::MigrationError> for Failure {
     fn from(e: migration::MigrationError) -> Self {
         Failure::Failed(e.to_string())
+    }
+}
+
+impl From<String> for Failure {
+    fn from(m: String) -> Self {
+        Failure::Failed(m)
     }
 }
 
@@ -157,6 +170,8 @@ struct Migration<'a> {
     /// Post-copy committed: the guest's memory is split between the hosts.
     postcopy_started: bool,
     disks_released: bool,
+    /// Block migration: the disks whose contents are copied (empty: shared storage).
+    copied: Vec<CopiedDisk>,
 }
 
 /// The socket with its buffer, pacing and counters.
@@ -165,6 +180,10 @@ struct Out {
     pacer: Pacer,
     pages: u64,
     zeros: u64,
+    /// Disk bytes sent with their data.
+    disk_bytes: u64,
+    /// Disk bytes sent as zero ranges (or left out in round 0).
+    disk_zero_bytes: u64,
 }
 
 impl Out {
@@ -184,6 +203,26 @@ impl Out {
         self.w.write_all(data)?;
         self.pacer.sent(data.len() as u64);
         self.pages += data.len() as u64 / PAGE_SIZE;
+        Ok(())
+    }
+
+    fn disk_piece(&mut self, disk: u32, piece: Piece<'_>) -> Result<(), Failure> {
+        match piece {
+            Piece::Data { offset, bytes } => {
+                self.frame(&Frame::DiskData {
+                    disk,
+                    offset,
+                    len: bytes.len() as u32,
+                })?;
+                self.w.write_all(bytes)?;
+                self.pacer.sent(bytes.len() as u64);
+                self.disk_bytes += bytes.len() as u64;
+            }
+            Piece::Zero { offset, len } => {
+                self.frame(&Frame::DiskZero { disk, offset, len })?;
+                self.disk_zero_bytes += len;
+            }
+        }
         Ok(())
     }
 }
@@ -287,6 +326,9 @@ impl Migration<'_> {
         // it through a mutex): a reply is only read after what was written is flushed, never
         // while writing.
         let mut reader = stream.try_clone()?;
+        if self.opts.copy_disks {
+            self.copied = disk_send::copied_disks(self.vm);
+        }
         let hello = Hello {
             ferrite_version: env!("CARGO_PKG_VERSION").to_string(),
             config: serde_json::to_value(&config)
@@ -303,12 +345,15 @@ impl Migration<'_> {
                 .collect(),
             memory_fds: self.opts.fd_handover,
             postcopy: self.opts.postcopy,
+            disks: disk_send::announce(&self.copied),
         };
         let mut out = Out {
             w: BufWriter::with_capacity(SEND_BUFFER, stream),
             pacer: Pacer::new(self.opts.bandwidth_mib_s.checked_mul(1 << 20)),
             pages: 0,
             zeros: 0,
+            disk_bytes: 0,
+            disk_zero_bytes: 0,
         };
         wire::write_hello(out.w.get_mut(), &hello)?;
         reader.set_read_timeout(Some(READY_TIMEOUT))?;
@@ -332,6 +377,8 @@ impl Migration<'_> {
             let tracker = self.vm.snapshot.dirty_log.name();
             tracing::info!(tracker, "migration: dirty-page log on");
             self.update(|s| s.dirty_log = Some(tracker.to_string()));
+            // Before round 0 reads them: a write from now on is sent again.
+            disk_send::start_tracking(&self.copied);
         }
         // Probe the MSR list now, not while the guest is paused.
         let result = self
@@ -350,6 +397,9 @@ impl Migration<'_> {
         if result.is_err() && !self.committed && dirty_log {
             self.vm.stop_dirty_log();
         }
+        disk_send::stop_tracking(&self.copied);
+        // A failure in the middle of a round still shows what was sent.
+        self.count(&out);
         if result.is_err() && !self.committed {
             let reason = match &result {
                 Err(Failure::Cancelled) => "cancelled on the source".to_string(),
@@ -403,6 +453,51 @@ impl Migration<'_> {
         for (ri, region) in regions.iter().enumerate() {
             let pages = (0..region.pages()).filter(|&p| wanted(ri, p));
             self.send_span(out, ri, region, pages, zero_known)?;
+        }
+        Ok(())
+    }
+
+    /// Block migration, before the pause: have the destination make the disk data it has
+    /// durable, so its flush in the pause covers only the last blocks (the guest runs on
+    /// meanwhile; its writes go into the final copy).
+    fn sync_destination_disks(&self, out: &mut Out, reader: &mut Stream) -> Result<(), Failure> {
+        out.frame(&Frame::DiskSync)?;
+        out.w.flush()?;
+        reader.set_read_timeout(Some(READY_TIMEOUT))?;
+        match wire::read_reply(reader)? {
+            Reply::DiskSynced => Ok(()),
+            Reply::Failed(reason) => Err(Failure::Failed(format!(
+                "The destination could not write the disks: {reason}"
+            ))),
+            other => Err(Failure::Failed(format!("Unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Flush every copied disk (what the guest wrote reaches the image).
+    fn flush_copied(&self) -> Result<(), Failure> {
+        for d in &self.copied {
+            d.disk.flush().map_err(|e| {
+                Failure::Failed(format!(
+                    "Cannot flush the disk {}: {e}",
+                    d.disk.path().display()
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Send the blocks set in `maps` of every copied disk (see [`disk_send::send_blocks`]).
+    fn send_disks(
+        &self,
+        out: &mut Out,
+        maps: &[Vec<u64>],
+        zero_known: bool,
+    ) -> Result<(), Failure> {
+        for (i, (d, map)) in self.copied.iter().zip(maps).enumerate() {
+            disk_send::send_blocks(d, map, zero_known, &mut |piece| {
+                self.check_cancel()?;
+                out.disk_piece(i as u32, piece)
+            })?;
         }
         Ok(())
     }
@@ -479,12 +574,22 @@ impl Migration<'_> {
     /// Round 0: send every page the guest ever touched, while it runs.
     fn first_pass(&self, out: &mut Out, regions: &[RegionView]) -> Result<(), Failure> {
         let touched = self.touched_pages(regions)?;
+        // Round 0 of the disks: every block that may hold data.
+        let allocated: Vec<Vec<u64>> = self
+            .copied
+            .iter()
+            .map(disk_send::allocated_blocks)
+            .collect::<Result<_, _>>()?;
+        let disk_bytes = disk_send::map_bytes(&allocated);
         self.update(|s| {
             s.phase = Phase::Copying;
-            s.remaining_bytes = touched.iter().flatten().filter(|&&t| t).count() as u64 * PAGE_SIZE;
+            s.remaining_bytes =
+                touched.iter().flatten().filter(|&&t| t).count() as u64 * PAGE_SIZE + disk_bytes;
+            s.disk_remaining_bytes = disk_bytes;
         });
         out.frame(&Frame::Round(0))?;
         self.send_pages(out, regions, &|r, p| touched[r][p], true)?;
+        self.send_disks(out, &allocated, true)?;
         out.w.flush()?;
         self.report(out, 0);
         Ok(())
@@ -503,7 +608,7 @@ impl Migration<'_> {
         let mut throttle: Option<Throttle> = None;
         let mut previous = u64::MAX;
         let mut round = 0u32;
-        let dirty = loop {
+        let (dirty, disk_dirty) = loop {
             self.check_cancel()?;
             let dirty = self.harvest()?;
             let count: u64 = dirty
@@ -511,11 +616,16 @@ impl Migration<'_> {
                 .flatten()
                 .map(|w| u64::from(w.count_ones()))
                 .sum();
-            let bytes = count * PAGE_SIZE;
+            // Flushed every round while the guest runs, so the flush in the pause is short.
+            self.flush_copied()?;
+            let disk_dirty = disk_send::harvest(&self.copied);
+            let disk_bytes = disk_send::map_bytes(&disk_dirty);
+            // The final copy carries the dirty disk blocks too.
+            let bytes = count * PAGE_SIZE + disk_bytes;
             let rate = out.pacer.rate().unwrap_or(1e9).max(1.0);
             let predicted = Duration::from_secs_f64(bytes as f64 / rate);
             if predicted <= budget {
-                break dirty;
+                break (dirty, disk_dirty);
             }
             if Instant::now() >= deadline {
                 return Err(Failure::Failed(format!(
@@ -547,15 +657,20 @@ impl Migration<'_> {
             self.update(|s| {
                 s.round = round;
                 s.remaining_bytes = bytes;
+                s.disk_remaining_bytes = disk_bytes;
                 s.throttle_pct = pct;
             });
             out.frame(&Frame::Round(round))?;
             self.send_pages(out, regions, &|r, p| bit(&dirty[r], p), false)?;
+            self.send_disks(out, &disk_dirty, false)?;
             out.w.flush()?;
             self.report(out, round);
         };
         drop(throttle);
-        self.finish_copy(out, reader, regions, Some(dirty), round + 1)
+        if !self.copied.is_empty() {
+            self.sync_destination_disks(out, reader)?;
+        }
+        self.finish_copy(out, reader, regions, Some((dirty, disk_dirty)), round + 1)
     }
 
     /// Pause, send the rest and the state, and hand the guest over.
@@ -564,12 +679,12 @@ impl Migration<'_> {
         out: &mut Out,
         reader: &mut Stream,
         regions: &[RegionView],
-        dirty: Option<Vec<Vec<u64>>>,
+        dirty: Option<DirtySets>,
         round: u32,
     ) -> Result<(), Failure> {
         self.pause_for_handover(round)?;
         // Without a copy (memory handed over by file), there are no pages to send.
-        if let Some(mut dirty) = dirty {
+        if let Some((mut dirty, mut disk_dirty)) = dirty {
             let last = self.harvest()?;
             for (acc, new) in dirty.iter_mut().zip(&last) {
                 for (a, n) in acc.iter_mut().zip(new) {
@@ -578,10 +693,19 @@ impl Migration<'_> {
             }
             out.frame(&Frame::Round(round))?;
             self.send_pages(out, regions, &|r, p| bit(&dirty[r], p), false)?;
-            tracing::debug!("final pages sent");
+            let last_disk = disk_send::harvest(&self.copied);
+            for (acc, new) in disk_dirty.iter_mut().zip(&last_disk) {
+                for (a, n) in acc.iter_mut().zip(new) {
+                    *a |= n;
+                }
+            }
+            self.update(|s| s.disk_remaining_bytes = disk_send::map_bytes(&disk_dirty));
+            self.send_disks(out, &disk_dirty, false)?;
+            tracing::debug!("final pages and disk blocks sent");
         }
         self.send_state(out)?;
         out.w.flush()?;
+        self.report(out, round);
         tracing::debug!("state sent");
         reader.set_read_timeout(Some(READY_TIMEOUT))?;
         match wire::read_reply(reader)? {
@@ -621,8 +745,16 @@ impl Migration<'_> {
             s.round = round;
             s.throttle_pct = 0;
         });
-        self.disks_released = true;
-        self.vm.release_disks().map_err(Failure::Failed)?;
+        if self.copied.is_empty() {
+            // The destination opens the disks once the state arrived, so they are flushed
+            // and let go of before it is sent.
+            self.disks_released = true;
+            self.vm.release_disks().map_err(Failure::Failed)?;
+        } else {
+            // Block migration: the destination writes its own copies; this side keeps its
+            // disks (and their locks) and only flushes them before the last blocks are read.
+            self.flush_copied()?;
+        }
         self.vm.release_host_devices().map_err(Failure::Failed)?;
         Ok(())
     }
@@ -646,16 +778,26 @@ impl Migration<'_> {
     }
 
     fn report(&self, out: &Out, round: u32) {
+        self.count(out);
+        self.update(|s| s.round = round);
+        let (sent, pages, zeros) = (out.pacer.bytes(), out.pages, out.zeros);
+        let rate = out.pacer.rate().unwrap_or(0.0) as u64;
+        tracing::debug!(round, sent, pages, zeros, rate, "migration round sent");
+    }
+
+    /// Put what was sent so far in the status.
+    fn count(&self, out: &Out) {
         let rate = out.pacer.rate().unwrap_or(0.0) as u64;
         let (sent, pages, zeros) = (out.pacer.bytes(), out.pages, out.zeros);
+        let (disk_sent, disk_zero) = (out.disk_bytes, out.disk_zero_bytes);
         self.update(|s| {
-            s.round = round;
             s.sent_bytes = sent;
             s.pages_sent = pages;
             s.zero_pages = zeros;
+            s.disk_sent_bytes = disk_sent;
+            s.disk_zero_bytes = disk_zero;
             s.rate_bytes_per_s = rate;
         });
-        tracing::debug!(round, sent, pages, zeros, rate, "migration round sent");
     }
 
     /// Record the outcome; hand the guest over (stop this VMM) or let it run on here.
@@ -673,6 +815,7 @@ impl Migration<'_> {
                     s.downtime_ms = downtime;
                     s.total_ms = Some(total);
                     s.remaining_bytes = 0;
+                    s.disk_remaining_bytes = 0;
                 });
                 tracing::info!(
                     to = self.opts.to,

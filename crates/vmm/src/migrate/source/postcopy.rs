@@ -108,7 +108,7 @@ impl Migration<'_> {
             self.first_pass(out, regions)?;
             for round in 1..rounds {
                 self.check_cancel()?;
-                let dirty = self.vm.harvest_dirty().map_err(Failure::Failed)?;
+                let dirty = self.harvest()?;
                 self.update(|s| {
                     s.round = round;
                     s.remaining_bytes = count_bits(&dirty) * PAGE_SIZE;
@@ -120,7 +120,7 @@ impl Migration<'_> {
             }
             self.pause_for_handover(rounds)?;
             // What was written since it was sent must be fetched again.
-            self.vm.harvest_dirty().map_err(Failure::Failed)?
+            self.harvest()?
         };
         let mut push = PushState::new(fetch);
         tracing::debug!(
