@@ -847,11 +847,22 @@ fn blk_write(disk: &mut Disk, sector: u64, count: u64, seed: u64) -> OpResult<()
 /// chunk, pass after pass (pass P uses seed SEED+P), until a byte arrives on the serial port;
 /// then sectors SECTOR..NEXT hold pass P and NEXT.. pass P-1 (if P > 0).
 fn blk_stream(disk: &mut Disk, idx: u64, sector: u64, count: u64, seed: u64) {
-    if count == 0 || sector.checked_add(count).is_none_or(|end| end > disk.capacity) {
-        println!("ERR blk-stream {} sector={}", crate::virtio_blk::BlkError::Range, sector);
+    if count == 0
+        || sector
+            .checked_add(count)
+            .is_none_or(|end| end > disk.capacity)
+    {
+        println!(
+            "ERR blk-stream {} sector={}",
+            crate::virtio_blk::BlkError::Range,
+            sector
+        );
         return;
     }
-    println!("OK blk-stream {} sector={} count={} seed={}", idx, sector, count, seed);
+    println!(
+        "OK blk-stream {} sector={} count={} seed={}",
+        idx, sector, count, seed
+    );
     let (mut pass, mut next, mut writes) = (0u64, 0u64, 0u64);
     loop {
         let n = (count - next).min(CHUNK_SECTORS);
@@ -866,7 +877,12 @@ fn blk_stream(disk: &mut Disk, idx: u64, sector: u64, count: u64, seed: u64) {
             pass += 1;
         }
         if writes % 64 == 0 {
-            println!("blk-stream writes={} pass={} next={}", writes, pass, sector + next);
+            println!(
+                "blk-stream writes={} pass={} next={}",
+                writes,
+                pass,
+                sector + next
+            );
         }
         let mut byte = [0u8; 1];
         if sys::read(&mut byte) == 1 {
