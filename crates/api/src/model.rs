@@ -480,6 +480,13 @@ pub struct MigrateRequest {
     /// storage both daemons see.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub copy_disks: bool,
+    /// Post-copy: run the guest on the destination right after the state; its missing pages
+    /// follow on demand (see the VMM's `postcopy`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub postcopy: bool,
+    /// With `postcopy`: pre-copy rounds before the switch (default 0, 0..=30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopy_rounds: Option<u32>,
 }
 
 /// Default pause budget of a migration, ms.

@@ -118,6 +118,26 @@ fn check_request(req: &MigrateRequest) -> Result<(), ApiError> {
             ));
         }
     }
+    if let Some(n) = req.precopy_rounds {
+        if !req.postcopy {
+            return Err(ApiError::bad_field(
+                "precopy_rounds",
+                "precopy_rounds only applies to post-copy: add postcopy, or drop it",
+            ));
+        }
+        if n > 30 {
+            return Err(ApiError::bad_field(
+                "precopy_rounds",
+                format!("precopy_rounds {n}: use 0 to 30"),
+            ));
+        }
+    }
+    if req.postcopy && req.copy_disks {
+        return Err(ApiError::bad_field(
+            "postcopy",
+            "postcopy with copy_disks is not supported: use pre-copy to copy local disks",
+        ));
+    }
     Ok(())
 }
 
@@ -132,6 +152,8 @@ fn vmm_request(req: &MigrateRequest, endpoint: &str, tls: Option<(&TlsIdentity, 
         "timeout_s": req.timeout_s.unwrap_or(api::DEFAULT_MIGRATION_TIMEOUT_S),
         "converge": req.converge.unwrap_or_default().as_str(),
         "copy_disks": req.copy_disks,
+        "postcopy": req.postcopy,
+        "precopy_rounds": req.precopy_rounds.unwrap_or(0),
     });
     if let Some((id, server_name)) = tls {
         v["tls_cert"] = id.cert.display().to_string().into();
@@ -821,6 +843,33 @@ mod tests {
         assert_eq!(v["bandwidth_mib_s"], 0);
         assert_eq!(v["converge"], "abort");
         assert_eq!(v["copy_disks"], false);
+        assert_eq!(v["postcopy"], false);
+    }
+
+    #[test]
+    fn test_postcopy_options_are_checked_and_passed_to_the_vmm() {
+        let req = MigrateRequest {
+            to: "/run/b.sock".into(),
+            postcopy: true,
+            precopy_rounds: Some(1),
+            ..MigrateRequest::default()
+        };
+        let lone_rounds = MigrateRequest {
+            postcopy: false,
+            ..req.clone()
+        };
+        let with_disks = MigrateRequest {
+            copy_disks: true,
+            ..req.clone()
+        };
+
+        let v = vmm_request(&req, "tcp:127.0.0.1:4000", None);
+
+        assert!(check_request(&req).is_ok());
+        assert!(check_request(&lone_rounds).is_err());
+        assert!(check_request(&with_disks).is_err());
+        assert_eq!(v["postcopy"], true);
+        assert_eq!(v["precopy_rounds"], 1);
     }
 
     #[test]

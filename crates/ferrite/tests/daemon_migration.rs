@@ -198,6 +198,47 @@ fn test_guest_memory_that_keeps_changing_arrives_intact() {
 }
 
 #[test]
+fn test_postcopy_through_the_daemons_runs_the_guest_on_the_destination_with_its_memory_whole() {
+    // Arrange
+    let a = daemon();
+    let b = daemon();
+    start_guest(&a, "pcopy", &["dirty 8 1000", "dirty-check"]);
+    let before = wait_tick_after(&a, "pcopy", 3);
+
+    // Act
+    let out = a.cli(&[
+        "vm",
+        "migrate",
+        "pcopy",
+        "--to",
+        &b.socket.display().to_string(),
+        "--postcopy",
+        "--timeout",
+        "60",
+    ]);
+    wait_tick_after(&b, "pcopy", before + 1);
+    let sock = under(&b, "run/vms/pcopy/console.sock");
+    let mut console = UnixStream::connect(&sock).unwrap();
+    console.write_all(b"q").unwrap();
+    b.wait_console("pcopy", "OK dirty stopped", BOOT);
+    b.wait_console("pcopy", "dirty-check ", BOOT);
+    let log = b.console_log("pcopy");
+
+    // Assert: moved, kept counting, every page arrived.
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nA:\n{}\nB:\n{}",
+        stderr(&out),
+        a.daemon_log(),
+        b.daemon_log()
+    );
+    assert!(
+        log.contains("OK dirty-check pages=2048"),
+        "memory differs after post-copy:\n{log}"
+    );
+}
+
+#[test]
 fn test_refused_and_cancelled_migrations_leave_the_vm_running_here() {
     let a = daemon();
     let b = daemon();

@@ -41,8 +41,16 @@ pub struct MigrateArgs {
     /// destination daemon keeps them in its state directory.
     #[arg(long)]
     pub copy_disks: bool,
+    /// Post-copy: run the guest on the destination right after its state, fetching the
+    /// pages it touches before they came (the pause no longer depends on its write rate; a
+    /// connection lost before every page is across stops the VM).
+    #[arg(long, conflicts_with = "copy_disks")]
+    pub postcopy: bool,
+    /// With --postcopy: pre-copy rounds before the switch (default 0).
+    #[arg(long, value_name = "N", requires = "postcopy")]
+    pub precopy_rounds: Option<u32>,
     /// Cancel the VM's migration in progress instead (it keeps running here).
-    #[arg(long, conflicts_with_all = ["to", "downtime_ms", "bandwidth", "timeout", "converge", "copy_disks"])]
+    #[arg(long, conflicts_with_all = ["to", "downtime_ms", "bandwidth", "timeout", "converge", "copy_disks", "postcopy"])]
     pub cancel: bool,
     /// Print the final migration record as JSON (no progress).
     #[arg(long)]
@@ -197,6 +205,8 @@ pub fn run(g: &Global, c: &Client, a: MigrateArgs) -> Res {
         timeout_s: a.timeout,
         converge: a.converge,
         copy_disks: a.copy_disks,
+        postcopy: a.postcopy,
+        precopy_rounds: a.precopy_rounds,
     };
     let mut m = c.migrate(&a.name, &req)?;
     let mut progress = Progress {
