@@ -487,6 +487,9 @@ pub struct MigrateRequest {
     /// With `postcopy`: pre-copy rounds before the switch (default 0, 0..=30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precopy_rounds: Option<u32>,
+    /// The full copy (round 0) over this many connections at once (default 1, 1..=15).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u32>,
 }
 
 /// Default pause budget of a migration, ms.

@@ -132,6 +132,14 @@ fn check_request(req: &MigrateRequest) -> Result<(), ApiError> {
             ));
         }
     }
+    if let Some(n) = req.connections {
+        if !(1..=15).contains(&n) {
+            return Err(ApiError::bad_field(
+                "connections",
+                format!("connections {n}: use 1 to 15"),
+            ));
+        }
+    }
     if req.postcopy && req.copy_disks {
         return Err(ApiError::bad_field(
             "postcopy",
@@ -154,6 +162,7 @@ fn vmm_request(req: &MigrateRequest, endpoint: &str, tls: Option<(&TlsIdentity, 
         "copy_disks": req.copy_disks,
         "postcopy": req.postcopy,
         "precopy_rounds": req.precopy_rounds.unwrap_or(0),
+        "connections": req.connections.unwrap_or(1),
     });
     if let Some((id, server_name)) = tls {
         v["tls_cert"] = id.cert.display().to_string().into();
@@ -844,6 +853,7 @@ mod tests {
         assert_eq!(v["converge"], "abort");
         assert_eq!(v["copy_disks"], false);
         assert_eq!(v["postcopy"], false);
+        assert_eq!(v["connections"], 1);
     }
 
     #[test]

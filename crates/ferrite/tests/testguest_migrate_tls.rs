@@ -386,3 +386,34 @@ fn test_cancel_cuts_a_tls_migration_and_the_source_keeps_running() {
     assert_source_runs_on(&mut src);
     assert_never_ran(&mut dst);
 }
+
+#[test]
+fn test_parallel_round_zero_over_tls_delivers_every_page() {
+    // Arrange: 48 MiB of pattern, three TLS connections for round 0.
+    let pki = Pki::new("par");
+    let endpoint = free_tcp_endpoint();
+    let mut src = Vm::start("tls-par", "mem-fill 17 48;dirty 4 1000 100");
+    src.wait_line("tick n=3 ");
+    let mut dst = start_destination_with("tls-par-d", &endpoint, &pki.incoming_flags());
+    let mut request = serde_json::json!({"to": endpoint, "connections": 3});
+    pki.migrate_fields("src", &mut request);
+
+    // Act
+    let reply = request_migrate(&mut src, request);
+    let src_exit = src.wait_exit(WATCHDOG);
+    let src_err = stderr_of(&mut src);
+    dst.wait_line("tick ");
+    dst.send("x");
+    dst.wait_line("OK dirty stopped");
+    dst.send("mem-check 17 48");
+    let check = dst.wait_any(&["OK mem-check", "ERR mem-check"]);
+
+    // Assert: only the 4 MiB the dirtying rewrote differ from the pattern.
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(src_exit.code(), Some(MIGRATED), "{src_err}");
+    assert!(src_err.contains("over TLS"), "{src_err}");
+    assert!(
+        check.contains("first_bad=0x1000000 bad_words=524288 "),
+        "{check}"
+    );
+}

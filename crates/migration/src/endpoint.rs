@@ -263,6 +263,34 @@ impl Listener {
         }
     }
 
+    /// Like [`Listener::accept`], but give up after `patience` (an extra connection the
+    /// source announced and never opened must not hang the destination).
+    pub fn accept_within(&self, patience: Duration) -> Result<Stream> {
+        let (fd, what) = match self {
+            Listener::Tcp(l, _) => (std::os::fd::AsRawFd::as_raw_fd(l), self.describe()),
+            Listener::Unix(l, _) => (std::os::fd::AsRawFd::as_raw_fd(l), self.describe()),
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = patience.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n <= 0 {
+            return Err(MigrationError::Connect {
+                action: "accept on",
+                endpoint: what,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the source did not open its announced connection",
+                ),
+            });
+        }
+        self.accept()
+    }
+
     /// The address actually bound (a TCP port 0 becomes the real port).
     pub fn describe(&self) -> String {
         match self {

@@ -153,6 +153,41 @@ pub enum Frame {
     },
     /// Post-copy: every page of the fetch maps was sent.
     PostcopyEnd,
+    /// Round 0 also runs over `count` more connections, each opening with
+    /// [`write_parallel_hello`] and `token`, carrying page runs and ending with
+    /// [`Frame::Done`]; the next frame on this connection after their pages comes only once
+    /// they are all sent.
+    Parallel {
+        /// Extra connections (1..=[`MAX_PARALLEL`]).
+        count: u32,
+        /// What each extra connection must present.
+        token: u64,
+    },
+}
+
+/// Most extra connections of a [`Frame::Parallel`].
+pub const MAX_PARALLEL: u32 = 15;
+/// The first bytes of an extra connection.
+pub const PARALLEL_MAGIC: &[u8; 8] = b"FERRPAR\0";
+
+/// Source: open an extra connection (index `index` of a [`Frame::Parallel`] with `token`).
+pub fn write_parallel_hello(w: &mut impl Write, token: u64, index: u32) -> Result<()> {
+    let mut buf = PARALLEL_MAGIC.to_vec();
+    buf.extend_from_slice(&token.to_le_bytes());
+    buf.extend_from_slice(&index.to_le_bytes());
+    w.write_all(&buf)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Destination: read an extra connection's opening: (token, index).
+pub fn read_parallel_hello(r: &mut impl Read) -> Result<(u64, u32)> {
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic)?;
+    if &magic != PARALLEL_MAGIC {
+        return Err(protocol("an extra connection that is not the source's"));
+    }
+    Ok((read_u64(r)?, read_u32(r)?))
 }
 
 /// Destination → source.
@@ -203,6 +238,7 @@ const R_RUNNING: u8 = 0x85;
 const R_MAPPED: u8 = 0x86;
 const F_FETCH: u8 = 0x10;
 const F_POSTCOPY_END: u8 = 0x11;
+const F_PARALLEL: u8 = 0x12;
 const R_REQUEST: u8 = 0x90;
 const R_POSTCOPY_DONE: u8 = 0x91;
 /// Largest fetch bitmap (words): 64 TiB of guest RAM in one region.
@@ -363,6 +399,11 @@ pub fn frame_bytes(frame: &Frame) -> Vec<u8> {
             }
         }
         Frame::PostcopyEnd => out.push(F_POSTCOPY_END),
+        Frame::Parallel { count, token } => {
+            out.push(F_PARALLEL);
+            out.extend_from_slice(&count.to_le_bytes());
+            out.extend_from_slice(&token.to_le_bytes());
+        }
     }
     out
 }
@@ -436,6 +477,16 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame> {
             Frame::Fetch { region, bitmap }
         }
         F_POSTCOPY_END => Frame::PostcopyEnd,
+        F_PARALLEL => {
+            let count = read_u32(r)?;
+            if count == 0 || count > MAX_PARALLEL {
+                return Err(protocol(format!("{count} extra connections")));
+            }
+            Frame::Parallel {
+                count,
+                token: read_u64(r)?,
+            }
+        }
         other => return Err(protocol(format!("unknown frame type {other:#x}"))),
     })
 }
@@ -622,6 +673,10 @@ mod tests {
                 bitmap: vec![5, u64::MAX],
             },
             Frame::PostcopyEnd,
+            Frame::Parallel {
+                count: 3,
+                token: 0xfeed,
+            },
         ] {
             assert_eq!(roundtrip(frame.clone()), frame);
         }

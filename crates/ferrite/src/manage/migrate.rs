@@ -49,8 +49,11 @@ pub struct MigrateArgs {
     /// With --postcopy: pre-copy rounds before the switch (default 0).
     #[arg(long, value_name = "N", requires = "postcopy")]
     pub precopy_rounds: Option<u32>,
+    /// Copy the bulk of memory (round 0) over N connections at once (1..=15).
+    #[arg(long, value_name = "N")]
+    pub connections: Option<u32>,
     /// Cancel the VM's migration in progress instead (it keeps running here).
-    #[arg(long, conflicts_with_all = ["to", "downtime_ms", "bandwidth", "timeout", "converge", "copy_disks", "postcopy"])]
+    #[arg(long, conflicts_with_all = ["to", "downtime_ms", "bandwidth", "timeout", "converge", "copy_disks", "postcopy", "connections"])]
     pub cancel: bool,
     /// Print the final migration record as JSON (no progress).
     #[arg(long)]
@@ -207,6 +210,7 @@ pub fn run(g: &Global, c: &Client, a: MigrateArgs) -> Res {
         copy_disks: a.copy_disks,
         postcopy: a.postcopy,
         precopy_rounds: a.precopy_rounds,
+        connections: a.connections,
     };
     let mut m = c.migrate(&a.name, &req)?;
     let mut progress = Progress {

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use migration::wire::{self, Frame, Hello, Reply};
-use migration::{Endpoint, MigrationError, Stream, TlsServer};
+use migration::{Endpoint, Listener, MigrationError, Stream, TlsServer};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::disk_receive::ReceivedDisks;
@@ -46,6 +46,8 @@ pub enum IncomingError {
 /// received.
 pub struct Incoming {
     stream: Stream,
+    /// Kept for the extra connections of a parallel round 0 ([`Frame::Parallel`]).
+    listener: Listener,
     hello: Hello,
     /// Same-host handover: guest RAM's memory files, one per region.
     memory_files: Option<Vec<std::fs::File>>,
@@ -73,7 +75,6 @@ pub fn accept(
         "waiting for the migration source"
     );
     let mut stream = listener.accept()?;
-    drop(listener);
     stream.set_read_timeout(Some(RECEIVE_TIMEOUT))?;
     let hello = match wire::read_hello(&mut stream) {
         Ok(h) => h,
@@ -100,6 +101,7 @@ pub fn accept(
             };
             Ok(Incoming {
                 stream,
+                listener,
                 hello,
                 config,
                 memory_files,
@@ -173,7 +175,125 @@ fn check_hello(hello: &Hello) -> Result<VmConfig, String> {
     Ok(config)
 }
 
+/// Guest RAM as the receivers write it, checked against the regions the hello announced.
+#[derive(Clone)]
+struct RamTarget {
+    infos: Vec<migration::wire::RegionInfo>,
+    /// (host address, bytes) per region.
+    regions: Vec<(usize, u64)>,
+    /// Keeps the mappings alive while any receiver runs (a failed receive may return while
+    /// extra-connection threads still write).
+    _memory: vm_device::GuestMemoryMmap,
+}
+
+impl RamTarget {
+    /// Write a page run (its bytes come from `reader`) or empty a zero run.
+    fn apply(&self, frame: &Frame, reader: &mut impl std::io::Read) -> Result<(), IncomingError> {
+        match *frame {
+            Frame::Pages {
+                region,
+                first_page,
+                count,
+            } => {
+                let (offset, len) =
+                    wire::run_bounds(&self.infos, region, first_page, u64::from(count))?;
+                let (base, size) = self.regions[region as usize];
+                debug_assert!(offset + len <= size);
+                // SAFETY: run_bounds checked offset..offset+len lies inside region `region`
+                // (the hello's sizes equal the mapped regions', checked at accept); the
+                // mapping is owned by the received memory, no vCPU runs yet, and the
+                // receivers of a parallel round 0 write disjoint runs.
+                let dest = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        (base + offset as usize) as *mut u8,
+                        len as usize,
+                    )
+                };
+                wire::read_pages_into(reader, dest)?;
+            }
+            Frame::Zero {
+                region,
+                first_page,
+                count,
+            } => {
+                let (offset, len) = wire::run_bounds(&self.infos, region, first_page, count)?;
+                let (base, _) = self.regions[region as usize];
+                // SAFETY: as above; the range is page-aligned inside a private anonymous
+                // mapping, which MADV_DONTNEED turns back into zero pages.
+                let ret = unsafe {
+                    libc::madvise(
+                        (base + offset as usize) as *mut libc::c_void,
+                        len as usize,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                if ret != 0 {
+                    return Err(MigrationError::Io(std::io::Error::last_os_error()).into());
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// How long the destination waits for each announced extra connection.
+const STRIPE_ACCEPT: Duration = Duration::from_secs(10);
+
 impl Incoming {
+    /// Accept the `count` extra connections a parallel round 0 announced (each must present
+    /// `token` and its own index) and receive their page runs on threads of their own.
+    fn accept_stripes(
+        &self,
+        count: u32,
+        token: u64,
+        ram: &RamTarget,
+    ) -> Result<Vec<std::thread::JoinHandle<Result<(), IncomingError>>>, IncomingError> {
+        let mut seen = vec![false; count as usize];
+        let mut handles = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let mut stream = self.listener.accept_within(STRIPE_ACCEPT)?;
+            stream.set_read_timeout(Some(RECEIVE_TIMEOUT))?;
+            let (got, index) = wire::read_parallel_hello(&mut stream)?;
+            let slot = index
+                .checked_sub(1)
+                .and_then(|i| seen.get_mut(i as usize))
+                .filter(|s| !**s);
+            match slot {
+                Some(s) if got == token => *s = true,
+                _ => {
+                    return Err(MigrationError::Protocol(
+                        "an extra connection with a wrong token or index".into(),
+                    )
+                    .into())
+                }
+            }
+            let ram = ram.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("migrate-stripe{index}"))
+                .spawn(move || -> Result<(), IncomingError> {
+                    let mut reader = std::io::BufReader::with_capacity(1 << 20, stream);
+                    loop {
+                        match wire::read_frame(&mut reader)? {
+                            frame @ (Frame::Pages { .. } | Frame::Zero { .. }) => {
+                                ram.apply(&frame, &mut reader)?
+                            }
+                            Frame::Done => return Ok(()),
+                            other => {
+                                return Err(MigrationError::Protocol(format!(
+                                    "unexpected {other:?} on an extra connection"
+                                ))
+                                .into())
+                            }
+                        }
+                    }
+                })
+                .map_err(MigrationError::Io)?;
+            handles.push(handle);
+        }
+        Ok(handles)
+    }
+
     /// Receive guest RAM and the VM's state. The returned snapshot carries the commit gate:
     /// the builder calls it with the VM built, right before the vCPUs start.
     pub fn receive(mut self) -> Result<LoadedSnapshot, IncomingError> {
@@ -210,8 +330,26 @@ impl Incoming {
         // `reader` is gone (over TLS both share one connection).
         let mut reader = std::io::BufReader::with_capacity(1 << 20, self.stream.try_clone()?);
         let mut disk_buf = Vec::new();
+        let ram = RamTarget {
+            infos: self.hello.regions.clone(),
+            regions: regions.iter().map(|&(p, len)| (p as usize, len)).collect(),
+            _memory: mem.clone(),
+        };
+        // A parallel round 0's extra connections, until their pages are all in.
+        let mut stripes: Option<Vec<std::thread::JoinHandle<Result<(), IncomingError>>>> = None;
         let state = loop {
-            match wire::read_frame(&mut reader)? {
+            let frame = wire::read_frame(&mut reader)?;
+            if !matches!(frame, Frame::Pages { .. } | Frame::Zero { .. }) {
+                // Whatever follows round 0 may rewrite its pages: they must be in first.
+                if let Some(handles) = stripes.as_mut() {
+                    for h in handles.drain(..) {
+                        h.join().map_err(|_| {
+                            MigrationError::Protocol("a stripe receiver panicked".into())
+                        })??;
+                    }
+                }
+            }
+            match frame {
                 Frame::Pages { .. } | Frame::Zero { .. } if handed_over => {
                     return Err(MigrationError::Protocol(
                         "page data in a same-host handover, whose memory is shared".into(),
@@ -227,47 +365,11 @@ impl Incoming {
                 Frame::Fetch { region, bitmap } if self.hello.postcopy => {
                     fetch.set(&self.hello.regions, region, bitmap)?;
                 }
-                Frame::Pages {
-                    region,
-                    first_page,
-                    count,
-                } => {
-                    let (offset, len) = wire::run_bounds(
-                        &self.hello.regions,
-                        region,
-                        first_page,
-                        u64::from(count),
-                    )?;
-                    let (ptr, size) = regions[region as usize];
-                    debug_assert!(offset + len <= size);
-                    // SAFETY: run_bounds checked offset..offset+len lies inside region
-                    // `region` (the hello's sizes equal the mapped regions', checked at
-                    // accept); the mapping is owned by `mem`, and no vCPU runs yet.
-                    let dest = unsafe {
-                        std::slice::from_raw_parts_mut(ptr.add(offset as usize), len as usize)
-                    };
-                    wire::read_pages_into(&mut reader, dest)?;
+                frame @ (Frame::Pages { .. } | Frame::Zero { .. }) => {
+                    ram.apply(&frame, &mut reader)?
                 }
-                Frame::Zero {
-                    region,
-                    first_page,
-                    count,
-                } => {
-                    let (offset, len) =
-                        wire::run_bounds(&self.hello.regions, region, first_page, count)?;
-                    let (ptr, _) = regions[region as usize];
-                    // SAFETY: as above; the range is page-aligned inside a private anonymous
-                    // mapping, which MADV_DONTNEED turns back into zero pages.
-                    let ret = unsafe {
-                        libc::madvise(
-                            ptr.add(offset as usize).cast(),
-                            len as usize,
-                            libc::MADV_DONTNEED,
-                        )
-                    };
-                    if ret != 0 {
-                        return Err(MigrationError::Io(std::io::Error::last_os_error()).into());
-                    }
+                Frame::Parallel { count, token } if !handed_over && stripes.is_none() => {
+                    stripes = Some(self.accept_stripes(count, token, &ram)?);
                 }
                 Frame::DiskData { disk, offset, len } => {
                     // Checked before a byte is read into the buffer or written.

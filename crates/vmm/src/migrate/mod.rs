@@ -50,6 +50,11 @@ pub struct MigrateOptions {
     /// state only.
     #[serde(default)]
     pub fd_handover: bool,
+    /// Round 0 (the full copy) over this many connections at once (1..=15; 1: on the
+    /// migration's own connection). Each carries its own 16 MiB stripes of guest RAM, with an
+    /// even share of the bandwidth limit; over TLS each is encrypted on its own core.
+    #[serde(default = "default_connections")]
+    pub connections: u32,
     /// Post-copy: after `precopy_rounds` pre-copy rounds, pause, hand the state over and run
     /// the guest on the destination at once; its missing pages are fetched when it touches
     /// them while the rest is pushed in the background. The downtime no longer depends on
@@ -96,6 +101,10 @@ fn default_downtime_ms() -> u64 {
     10
 }
 
+fn default_connections() -> u32 {
+    1
+}
+
 fn default_timeout_s() -> u64 {
     120
 }
@@ -120,6 +129,19 @@ impl MigrateOptions {
                  not {}",
                 self.to
             ));
+        }
+        if self.connections == 0 || self.connections > migration::wire::MAX_PARALLEL {
+            return Err(format!(
+                "connections {} is out of range: give 1..={}",
+                self.connections,
+                migration::wire::MAX_PARALLEL
+            ));
+        }
+        if self.connections > 1 && self.fd_handover {
+            return Err(
+                "connections and fd_handover exclude each other: a handover copies no memory"
+                    .to_string(),
+            );
         }
         if self.postcopy && self.fd_handover {
             return Err(

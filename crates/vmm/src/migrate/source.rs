@@ -38,6 +38,8 @@ const THROTTLE_STEP: u32 = 20;
 const THROTTLE_MAX: u32 = 95;
 /// How long a failed migration's source waits for the destination to let go of the disks.
 const DISK_RETAKE_PATIENCE: Duration = Duration::from_secs(10);
+/// Pages in one stripe of a parallel round 0 (16 MiB).
+const STRIPE_PAGES: usize = 4096;
 /// Buffer in front of the socket: run headers and small runs are gathered.
 const SEND_BUFFER: usize = 256 << 10;
 
@@ -48,7 +50,7 @@ type DirtySets = (Vec<Vec<u64>>, Vec<Vec<u64>>);
 /// A migration running on its own thread.
 pub struct SourceJob {
     cancel: Arc<AtomicBool>,
-    stream: Arc<Mutex<Option<Stream>>>,
+    stream: Arc<Mutex<Vec<Stream>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -62,7 +64,7 @@ impl SourceJob {
         status: SharedStatus,
     ) -> std::io::Result<Self> {
         let cancel = Arc::new(AtomicBool::new(false));
-        let stream: Arc<Mutex<Option<Stream>>> = Arc::default();
+        let stream: Arc<Mutex<Vec<Stream>>> = Arc::default();
         {
             let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
             *st = MigrationStatus {
@@ -82,6 +84,7 @@ impl SourceJob {
                     status: &status,
                     cancel: &c,
                     stream_slot: &s,
+                    target: &target,
                     start: Instant::now(),
                     committed: false,
                     paused_at: None,
@@ -109,12 +112,7 @@ impl SourceJob {
     /// unless the commit was already sent.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::SeqCst);
-        if let Some(s) = self
-            .stream
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
+        for s in self.stream.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             s.shutdown();
         }
     }
@@ -160,7 +158,9 @@ struct Migration<'a> {
     opts: &'a MigrateOptions,
     status: &'a SharedStatus,
     cancel: &'a AtomicBool,
-    stream_slot: &'a Mutex<Option<Stream>>,
+    /// Every connection of the migration, for a cancel to cut.
+    stream_slot: &'a Mutex<Vec<Stream>>,
+    target: &'a MigrateTarget,
     start: Instant,
     committed: bool,
     paused_at: Option<Instant>,
@@ -237,6 +237,10 @@ struct RegionView {
 // SAFETY: the pointer is into guest RAM, which the `LiveVm` the migration holds keeps mapped;
 // it is only read.
 unsafe impl Send for RegionView {}
+
+// SAFETY: as above: shared views only read guest RAM (the stripe senders of a parallel round
+// 0 read disjoint pages of it).
+unsafe impl Sync for RegionView {}
 
 impl RegionView {
     fn pages(&self) -> usize {
@@ -320,7 +324,10 @@ impl Migration<'_> {
         let stream = target
             .endpoint
             .connect(CONNECT_PATIENCE, target.tls.as_ref())?;
-        *self.stream_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.try_clone()?);
+        self.stream_slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(stream.try_clone()?);
         self.check_cancel()?;
         // `reader` and the writer below are handles on one connection (over TLS they share
         // it through a mutex): a reply is only read after what was written is flushed, never
@@ -409,11 +416,11 @@ impl Migration<'_> {
             let _ = out.frame(&Frame::Abort(reason));
             let _ = out.w.flush();
         }
-        if let Some(s) = self
+        for s in self
             .stream_slot
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take()
+            .drain(..)
         {
             s.shutdown();
         }
@@ -552,6 +559,86 @@ impl Migration<'_> {
         Ok(())
     }
 
+    /// Round 0 over `connections` extra connections, each carrying every
+    /// [`STRIPE_PAGES`]-page stripe of its own (a page always on one connection), with its
+    /// share of the bandwidth limit; this connection carries none of it. Returns once every
+    /// stripe is sent, so what follows on this connection comes after them.
+    fn send_striped(
+        &self,
+        out: &mut Out,
+        regions: &[RegionView],
+        touched: &[Vec<bool>],
+    ) -> Result<(), Failure> {
+        let k = self.opts.connections as usize;
+        let token = random_token()?;
+        out.frame(&Frame::Parallel {
+            count: k as u32,
+            token,
+        })?;
+        out.w.flush()?;
+        let mut extras = Vec::with_capacity(k);
+        for i in 1..=k {
+            let mut s = self
+                .target
+                .endpoint
+                .connect(CONNECT_PATIENCE, self.target.tls.as_ref())?;
+            self.stream_slot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(s.try_clone()?);
+            self.check_cancel()?;
+            wire::write_parallel_hello(&mut s, token, i as u32)?;
+            extras.push(s);
+        }
+        let share = self
+            .opts
+            .bandwidth_mib_s
+            .checked_mul(1 << 20)
+            .map(|b| b / k as u64);
+        let stripe = |p: usize| (p / STRIPE_PAGES) % k;
+        let results: Vec<Result<(u64, u64, u64), Failure>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = extras
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    scope.spawn(move || -> Result<(u64, u64, u64), Failure> {
+                        let mut o = Out {
+                            w: BufWriter::with_capacity(SEND_BUFFER, s),
+                            pacer: Pacer::new(share),
+                            pages: 0,
+                            zeros: 0,
+                            disk_bytes: 0,
+                            disk_zero_bytes: 0,
+                        };
+                        self.send_pages(
+                            &mut o,
+                            regions,
+                            &|r, p| touched[r][p] && stripe(p) == i,
+                            true,
+                        )?;
+                        o.frame(&Frame::Done)?;
+                        o.w.flush()?;
+                        Ok((o.pacer.bytes(), o.pages, o.zeros))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Failure::Failed("A stripe sender panicked".into())))
+                })
+                .collect()
+        });
+        for r in results {
+            let (bytes, pages, zeros) = r?;
+            out.pacer.sent(bytes);
+            out.pages += pages;
+            out.zeros += zeros;
+        }
+        Ok(())
+    }
+
     /// Every page the guest ever touched, per region (file-backed RAM of a restored VM: every
     /// page, since untouched pages still hold the snapshot's data).
     fn touched_pages(&self, regions: &[RegionView]) -> Result<Vec<Vec<bool>>, Failure> {
@@ -588,7 +675,11 @@ impl Migration<'_> {
             s.disk_remaining_bytes = disk_bytes;
         });
         out.frame(&Frame::Round(0))?;
-        self.send_pages(out, regions, &|r, p| touched[r][p], true)?;
+        if self.opts.connections > 1 {
+            self.send_striped(out, regions, &touched)?;
+        } else {
+            self.send_pages(out, regions, &|r, p| touched[r][p], true)?;
+        }
         self.send_disks(out, &allocated, true)?;
         out.w.flush()?;
         self.report(out, 0);
@@ -893,6 +984,20 @@ impl Migration<'_> {
             }
         }
     }
+}
+
+/// A token an extra connection presents, so nobody else's connection is taken for it.
+fn random_token() -> Result<u64, Failure> {
+    let mut b = [0u8; 8];
+    // SAFETY: `b` is 8 writable bytes for the duration of the call.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 8 {
+        return Err(Failure::Failed(format!(
+            "Cannot draw a connection token: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(u64::from_le_bytes(b))
 }
 
 fn bit(map: &[u64], p: usize) -> bool {
