@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Pre-copy vs post-copy measurement: a test guest that filled MEM_FILL MiB of its RAM and
+"""Migration modes measured against each other (pre-copy, post-copy, parallel round 0): a test guest that filled MEM_FILL MiB of its RAM and
 rewrites DIRTY MiB of it at RATE pages/s (the `dirty` workload) migrates to a
 `ferrite run --incoming tcp:127.0.0.1:PORT` on the same host, as pre-copy, pure post-copy
-(`postcopy`) and post-copy after one pre-copy pass (`precopy_rounds: 1`). Prints, per run,
+(`postcopy`), post-copy after one pre-copy pass (`precopy_rounds: 1`) and pre-copy with
+round 0 over four connections (`connections: 4`). Prints, per run,
 the source's own line (downtime: pause to the destination running; total: until every page
 is across) and the guest's view on the destination: the longest gap of its loop in the first
 ten ticks there (the pause, plus, after a post-copy switch, the waits for fetched pages).
 
-Usage: scripts/postcopy-bench.py [--memory 512M] [--fill-mib 256] [--dirty-mib 64]
-                                 [--rate 20000] [--runs 3] [--modes precopy,postcopy,hybrid]
+Usage: scripts/migrate-modes-bench.py [--memory 512M] [--fill-mib 256] [--dirty-mib 64]
+                                       [--rate 20000] [--runs 3]
+                                       [--modes precopy,postcopy,hybrid,parallel]
 Needs FERRITE_ASSETS (testguest.elf) and a built target/x86_64-unknown-linux-gnu/release/ferrite.
 """
 
@@ -30,6 +32,7 @@ MODES = {
     "precopy": {},
     "postcopy": {"postcopy": True},
     "hybrid": {"postcopy": True, "precopy_rounds": 1},
+    "parallel": {"connections": 4},
 }
 
 
@@ -85,7 +88,7 @@ def main():
     ap.add_argument("--dirty-mib", type=int, default=64)
     ap.add_argument("--rate", type=int, default=20000)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--modes", default="precopy,postcopy,hybrid")
+    ap.add_argument("--modes", default="precopy,postcopy,hybrid,parallel")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="ferrite-postcopy-")
     for mode in args.modes.split(","):
