@@ -121,7 +121,7 @@ fn parse_mib(cmd: &str, s: &str, base: u64, avail: u64) -> Option<u64> {
 /// two consecutive iterations, including the serial poll and the printing of a tick line, so
 /// a pause of the vCPU shows wherever it lands) and looks at the power button (`idle`). A
 /// byte on the serial port (polled every ms, consumed) stops it:
-/// `OK dirty stopped gen=G pos=P dirtied=D maxgap_us=Y`.
+/// `OK dirty stopped gen=G pos=P dirtied=D maxgap_us=Y byte=B` (B: the byte that stopped it).
 /// `dirtied` counts the rewrites after the generation-0 fill.
 pub fn cmd_dirty(
     last: &mut Option<Region>,
@@ -182,6 +182,8 @@ pub fn cmd_dirty(
     let mut paced = 0u64;
     let mut due = prev;
     let reached = |now: u64, t: u64| now.wrapping_sub(t) as i64 >= 0;
+    // The byte that stopped the loop, reported (a stray byte would otherwise be a mystery).
+    let mut stop_byte = [0u8; 1];
     loop {
         value = core::hint::black_box(value + 1);
         let now = sys::rdtsc();
@@ -211,8 +213,7 @@ pub fn cmd_dirty(
 
         if reached(now, next_poll) {
             next_poll = now.wrapping_add(ms * POLL_MS);
-            let mut byte = [0u8; 1];
-            if sys::read(&mut byte) == 1 {
+            if sys::read(&mut stop_byte) == 1 {
                 break;
             }
         }
@@ -250,11 +251,12 @@ pub fn cmd_dirty(
         pos,
     });
     println!(
-        "OK dirty stopped gen={} pos={} dirtied={} maxgap_us={}",
+        "OK dirty stopped gen={} pos={} dirtied={} maxgap_us={} byte={:#x}",
         gen,
         pos,
         dirtied,
-        us(gap_max, hz)
+        us(gap_max, hz),
+        stop_byte[0]
     );
 }
 

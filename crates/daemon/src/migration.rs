@@ -390,9 +390,15 @@ impl Daemon {
             };
             let Some(info) = self.update_outgoing(&slot.name, Some(id), false, |m| {
                 status.apply(m);
-                if m.phase == MigrationPhase::None {
-                    m.phase = MigrationPhase::Failed;
-                    m.error = Some("The VMM has no migration in progress".to_string());
+                match m.phase {
+                    MigrationPhase::None => {
+                        m.phase = MigrationPhase::Failed;
+                        m.error = Some("The VMM has no migration in progress".to_string());
+                    }
+                    // Completed only once `on_exit` forgot the VM here: a client that sees
+                    // `completed` must find the VM gone.
+                    MigrationPhase::Completed => m.phase = MigrationPhase::Final,
+                    _ => {}
                 }
             }) else {
                 return;
@@ -405,7 +411,7 @@ impl Daemon {
                         self.event(&slot.name, "migration-progress", progress_line(&info));
                     }
                 }
-                // The VMM exits now; `on_exit` forgets the VM.
+                // Set by `on_exit` (the update above then declines): nothing left to watch.
                 MigrationPhase::Completed => return,
                 MigrationPhase::Failed | MigrationPhase::Cancelled => {
                     let (kind, why) = match info.phase {
@@ -465,6 +471,8 @@ impl Daemon {
             status.apply(m);
             m.phase = MigrationPhase::Completed;
         };
+        // Forget first: whoever sees `completed` finds the VM gone here.
+        self.forget_vm(slot, true);
         if self
             .update_outgoing(&slot.name, None, true, apply)
             .is_none()
@@ -478,7 +486,6 @@ impl Daemon {
             self.set_outgoing(info);
         }
         self.event(&slot.name, "migrated", detail.to_string());
-        self.forget_vm(slot, true);
         self.event(&slot.name, "deleted", "migrated away");
     }
 

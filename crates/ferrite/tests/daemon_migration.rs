@@ -35,15 +35,23 @@ fn ticks_from(log: &str, from: usize) -> Vec<u64> {
 
 /// Wait until VM `name`'s console on `d` has a tick numbered above `after`; returns it.
 fn wait_tick_after(d: &TestDaemon, name: &str, after: u64) -> u64 {
-    let mut seen = 0;
-    d.wait(&format!("a tick of {name} after n={after}"), BOOT, || {
-        seen = ticks_from(&d.console_log(name), 0)
+    let start = std::time::Instant::now();
+    while start.elapsed() < BOOT {
+        let seen = ticks_from(&d.console_log(name), 0)
             .into_iter()
             .max()
             .unwrap_or(0);
-        seen > after
-    });
-    seen
+        if seen > after {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "timed out waiting for a tick of {name} after n={after}; console:\n{}\nvmm log:\n{}\ndaemon log:\n{}",
+        d.console_log(name),
+        d.vmm_log(name),
+        d.daemon_log()
+    );
 }
 
 fn stderr(out: &Output) -> String {
@@ -290,7 +298,14 @@ fn test_refused_and_cancelled_migrations_leave_the_vm_running_here() {
         "/v1/vms/stayer/migrate",
         Some(json!({"to": to_b, "bandwidth_mib_s": 1})),
     );
-    assert_eq!(status, 202, "{started}");
+    assert_eq!(
+        status,
+        202,
+        "{started}\nvmm log:\n{}\nconsole:\n{}\ndaemon log:\n{}",
+        a.vmm_log("stayer"),
+        a.console_log("stayer"),
+        a.daemon_log()
+    );
     assert_eq!(b.state("stayer"), "incoming");
     let cancel = a.cli(&["vm", "migrate", "stayer", "--cancel"]);
 

@@ -234,7 +234,8 @@ impl TestDaemon {
 
     /// Processes whose command line mentions this daemon's directory (its VMMs).
     pub fn vmm_pids(&self) -> Vec<u32> {
-        let needle = self.root.display().to_string();
+        // With the separator: the directory of daemon `x1` is a prefix of `x12`'s.
+        let needle = format!("{}/", self.root.display());
         let mut pids = Vec::new();
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {

@@ -106,7 +106,14 @@ impl Vm {
                 }
                 Err(_) => {
                     let _ = self.child.kill();
-                    panic!("no {prefixes:?} line: {:?}", self.seen);
+                    let mut stderr = String::new();
+                    if let Some(mut err) = self.child.stderr.take() {
+                        let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
+                    }
+                    panic!(
+                        "no {prefixes:?} line: {:?}\nVMM stderr:\n{stderr}",
+                        self.seen
+                    );
                 }
             }
         }

@@ -26,16 +26,26 @@ struct PushState {
     /// The next page the background push looks at: (region, page).
     cursor: (usize, usize),
     requests: u64,
+    /// Every region's size, to bounds-check requests (built once, not per request).
+    bounds: Vec<wire::RegionInfo>,
 }
 
 impl PushState {
-    fn new(fetch: Vec<Vec<u64>>) -> Self {
+    fn new(fetch: Vec<Vec<u64>>, regions: &[RegionView]) -> Self {
         let sent = fetch.iter().map(|m| vec![0; m.len()]).collect();
+        let bounds = regions
+            .iter()
+            .map(|r| wire::RegionInfo {
+                guest_addr: 0,
+                size: r.len as u64,
+            })
+            .collect();
         Self {
             fetch,
             sent,
             cursor: (0, 0),
             requests: 0,
+            bounds,
         }
     }
 
@@ -122,7 +132,7 @@ impl Migration<'_> {
             // What was written since it was sent must be fetched again.
             self.harvest()?
         };
-        let mut push = PushState::new(fetch);
+        let mut push = PushState::new(fetch, regions);
         tracing::debug!(
             pages = push.remaining_pages(),
             "post-copy: switching to the destination"
@@ -260,14 +270,7 @@ impl Migration<'_> {
         first_page: u64,
         count: u32,
     ) -> Result<bool, Failure> {
-        let infos: Vec<wire::RegionInfo> = regions
-            .iter()
-            .map(|r| wire::RegionInfo {
-                guest_addr: 0,
-                size: r.len as u64,
-            })
-            .collect();
-        wire::run_bounds(&infos, region, first_page, u64::from(count))?;
+        wire::run_bounds(&push.bounds, region, first_page, u64::from(count))?;
         push.requests += 1;
         let r = region as usize;
         let first = first_page as usize;
@@ -358,7 +361,7 @@ mod tests {
         let regions = [view(200), view(64)];
         let mut fetch0 = to_bitmap(&[true; 200]);
         fetch0[1] = 0; // pages 64..128 never touched
-        let mut push = PushState::new(vec![fetch0, to_bitmap(&[true; 64])]);
+        let mut push = PushState::new(vec![fetch0, to_bitmap(&[true; 64])], &regions);
         push.mark_sent(0, 10, 2); // a request served earlier
 
         let mut runs = Vec::new();
