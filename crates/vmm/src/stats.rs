@@ -31,13 +31,16 @@ pub enum ExitKind {
     Interrupted,
     /// `KVM_EXIT_DIRTY_RING_FULL`: the vCPU drained the dirty rings itself.
     DirtyRingFull,
+    /// Not an exit: a pausing vCPU ran once more so that a #BP `kvm_pvm` had queued was
+    /// delivered before its state could be saved (see `repair::soft_exception`).
+    SettleRun,
     /// Anything else.
     Other,
 }
 
 impl ExitKind {
     /// Every kind, in counter order.
-    pub const ALL: [ExitKind; 14] = [
+    pub const ALL: [ExitKind; 15] = [
         Self::IoIn,
         Self::IoOut,
         Self::MmioRead,
@@ -51,6 +54,7 @@ impl ExitKind {
         Self::FailEntry,
         Self::Interrupted,
         Self::DirtyRingFull,
+        Self::SettleRun,
         Self::Other,
     ];
 
@@ -70,6 +74,7 @@ impl ExitKind {
             Self::FailEntry => "fail_entry",
             Self::Interrupted => "interrupted",
             Self::DirtyRingFull => "dirty_ring_full",
+            Self::SettleRun => "settle_run",
             Self::Other => "other",
         }
     }

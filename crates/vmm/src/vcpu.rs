@@ -229,6 +229,10 @@ impl RunControl {
     }
 }
 
+/// Runs a pausing vCPU may make to deliver an undelivered #BP before it parks (see
+/// [`repair::soft_exception`]); each normally ends at the pausing side's next kick.
+const MAX_SETTLE_RUNS: u32 = 8;
+
 /// What every vCPU of one VM shares.
 pub struct VcpuContext {
     /// Port I/O bus.
@@ -326,15 +330,30 @@ impl Vcpu {
         let ie = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
         kick::set_immediate_exit_ptr(ie);
         let ctl = self.ctx.control.clone();
+        let check_breakpoints = crate::vm::Hypervisor::needs_repair();
+        let mut settle_runs = 0;
         loop {
             if ctl.exit_requested() {
                 break;
             }
             if ctl.pause_requested() {
                 self.complete_pending_io();
-                let (id, fd) = (self.id, &self.fd);
-                ctl.park(|task| task(id, fd));
-                continue;
+                // kvm_pvm: a #BP it queued but did not deliver would be lost by a snapshot;
+                // one more run delivers it (the pausing side kicks again within 10 ms).
+                let settle = check_breakpoints
+                    && settle_runs < MAX_SETTLE_RUNS
+                    && repair::soft_exception::may_hold_undelivered_breakpoint(
+                        &self.fd,
+                        &self.ctx.memory,
+                    );
+                if !settle {
+                    settle_runs = 0;
+                    let (id, fd) = (self.id, &self.fd);
+                    ctl.park(|task| task(id, fd));
+                    continue;
+                }
+                settle_runs += 1;
+                self.counters.inc(ExitKind::SettleRun);
             }
             // A panic while handling an exit (in kvm-ioctls' decoding of kvm_run, a device, or
             // the repair code) must not silently end this thread: the VM would hang with a

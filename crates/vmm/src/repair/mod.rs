@@ -9,6 +9,7 @@
 pub mod decode;
 pub mod operand;
 pub mod pagewalk;
+pub mod soft_exception;
 pub mod stats;
 
 pub use operand::{cpu_mode, fetch_insn, gpr, linear_rip, operand_address, paging};
