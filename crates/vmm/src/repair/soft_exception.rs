@@ -3,10 +3,11 @@
 //! `KVM_GET_VCPU_EVENTS` never reports a software exception (#BP from `int3`): KVM expects
 //! RIP to still point at the instruction, so that the guest simply executes it again after a
 //! restore, which holds on VT-x and SVM. `kvm_pvm` moves RIP past a CPL3 `int3` when it
-//! queues the #BP (and Ferrite's repair hook does the same for a CPL0 `int3` it finishes), so a vCPU stopped between that and the delivery holds a #BP that exists
-//! only inside KVM: saved then, the guest resumes after the `int3` as if its handler had run
-//! and returned (a service call that "returns" its own number, say). Measured on our hosts:
-//! 13 of 300 snapshots of the test guest's dirty loop lost one.
+//! queues the #BP (and Ferrite's repair hook does the same for a CPL0 `int3` it finishes), so
+//! a vCPU stopped between that and the delivery holds a #BP that exists only inside KVM:
+//! saved then, the guest resumes after the `int3` as if its handler had run and returned (a
+//! service call that "returns" its own number, say). Measured on our hosts: 4 of 300
+//! snapshots of the test guest's service-call-heavy `dirty` loop lost one.
 //!
 //! Nothing in KVM's API shows the queued #BP, so the vCPU loop looks at the one state it can
 //! leave behind (RIP right after an `0xCC`, and #BP the last exception KVM queued) and
